@@ -1,0 +1,1 @@
+"""Runs many trials: specs, Ray Tune scheduling, MLflow tracking, Optuna search, reports, CLI."""
