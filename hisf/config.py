@@ -200,19 +200,20 @@ class TrialConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
-def replace_path(cfg: Any, key_path: str, value: Any) -> Any:
+def replace_path(cfg: Any, key_path: str, value: Any, _full: str | None = None) -> Any:
     """Return a copy of a config dataclass with one dotted key (`method.lambda_le`) set, type-checked."""
+    full = _full or key_path
     head, _, rest = key_path.partition(".")
     names = {f.name: f for f in dataclasses.fields(cfg)}
     if head not in names:
-        raise ConfigError(f"{key_path}: unknown key {head!r}; expected one of {sorted(names)}")
+        raise ConfigError(f"{full}: unknown key {head!r}; expected one of {sorted(names)}")
     if rest:
         sub = getattr(cfg, head)
         if not dataclasses.is_dataclass(sub):
-            raise ConfigError(f"{key_path}: {head!r} is not a section")
-        return dataclasses.replace(cfg, **{head: replace_path(sub, rest, value)})
+            raise ConfigError(f"{full}: {head!r} is not a section")
+        return dataclasses.replace(cfg, **{head: replace_path(sub, rest, value, full)})
     hints = typing.get_type_hints(type(cfg))
-    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], key_path)})
+    return dataclasses.replace(cfg, **{head: _coerce(value, hints[head], full)})
 
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
