@@ -48,6 +48,11 @@ def test_maple_logits_equal_reference(backbone, tiny_ckpt, images, tmp_path, dep
     assert ours.shape == (4, len(classes))
     assert (before - ours).abs().max() > 1e-3  # the import changed the prompts
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # The comparison is sensitive to the text-side prompts too (layer 0 and the deeper ones).
+    with torch.no_grad():
+        for p in [ref.ctx, *ref.compound_prompts_text]:
+            p.add_(torch.randn_like(p))
+            assert (ref(images) - ours).abs().max() > 1e-3
 
 
 def test_maple_checkpoint_errors(backbone, tmp_path, classes):
