@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -43,6 +44,13 @@ def _check_bytes(data: bytes, checksum: str, shard: str, key: str) -> None:
         raise DataError(f"{shard}: sample {key} does not match the manifest checksum (shard rewritten or corrupt)")
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's global order: Python's string-seeded Mersenne Twister, stable across machines and versions."""
+    perm = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(perm)
+    return np.asarray(perm, dtype=np.int64)
+
+
 class TrainBatches(IterableDataset):
     """Global batch t = perm[t*B*W:(t+1)*B*W] of a (seed, epoch) permutation; rank r takes its [r*B:(r+1)*B]
     slice; loader worker w makes batches t = w, w+n, ... (the DataLoader returns them in t order). Only the
@@ -52,7 +60,7 @@ class TrainBatches(IterableDataset):
         self.sub, self.B, self.S, self.seed, self.epoch = sub, batch_size, image_size, seed, epoch
         self.rank, self.W = rank, world_size
         self.table = normalising_table(mean, std)
-        self.perm = np.random.default_rng([seed, epoch]).permutation(len(sub))
+        self.perm = epoch_permutation(len(sub), seed, epoch)
         self.n_batches = len(sub) // (batch_size * world_size)
 
     def __len__(self) -> int:
