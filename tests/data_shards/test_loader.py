@@ -39,9 +39,17 @@ def collect(loader):
     return images, labels, n
 
 
-@pytest.mark.parametrize("classes", ["all", "novel"])
-def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, classes):
-    sub = open_dataset(demo_built).select("test", classes=classes)
+SELECTIONS = {  # whole split (streamed), relabelled half (streamed), sparse few-shot draw (read by byte range)
+    "all": (dict(split="test"), False),
+    "novel": (dict(split="test", classes="novel"), None),
+    "sparse": (dict(split="test", shots=1, seed=1), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, name):
+    kwargs, sparse = SELECTIONS[name]
+    sub = open_dataset(demo_built).select(**kwargs)
     assert len(sub.shard_files) > 2 and len(sub) % 4 != 0  # shards and batches do not divide evenly
     ref = {}
     for i in range(len(sub)):
@@ -53,6 +61,7 @@ def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, classes):
                              rank=rank, world_size=2, num_workers=2)
         images, labels, n = collect(loader)
         assert n == len(loader)
+        assert sparse is None or all(loader.dataset._sparse(a, b) == sparse for a, b in loader.dataset.ranges)
         batches.append(n)
         for img, y in zip(images, labels):
             key, label = ref[digest(img)]
