@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MEAN, STD, make_image, write_clip_benchmark, write_coop
+from layouts import MEAN, STD, make_image, write_clip_benchmark, write_coop
 from data_shards import DataError, make_loader, open_dataset
 from data_shards.builder import BuildOptions, build
 

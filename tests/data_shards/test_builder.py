@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_coop
+from layouts import write_coop
 from data_shards import DataError, open_dataset
 from data_shards.builder import BuildOptions, build
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import MEAN, STD
+from layouts import MEAN, STD
 from data_shards import make_loader, open_dataset
 
 

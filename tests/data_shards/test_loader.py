@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MEAN, STD
+from layouts import MEAN, STD
 from data_shards import DataError, make_loader, open_dataset
 from data_shards.images import sample_seed, eval_array, train_array
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image, write_clip_benchmark, write_coop
+from layouts import make_image, write_clip_benchmark, write_coop
 from data_shards import DataError, open_dataset
 from data_shards.builder import BuildOptions, build
 from data_shards.catalogue import BENCHMARK_11, CATALOGUE, IMAGENET_VARIANTS
@@ -205,7 +205,7 @@ def test_clip_benchmark_webdataset_layout(tmp_path):
     expected = sorted((f"test/{0 if n < 12 else 1}.tar:s{n:07d}.{ext[n % 3]}", n % 3) for n in range(7, 14))
     assert test == expected
     assert len([r for r in rows if r["split"] in ("train", "val")]) == 7
-    from conftest import image_bytes
+    from layouts import image_bytes
     for r in rows:
         if r["split"] == "test":
             n = int(r["path"].split(":s")[1].split(".")[0])
