@@ -12,7 +12,7 @@ from conftest import tiny_trial, without_timing
 from hisf import checkpoint as ckpt
 from hisf.config import ConfigError, replace_path
 from hisf.distributed import DistEnv
-from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial
+from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial, seed_everything
 from hisf.evaluation import accuracy, harmonic_mean
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
@@ -70,6 +70,7 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
 
     # The exported prompts alone reproduce the base and novel accuracies on a freshly built model.
     ds = open_dataset(demo_root / "demo")
+    seed_everything(cfg.seed)  # the tiny backbone has random weights drawn from the trial seed
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, ds.select("train", 4, 1, "base").classnames, template=ds.template)
     init = model.trainable_state_dict()
@@ -79,7 +80,7 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
     for classes, key in (("base", "base_acc"), ("novel", "novel_acc")):
         test = ds.select("test", None, 1, classes)
         model.set_classnames(test.classnames, template=ds.template)
-        loader = make_loader(test, train=False, batch_size=7, image_size=backbone.image_size, mean=backbone.mean,
+        loader = make_loader(test, train=False, batch_size=16, image_size=backbone.image_size, mean=backbone.mean,
                              std=backbone.std)
         assert accuracy(model, loader, CPU1) == pytest.approx(result[key], abs=1e-9)
 
