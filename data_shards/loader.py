@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_shards.dataset import Subset
 from data_shards.errors import DataError
-from data_shards.images import sample_seed, test_view, train_view
+from data_shards.images import sample_seed, eval_array, train_array
 
 
 def _worker() -> tuple[int, int]:
@@ -64,7 +64,7 @@ class TrainBatches(IterableDataset):
                     f.seek(int(self.sub.offsets[i]))
                     data = f.read(int(self.sub.sizes[i]))
                     _check_bytes(data, self.sub.checksums[i], str(root / shard), self.sub.keys[i])
-                    arrays.append(train_view(data, self.S, sample_seed(self.seed, self.epoch, self.sub.keys[i])))
+                    arrays.append(train_array(data, self.S, sample_seed(self.seed, self.epoch, self.sub.keys[i])))
                     labels.append(int(self.sub.labels[i]))
                 yield _to_batch(arrays, labels, self.mean, self.std)
         finally:
@@ -102,8 +102,8 @@ class EvalBatches(IterableDataset):
             return
         wanted = {self.sub.keys[i]: i for i in range(a, b)}
         root = Path(self.sub.root)
-        # Shards in manifest order so the stream meets samples in the order they were written.
-        urls = sorted({self.sub.shards[i] for i in range(a, b)})
+        # Shards in the order the range first meets them (manifest order for a whole split).
+        urls = list(dict.fromkeys(self.sub.shards[i] for i in range(a, b)))
         stream = wds.WebDataset([str(root / u) for u in urls], shardshuffle=False, nodesplitter=None,
                                 workersplitter=None, empty_check=False)
         arrays, labels, seen = [], [], 0
@@ -115,7 +115,7 @@ class EvalBatches(IterableDataset):
             if data is None:
                 raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg member")
             _check_bytes(data, self.sub.checksums[i], str(sample.get("__url__")), sample["__key__"])
-            arrays.append(test_view(data, self.S))
+            arrays.append(eval_array(data, self.S))
             labels.append(int(self.sub.labels[i]))
             seen += 1
             if len(arrays) == self.B:
