@@ -61,7 +61,7 @@ def test_export_and_load_prompts(tmp_path, tiny_model):
     cfg = TrialConfig()
     path = ckpt.export_prompts(tmp_path / "prompts.pt", tiny_model.trainable_state_dict(), cfg, ("a", "b", "c"))
     assert path.stat().st_size < 50_000
-    from conftest import TinyPromptModel
+    from engine_helpers import TinyPromptModel
 
     other = TinyPromptModel(seed=5)
     assert not torch.equal(other.prompt, tiny_model.prompt)

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_trial, without_timing
+from engine_helpers import tiny_trial, without_timing
 from hisf import checkpoint as ckpt
 from hisf.config import ConfigError, replace_path
 from hisf.distributed import DistEnv
@@ -149,7 +149,7 @@ def test_bad_input_fails_before_training(demo_root, tmp_path):
 def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys):
     import yaml
 
-    from conftest import tiny_trial_dict
+    from engine_helpers import tiny_trial_dict
     from hisf.train import main
 
     path = tmp_path / "trial.yaml"

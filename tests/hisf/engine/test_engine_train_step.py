@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TinyPromptModel, free_port
+from engine_helpers import TinyPromptModel, free_port
 from hisf.config import TrainConfig
 from hisf.distributed import DistEnv, init_from_env, shutdown
 from hisf.engine import NanGuard, NonFiniteLossError, resolve_precision, train_step

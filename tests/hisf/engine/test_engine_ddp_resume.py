@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import free_port, tiny_trial, tiny_trial_dict, without_timing
+from engine_helpers import free_port, tiny_trial, tiny_trial_dict, without_timing
 from hisf.engine import run_trial
 
 WORKTREE = Path(__file__).resolve().parents[3]
