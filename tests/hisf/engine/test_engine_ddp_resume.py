@@ -42,6 +42,9 @@ def test_two_gloo_ranks_under_torchrun_equal_one_rank_with_twice_the_batch(demo_
     proc = subprocess.run(cmd, env=_env(), cwd=WORKTREE, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 rank(s) x batch 2, 3 steps/epoch" in proc.stderr
+    # One progress line per step (log_every 1) with loss terms, lr, images/s and ETA, on rank 0 only.
+    progress = [l for l in proc.stderr.splitlines() if " step " in l and "img/s ETA" in l]
+    assert len(progress) == 6 and "step 6/6 loss" in progress[-1] and "(cls " in progress[-1]
 
     torch.set_num_threads(1)
     one = run_trial(tiny_trial(demo_root, tmp_path / "one", train={"batch_size": 4}))
