@@ -55,7 +55,9 @@ def init_from_env(device: str = "auto") -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return DistEnv(rank, world, local_rank, resolve_device(device, local_rank), owns_group=False)
+        # Ray Train sets each worker's current CUDA device itself (its GPU ids need not equal LOCAL_RANK).
+        index = torch.cuda.current_device() if torch.cuda.is_available() else local_rank
+        return DistEnv(rank, world, local_rank, resolve_device(device, index), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
