@@ -163,3 +163,29 @@ def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys)
     assert "seeds: unknown key" in capsys.readouterr().err
     assert main([str(path), "--set", "method.depth=0"]) == 2
     assert "method.depth: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_process_group_made_by_the_caller_is_used_and_left_alone(demo_root, tmp_path):
+    """Ray Train's TorchTrainer sets up the group before the trial function runs; the engine must join it."""
+    import torch.distributed as dist
+
+    from engine_helpers import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        alone = run_trial(tiny_trial(demo_root, tmp_path / "g", train={"epochs": 1}))
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        dist.destroy_process_group()
+    plain = run_trial(tiny_trial(demo_root, tmp_path / "p", train={"epochs": 1}))
+    assert without_timing(alone) == without_timing(plain)
+
+
+def test_bf16_trial_and_fp16_fallback_on_cpu(demo_root, tmp_path):
+    fp32 = run_trial(tiny_trial(demo_root, tmp_path / "32", train={"epochs": 1}))
+    bf16 = run_trial(tiny_trial(demo_root, tmp_path / "bf", train={"epochs": 1, "precision": "bf16"}))
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        fp16 = run_trial(tiny_trial(demo_root, tmp_path / "16", train={"epochs": 1, "precision": "fp16"}))
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=5e-2)
+    assert bf16["train/loss"] != fp32["train/loss"]
+    assert without_timing(fp16) == without_timing(bf16)
