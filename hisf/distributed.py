@@ -93,10 +93,12 @@ def all_reduce_grads(params: list[torch.nn.Parameter], env: DistEnv) -> None:
     of any gradient bucket and makes every rank see the same (possibly non-finite) gradients, so every
     rank takes the same skip-or-step decision.
     """
+    # A parameter without a gradient stays without one (as on one rank, where SGD then skips it); every rank
+    # runs the same graph, so all ranks agree on which those are.
+    params = [p for p in params if p.grad is not None]
     if not env.distributed or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= env.world_size
     offset = 0

@@ -115,7 +115,8 @@ def train_step(
         scaler.update()
         skipped = scaler.get_scale() < scale or not finite
     else:
-        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        grads_finite = bool(torch.stack(grads).all()) if grads else True
         skipped = not (finite and grads_finite)
         if not skipped:
             optimizer.step()

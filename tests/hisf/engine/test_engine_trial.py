@@ -163,6 +163,13 @@ def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys)
     assert "seeds: unknown key" in capsys.readouterr().err
     assert main([str(path), "--set", "method.depth=0"]) == 2
     assert "method.depth: expected an integer >= 1, got 0" in capsys.readouterr().err
+    # `hisf-bench train` forwards to the same main; --no-resume reruns, --set overrides.
+    from orchestrator.cli import main as bench_main
+
+    assert bench_main(["train", str(path), "--no-resume", "--set", "seed=2", "--output-dir", str(tmp_path / "cli2")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trainable_params"] == 0 and again["hm"] == pytest.approx(harmonic_mean(again["base_acc"], again["novel_acc"]))
+    assert yaml.safe_load((tmp_path / "cli2" / "config.yaml").read_text())["seed"] == 2
 
 
 def test_a_process_group_made_by_the_caller_is_used_and_left_alone(demo_root, tmp_path):
