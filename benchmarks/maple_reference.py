@@ -175,3 +175,15 @@ class ReferenceMaPLe(nn.Module):
         text = text / text.norm(dim=-1, keepdim=True)
         return self.logit_scale.exp() * image @ text.t()
 
+
+
+def reference_from_backbone(backbone, maple_sd: Mapping[str, torch.Tensor], classnames: Sequence[str],
+                            ctx_init: str = "a photo of a") -> ReferenceMaPLe:
+    """ReferenceMaPLe on the same weights as a hisf Backbone (only its state dict and head counts are read)."""
+    model = backbone.model
+    return ReferenceMaPLe(
+        model.state_dict(), maple_sd, classnames, backbone.tokenizer,
+        text_heads=model.transformer.resblocks[0].attn.num_heads,
+        vision_heads=model.visual.transformer.resblocks[0].attn.num_heads,
+        ctx_init=ctx_init,
+    )

@@ -166,7 +166,8 @@ def _fingerprint(key: str, listing, opts: BuildOptions) -> dict:
         for r in listing.splits[split]:
             h.update(f"{split}\0{r.path}\0{r.label}\n".encode())
     o = asdict(opts)
-    o.pop("jobs")
+    o.pop("jobs")  # neither changes what a finished shard holds, so a resumed build may change them
+    o.pop("skip_bad")
     return {"key": key, "options": o, "records": h.hexdigest(), "format": FORMAT_VERSION}
 
 

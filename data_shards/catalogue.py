@@ -23,7 +23,7 @@ class DatasetEntry:
     description: str
 
 
-def _coop(folder: str, image_sub: str, split_name: str, renames: dict | None = None) -> Callable[[Path], Listing]:
+def _coop(folder: str, image_sub: str, split_name: str, renames: dict | None = None) -> Callable[[Path, str], Listing]:
     def read(root: Path, template: str) -> Listing:
         dataset_dir = sources.require_dir(root / folder, "dataset")
         names, splits = sources.read_split_json(dataset_dir / f"split_zhou_{split_name}.json",

@@ -18,7 +18,7 @@ def decode(data: bytes, draft_size: int | None = None) -> Image.Image:
         # JPEG DCT scaling: decode big originals at >= the size we keep, much faster than a full decode.
         img.draft("RGB", (draft_size, draft_size))
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:

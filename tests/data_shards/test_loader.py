@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import numpy as np
 import pytest
@@ -38,9 +39,17 @@ def collect(loader):
     return images, labels, n
 
 
-@pytest.mark.parametrize("classes", ["all", "novel"])
-def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, classes):
-    sub = open_dataset(demo_built).select("test", classes=classes)
+SELECTIONS = {  # whole split (streamed), relabelled half (streamed), sparse few-shot draw (read by byte range)
+    "all": (dict(split="test"), False),
+    "novel": (dict(split="test", classes="novel"), None),
+    "sparse": (dict(split="test", shots=1, seed=1), True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, name):
+    kwargs, sparse = SELECTIONS[name]
+    sub = open_dataset(demo_built).select(**kwargs)
     assert len(sub.shard_files) > 2 and len(sub) % 4 != 0  # shards and batches do not divide evenly
     ref = {}
     for i in range(len(sub)):
@@ -52,6 +61,7 @@ def test_eval_two_ranks_two_workers_disjoint_and_complete(demo_built, classes):
                              rank=rank, world_size=2, num_workers=2)
         images, labels, n = collect(loader)
         assert n == len(loader)
+        assert sparse is None or all(loader.dataset._sparse(a, b) == sparse for a, b in loader.dataset.ranges)
         batches.append(n)
         for img, y in zip(images, labels):
             key, label = ref[digest(img)]
@@ -102,7 +112,8 @@ def test_epoch_order_and_augmentation_follow_seed_epoch_key(demo_built):
     sub = open_dataset(demo_built).select("train", shots=2, seed=1)
     for epoch in (0, 1):
         batches = train_batches(sub, epoch=epoch, seed=7)
-        perm = np.random.default_rng([7, epoch]).permutation(len(sub))
+        perm = list(range(len(sub)))
+        random.Random(f"7:{epoch}").shuffle(perm)
         for t, (x, y) in enumerate(batches):
             for j, i in enumerate(perm[t * 4:(t + 1) * 4]):
                 ref = normalise(train_array(stored_bytes(sub, i), 32, sample_seed(7, epoch, sub.keys[i])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.maple_reference import ReferenceMaPLe
+from benchmarks.maple_reference import ReferenceMaPLe, reference_from_backbone
 from hisf.config import MethodConfig
 from hisf.maple_checkpoint import MapleCheckpointError, import_maple_prompts
 from hisf.methods import build_method
@@ -45,9 +45,16 @@ def test_maple_logits_equal_reference(backbone, tiny_ckpt, images, tmp_path, dep
     ref = ReferenceMaPLe(clip_sd, ckpt["state_dict"], classes, backbone.tokenizer, text_heads=4, vision_heads=4)
     with torch.no_grad():
         theirs = ref(images)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_from_backbone(backbone, ckpt["state_dict"], classes)(images), theirs, atol=0, rtol=0)
     assert ours.shape == (4, len(classes))
     assert (before - ours).abs().max() > 1e-3  # the import changed the prompts
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # The comparison is sensitive to the text-side prompts too (layer 0 and the deeper ones).
+    with torch.no_grad():
+        for p in [ref.ctx, *ref.compound_prompts_text]:
+            p.add_(torch.randn_like(p))
+            assert (ref(images) - ours).abs().max() > 1e-3
 
 
 def test_maple_checkpoint_errors(backbone, tmp_path, classes):
