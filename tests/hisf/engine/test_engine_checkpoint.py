@@ -44,7 +44,10 @@ def test_load_checkpoint_checks_config_and_classes(tmp_path):
     cfg = TrialConfig(output_dir=str(tmp_path))
     names = ("cat", "dog")
     assert ckpt.load_checkpoint(tmp_path, cfg, names) is None
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / ".state.pt.abc123.tmp").write_bytes(b"half a checkpoint from a killed writer")
     ckpt.save_checkpoint(tmp_path, _state(cfg, names))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["state.pt"]
     assert ckpt.load_checkpoint(tmp_path, cfg, names)["epoch"] == 2
     # Runtime-only keys may change between a kill and the restart.
     moved = replace_path(replace_path(cfg, "device", "cpu"), "data.num_workers", 2)
