@@ -102,6 +102,9 @@ def test_cross_dataset_and_zeroshot(demo_root, tmp_path):
                                  data={"targets": ["demo"]}, train={"epochs": 1}))
     assert cross["target/demo"] == cross["acc"]
     assert {"acc", "val_acc", "target/demo", "trainable_params"} <= set(cross)
+    dg = run_trial(tiny_trial(demo_root, tmp_path / "d", protocol="domain_generalization", method={"name": "maple"},
+                              data={"targets": ["demo"]}, train={"epochs": 1}))
+    assert without_timing(dg) == without_timing(cross)
     zs = run_trial(tiny_trial(demo_root, tmp_path / "z", method={"name": "zeroshot"}))
     assert zs["trainable_params"] == 0 and zs["train_seconds"] == 0
     assert zs["hm"] == pytest.approx(harmonic_mean(zs["base_acc"], zs["novel_acc"]))
