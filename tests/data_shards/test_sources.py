@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image, write_clip_benchmark, write_coop
-from data_shards import open_dataset
+from data_shards import DataError, open_dataset
 from data_shards.builder import BuildOptions, build
 from data_shards.catalogue import BENCHMARK_11, CATALOGUE, IMAGENET_VARIANTS
 from data_shards.images import decode, eval_view
@@ -223,3 +222,32 @@ def test_catalogue_covers_the_benchmark():
     names = shipped_imagenet_names()
     # CLIP's list (open_clip zero_shot_metadata) names two pairs alike: "missile" and "sunglasses".
     assert len(names) == 1000 and names[0] == "tench" and names[999] == "toilet paper" and len(set(names)) == 998
+
+
+def test_imagenet_names_fall_back_to_the_shipped_list(tmp_path):
+    """Without classnames.txt: ImageNet needs all 1000 class folders (sorted wnid = label), ImageNet-V2's
+    numbered folders index the shipped list directly."""
+    from data_shards.sources import shipped_imagenet_names
+
+    names = shipped_imagenet_names()
+    d = tmp_path / "DATA" / "imagenet" / "images"
+    wnids = [f"n{i:08d}" for i in range(1000)]
+    for w in wnids:
+        (d / "train" / w).mkdir(parents=True)
+    for i in (0, 7, 999):
+        for folder in ("train", "val"):
+            make_image(d / folder / wnids[i] / "a.jpg", i)
+    build("imagenet", tmp_path / "DATA", tmp_path / "inet", OPTS, progress=False)
+    ds = open_dataset(tmp_path / "inet")
+    assert ds.classnames == tuple(names)
+    assert sorted((r["label"], r["classname"]) for r in ds.manifest.to_pylist() if r["split"] == "test") == \
+        [(0, "tench"), (7, names[7]), (999, "toilet paper")]
+    (d / "train" / wnids[5]).rmdir()
+    with pytest.raises(DataError, match="classnames.txt: file not found"):
+        build("imagenet", tmp_path / "DATA", tmp_path / "inet2", OPTS, progress=False)
+    v2 = tmp_path / "DATA" / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    for i in (3, 998):
+        make_image(v2 / str(i) / "b.jpeg", i)
+    build("imagenetv2", tmp_path / "DATA", tmp_path / "v2", OPTS, progress=False)
+    rows = open_dataset(tmp_path / "v2").manifest.to_pylist()
+    assert sorted((r["label"], r["classname"]) for r in rows) == [(3, names[3]), (998, names[998])]
