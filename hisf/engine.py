@@ -1,0 +1,331 @@
+"""The trial engine: one trial from a frozen TrialConfig to final metrics (DDP, mixed precision, resume, callbacks)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from hisf import checkpoint as ckpt
+from hisf.config import TrialConfig
+from hisf.distributed import (DistEnv, all_reduce_grads, all_reduce_sum, any_rank, barrier, broadcast_params,
+                              init_from_env, shutdown)
+from hisf.evaluation import accuracy
+from hisf.optim import build_optimizer, build_scheduler
+from hisf.trial_data import TrialData, evaluate_protocol, open_trial_data
+
+log = logging.getLogger("hisf.engine")
+
+LOSS_TERMS = ("loss", "loss_cls", "loss_le", "loss_sa")
+
+
+class StopTrial(Exception):
+    """Raised by a callback (e.g. an Optuna pruner) to end the trial cleanly after the current step or epoch."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss was NaN/inf for `train.max_nonfinite_steps` steps in a row: training is diverging."""
+
+
+class TrialCallback:
+    """Listener interface; every method is optional and called on rank 0 only."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None: ...
+
+    def on_progress(self, step: int, total: int, metrics: dict) -> None: ...
+
+    def on_trial_end(self, metrics: dict, artifacts: dict[str, str]) -> None: ...
+
+
+# --- precision ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Precision:
+    name: str  # what actually runs (fp16 falls back to bf16 on CPU)
+    device_type: str
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """fp16 = autocast + GradScaler (CUDA only); bf16 = autocast without scaling; fp32 = plain."""
+    if name == "fp16" and device.type != "cuda":
+        warnings.warn("train.precision fp16 needs CUDA; running bf16 autocast on CPU instead", stacklevel=2)
+        name = "bf16"
+    if name == "fp16":
+        return Precision("fp16", device.type, torch.float16, torch.amp.GradScaler(device.type))
+    if name == "bf16":
+        return Precision("bf16", device.type, torch.bfloat16, None)
+    return Precision("fp32", device.type, None, None)
+
+
+# --- one training step -------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # every rank's mean of each loss term
+    finite: bool  # the loss was finite (on every rank)
+    skipped: bool  # no optimiser update happened (non-finite loss, or fp16 overflow)
+
+
+def train_step(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    params: Sequence[torch.nn.Parameter],
+    env: DistEnv,
+) -> StepResult:
+    """Forward the loss terms (eq. 12), backward, average trainable grads over ranks, step unless non-finite."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        out = model.forward_losses(images, labels)
+    terms = torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+    loss = out["loss"].float()
+    scaler = precision.scaler
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    all_reduce_grads(list(params), env)
+    if env.distributed:
+        terms = all_reduce_sum(terms, env) / env.world_size
+    values = terms.tolist()
+    finite = all(math.isfinite(v) for v in values)
+    if scaler is not None:
+        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together.
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = scaler.get_scale() < scale or not finite
+    else:
+        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        grads_finite = bool(torch.stack(grads).all()) if grads else True
+        skipped = not (finite and grads_finite)
+        if not skipped:
+            optimizer.step()
+    return StepResult(dict(zip(LOSS_TERMS, values)), finite, skipped)
+
+
+class NanGuard:
+    """Counts consecutive non-finite losses; stops the trial before it trains on NaNs for long."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.consecutive = 0
+
+    def update(self, finite: bool, step: int, losses: dict[str, float]) -> None:
+        self.consecutive = 0 if finite else self.consecutive + 1
+        if self.consecutive >= self.limit:
+            raise NonFiniteLossError(
+                f"non-finite loss for {self.consecutive} steps in a row (up to step {step}; last terms {losses}); "
+                f"stopping instead of training on NaNs (train.max_nonfinite_steps={self.limit}): lower the "
+                f"learning rate, use precision fp32/bf16, or check the data"
+            )
+
+
+# --- the trial -----------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class _Meter:
+    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in LOSS_TERMS})
+    count: int = 0
+
+    def add(self, losses: dict[str, float]) -> None:
+        if all(math.isfinite(v) for v in losses.values()):
+            self.count += 1
+            for k, v in losses.items():
+                self.sums[k] += v
+
+    def means(self) -> dict[str, float]:
+        return {f"train/{k}": (self.sums[k] / self.count if self.count else float("nan")) for k in LOSS_TERMS}
+
+
+def _call(callbacks: Iterable[TrialCallback], hook: str, *args: Any) -> bool:
+    """Run one hook on every callback; True when one asked to stop."""
+    stop = False
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is None:
+            continue
+        try:
+            fn(*args)
+        except StopTrial as e:
+            log.info("trial stopped by %s: %s", type(cb).__name__, e)
+            stop = True
+    return stop
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume: bool = True) -> dict[str, float]:
+    """Train and evaluate one trial; returns the final metrics (docs/interfaces.md) on every rank."""
+    if not isinstance(cfg, TrialConfig):
+        raise TypeError(f"run_trial: expected a TrialConfig, got {type(cfg).__name__}")
+    cfg.validate()
+    env = init_from_env(cfg.device)
+    try:
+        return _run(cfg, list(callbacks), resume, env)
+    finally:
+        shutdown(env)
+
+
+@dataclass
+class _Counters:
+    """What a checkpoint carries besides tensors: the data position (next epoch) and running totals."""
+
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    skipped_steps: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def _restore(state: dict, model, optimizer, scheduler, precision: Precision) -> _Counters:
+    model.load_trainable_state_dict(state["trainable"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler is not None and state["scaler"]:
+        precision.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    return _Counters(**{k: state[k] for k in _Counters.__dataclass_fields__})
+
+
+def _state(cfg: TrialConfig, data: TrialData, model, optimizer, scheduler, precision: Precision, c: _Counters) -> dict:
+    return {
+        "identity": ckpt.identity(cfg), "classnames": list(data.train.classnames), "trainable": model.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}, "rng": ckpt.rng_state(),
+        **dataclasses.asdict(c),
+    }
+
+
+def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: DistEnv) -> dict[str, float]:
+    from hisf.backbone import load_backbone
+    from hisf.methods import build_method
+
+    callbacks = callbacks if env.is_main else []
+    out_dir, tc = Path(cfg.output_dir), cfg.train
+    precision = resolve_precision(tc.precision, env.device)
+    data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
+    seed_everything(cfg.seed)
+    backbone = load_backbone(cfg.backbone)
+    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
+    data.bind(backbone, cfg)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    epochs = tc.epochs if n_trainable else 0
+    optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
+    scheduler = build_scheduler(optimizer, tc) if optimizer else None
+    params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
+    state = ckpt.load_checkpoint(out_dir, cfg, data.train.classnames) if resume else None
+    c = _restore(state, model, optimizer, scheduler, precision) if state else _Counters()
+    broadcast_params(params, env)
+    steps_per_epoch = len(data.train_loader(epoch=0)) if epochs else 0
+    total, images_per_step = steps_per_epoch * epochs, tc.batch_size * env.world_size
+    guard, stop = NanGuard(tc.max_nonfinite_steps), False
+    if env.is_main:
+        log.info("trial %s: %s on %s (%s), %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
+                 out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, n_trainable, env.world_size,
+                 tc.batch_size, steps_per_epoch, precision.name, f"; resuming from epoch {c.epoch}/{epochs}" if state else "")
+
+    for epoch in range(c.epoch, epochs):
+        t0 = t_log = time.perf_counter()
+        meter, lr, since_log = _Meter(), optimizer.param_groups[0]["lr"], 0
+        for images, labels in data.train_loader(epoch=epoch):
+            res = train_step(model, images.to(env.device), labels.to(env.device), optimizer, precision, params, env)
+            c.global_step += 1
+            c.skipped_steps += int(res.skipped)
+            meter.add(res.losses)
+            guard.update(res.finite, c.global_step, res.losses)
+            since_log += images_per_step
+            if tc.log_every and c.global_step % tc.log_every == 0:
+                ips = since_log / max(time.perf_counter() - t_log, 1e-9)
+                t_log, since_log = time.perf_counter(), 0
+                if env.is_main:
+                    log.info("epoch %d/%d step %d/%d loss %.4f (cls %.4f le %.4f sa %.4f) lr %.3g %.1f img/s ETA %s",
+                             epoch + 1, epochs, c.global_step, total, *res.losses.values(), lr, ips,
+                             _format_eta((total - c.global_step) * images_per_step / max(ips, 1e-9)))
+                progress = {**{f"train/{k}": v for k, v in res.losses.items()}, "lr": lr, "images_per_s": ips,
+                            "epoch": epoch, "skipped_steps": c.skipped_steps}
+                if stop := any_rank(_call(callbacks, "on_progress", c.global_step, total, progress), env):
+                    break
+        scheduler.step()
+        c.train_seconds += time.perf_counter() - t0
+        if stop:
+            break
+        metrics = {**meter.means(), "lr": lr, "epoch": epoch, "skipped_steps": c.skipped_steps}
+        if tc.validate_every_epoch:
+            t0 = time.perf_counter()
+            metrics["val_acc"] = accuracy(model, data.val_loader(), env, precision.autocast)
+            c.eval_seconds += time.perf_counter() - t0
+        c.history.append(metrics)
+        c.epoch = epoch + 1
+        if env.is_main:
+            ckpt.save_checkpoint(out_dir, _state(cfg, data, model, optimizer, scheduler, precision, c))
+            log.info("epoch %d/%d done: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier(env)
+        checkpoint_dir = str(ckpt.checkpoint_path(out_dir).parent)
+        if stop := any_rank(_call(callbacks, "on_epoch_end", epoch, dict(metrics), checkpoint_dir), env):
+            break
+
+    return _finish(cfg, data, model, precision, env, callbacks, c, n_trainable, stop)
+
+
+def _finish(cfg: TrialConfig, data: TrialData, model, precision: Precision, env: DistEnv,
+            callbacks: list[TrialCallback], c: _Counters, n_trainable: int, stopped: bool) -> dict[str, float]:
+    """Final evaluation per protocol, exported prompts, config.yaml and metrics.json (a stopped trial skips them)."""
+    out_dir = Path(cfg.output_dir)
+    last = dict(c.history[-1]) if c.history else {}
+    common = {"train_seconds": c.train_seconds, "trainable_params": n_trainable, "skipped_steps": c.skipped_steps}
+    if stopped:
+        return {k: float(v) for k, v in {**last, **common, "eval_seconds": c.eval_seconds, "stopped": 1}.items()}
+    artifacts: dict[str, str] = {}
+    if env.is_main:
+        # Exported before evaluation switches the class set (novel or target class names).
+        artifacts["prompts"] = str(ckpt.export_prompts(out_dir / ckpt.PROMPTS_FILE, model.trainable_state_dict(),
+                                                       cfg, data.train.classnames))
+    t0 = time.perf_counter()
+    final = {"val_acc": last["val_acc"] if "val_acc" in last else accuracy(model, data.val_loader(), env, precision.autocast)}
+    final.update(evaluate_protocol(model, data, env, precision.autocast))
+    eval_seconds = c.eval_seconds + time.perf_counter() - t0
+    result = {k: float(v) for k, v in {**last, **final, **common, "eval_seconds": eval_seconds}.items()}
+    if env.is_main:
+        import yaml
+
+        artifacts["config"] = str(out_dir / "config.yaml")
+        ckpt.atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), artifacts["config"])
+        artifacts["metrics"] = str(out_dir / "metrics.json")
+        ckpt.atomic_write_text(json.dumps({"final": result, "epochs": c.history}, indent=2), artifacts["metrics"])
+        log.info("trial done in %.1fs train + %.1fs eval: %s", c.train_seconds, eval_seconds,
+                 " ".join(f"{k} {v:.4g}" for k, v in final.items()))
+        _call(callbacks, "on_trial_end", dict(result), dict(artifacts))
+    barrier(env)
+    return result
