@@ -85,11 +85,13 @@ def prepare_data(spec: ExperimentSpec, out) -> None:
     for key in spec.data.datasets:
         if (root / key / "manifest.parquet").is_file():
             continue
-        raw = root / "_raw" / key
+        raw = root / "_raw"
         print(f"building demo data {key!r} under {root}", file=out)
         rc = data_main(["demo", "--out", str(raw)]) or 0
         if rc == 0:
-            rc = data_main(["build", "--dataset", key, "--root", str(raw), "--out", str(root / key)]) or 0
+            # The tiny backbone reads 32 px images; storing the demo at 224 would only cost build time.
+            rc = data_main(["build", "--dataset", key, "--root", str(raw), "--out", str(root / key),
+                            "--image-size", "32", "--quiet"]) or 0
         if rc != 0:
             raise RuntimeError(f"data.demo: building demo data {key!r} failed (exit {rc})")
 
