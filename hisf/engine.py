@@ -207,7 +207,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     data: TrialData = open_trial_data(cfg, env)
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    model = build_method(cfg.method, backbone, data.train.classnames, templates=[data.template])
+    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template)
     data.bind(backbone, cfg)
     model.to(env.device)
     params = [p for p in model.parameters() if p.requires_grad]

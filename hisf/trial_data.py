@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,6 @@ class TrialData:
     image_size: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
-    _loaders: dict = field(default_factory=dict)
 
     def bind(self, backbone: Any, cfg: TrialConfig) -> None:
         """Take the image size and normalisation from the backbone (CLIP's mean/std)."""

@@ -77,3 +77,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+TINY_MODEL = "hisf-tiny"
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+    """Demo images written as real PNG files in CoOp's layout, built into shards at ROOT/demo (6 classes)."""
+    from data_shards.cli import main as data_main
+
+    raw = tmp_path_factory.mktemp("demo_raw")
+    root = tmp_path_factory.mktemp("demo_shards")
+    assert data_main(["demo", "--out", str(raw), "--classes", "6", "--train", "8", "--val", "4", "--test", "6",
+                      "--size", "40"]) == 0
+    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
+                      "--image-size", "32", "--quiet"]) == 0
+    return root
+
+
+def tiny_trial_dict(root, out, **sections):
+    """A whole base-to-novel trial at toy size: hisf-tiny backbone (random weights), 4 shots, 2 epochs, fp32."""
+    d = {
+        "protocol": "base2new",
+        "seed": 1,
+        "backbone": {"name": TINY_MODEL, "pretrained": None, "precision": "fp32"},
+        "method": {"name": "hisf", "depth": 2},
+        "data": {"root": str(root), "dataset": "demo", "shots": 4},
+        "train": {"preset": "paper", "epochs": 2, "batch_size": 4, "precision": "fp32", "eval_batch_size": 16,
+                  "log_every": 1, "lr": 0.05},
+        "output_dir": str(out),
+        "device": "cpu",
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            d[key] = {**d.get(key, {}), **value}
+        else:
+            d[key] = value
+    return d
+
+
+def tiny_trial(root, out, **sections):
+    from hisf.config import TrialConfig
+
+    return TrialConfig.from_dict(tiny_trial_dict(root, out, **sections))
+
+
+TIMING_KEYS = ("train_seconds", "eval_seconds")
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
