@@ -65,9 +65,9 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     else:
         r = spec.resources
         need = max(1, int(round(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials)))
+        # Ray resolves a loopback node address to the machine's own IP on purpose; the dashboard stays off.
         ray.init(num_cpus=opts.num_cpus or min(need, os.cpu_count() or 1) or 1, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=True,
-                 configure_logging=False)
+                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
     try:
         yield
     finally:
@@ -76,12 +76,23 @@ def ray_session(spec: ExperimentSpec, opts: Options):
 
 
 def prepare_data(spec: ExperimentSpec, out) -> None:
-    """`data.demo: true`: build the demo dataset(s) under data.root unless already there."""
-    if not spec.data.demo:
-        return
+    """`data.demo: true`: build the demo dataset(s) under data.root unless already there; then check every
+    dataset the trials read is built, so a missing one fails here and not in every retried trial."""
+    root = Path(spec.data.root)
+    if spec.data.demo:
+        _build_demo(spec, root, out)
+    for i, key in enumerate(spec.data.datasets + spec.data.targets):
+        if not (root / key / "manifest.parquet").is_file():
+            where = f"data.datasets[{i}]" if i < len(spec.data.datasets) else f"data.targets[{i - len(spec.data.datasets)}]"
+            from orchestrator.spec import SpecError
+
+            raise SpecError(f"{spec.path}: {where}: no built dataset {key!r} at {root.resolve() / key}; build it with "
+                            f"`hisf-bench data build --dataset {key} --root DATA --out {root / key}`")
+
+
+def _build_demo(spec: ExperimentSpec, root: Path, out) -> None:
     from data_shards.cli import main as data_main
 
-    root = Path(spec.data.root)
     for key in spec.data.datasets:
         if (root / key / "manifest.parquet").is_file():
             continue
@@ -231,7 +242,7 @@ def _tune_config(spec: ExperimentSpec):
         return t.config["trial"]["trial_id"]
 
     return tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
-                           trial_name_creator=name, trial_dirname_creator=name, reuse_actors=False)
+                           trial_name_creator=name, trial_dirname_creator=name, reuse_actors=True)
 
 
 def _run_config(spec: ExperimentSpec, opts: Options, name: str):

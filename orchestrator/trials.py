@@ -84,6 +84,8 @@ def build_config(spec: ExperimentSpec, row: RowSpec, dataset: str, point, seed: 
     d = spec.trial_dict(row, dataset)
     d["seed"] = seed
     d["output_dir"] = output_dir
+    # Ray workers run in their own folders: a relative data root means "relative to where the driver ran".
+    d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
     cfg = TrialConfig.from_dict(d)
     for key, v in list(point) + list((values or {}).items()):
         cfg = replace_path(cfg, key, v)
