@@ -54,6 +54,8 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     """Connect to `--address`, or start a small local Ray on 127.0.0.1 and stop it afterwards."""
     import ray
 
+    # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, the warning about it is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         yield
         return

@@ -130,6 +130,11 @@ class TrialRun:
             chunk = todo[i:i + _MAX_BATCH]
             _retry(lambda: self.client.log_batch(self.run_id, params=chunk))
 
+    def next_attempt(self) -> int:
+        """1 on a trial's first start, +1 on each retry or resume (kept as the `hisf.attempts` tag)."""
+        run = _retry(lambda: self.client.get_run(self.run_id))
+        return int(run.data.tags.get("hisf.attempts", "0")) + 1
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]

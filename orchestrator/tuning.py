@@ -33,11 +33,16 @@ class _Bridge:
         self.last: dict[str, Any] = {}
         self.track_seconds = 0.0
         self._optuna_trial = None
-        if trial.study is not None and ctx.get("pruner", "none") != "none":
+        if trial.study is not None:
             from orchestrator.search import open_trial
 
-            self._optuna_trial = open_trial(ctx["optuna_storage"], trial.study, trial.optuna_trial_id, ctx["pruner"],
-                                            ctx.get("startup_trials", 5))
+            self._optuna_trial = open_trial(ctx["optuna_storage"], trial.study, trial.optuna_trial_id,
+                                            ctx.get("pruner", "none"), ctx.get("startup_trials", 5))
+            # Cross-links: the study's trial names its MLflow run, the run carries optuna.* tags.
+            self._optuna_trial.set_user_attr("mlflow_run_id", run.run_id)
+            self._optuna_trial.set_user_attr("hisf_trial_id", trial.trial_id)
+            if ctx.get("pruner", "none") == "none":
+                self._optuna_trial = None
 
     def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
         t0 = time.perf_counter()
@@ -84,23 +89,25 @@ def trial_tags(trial: Trial, ctx: Mapping[str, Any]) -> dict[str, Any]:
     return tags
 
 
-def _restore_checkpoint(trial: Trial) -> None:
-    """Put Tune's last checkpoint where the engine looks, when this node's output folder lacks it."""
+def _restore_checkpoint(trial: Trial) -> int | None:
+    """Put Tune's last checkpoint where the engine looks, when this node's output folder lacks it.
+
+    Returns the number of epochs the checkpoint holds (None on a first attempt).
+    """
     from ray import tune
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return
+        return None
     meta = ckpt.get_metadata() or {}
     rel = meta.get("relpath")
-    if not rel:
-        return
-    dest = Path(trial.config.output_dir) / rel
-    if dest.is_dir():
-        return
-    with ckpt.as_directory() as src:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dest)
+    if rel:
+        dest = Path(trial.config.output_dir) / rel
+        if not dest.is_dir():
+            with ckpt.as_directory() as src:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(src, dest)
+    return int(meta.get("epoch", -1)) + 1
 
 
 def tune_trainable(config: dict) -> None:
@@ -112,9 +119,18 @@ def tune_trainable(config: dict) -> None:
     started = time.perf_counter()
     trial = Trial.from_payload(config["trial"])
     ctx = config["ctx"]
+    import ray
+
     run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
                    trial_tags(trial, ctx), trial.config.flatten())
-    _restore_checkpoint(trial)
+    resumed_epochs = _restore_checkpoint(trial)
+    attempt = run.next_attempt()
+    run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt})
+    if resumed_epochs is not None:
+        run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=attempt)
+    Path(trial.config.output_dir).mkdir(parents=True, exist_ok=True)
+    # Lets an operator (or the fault-injection test) find the process that runs this trial.
+    (Path(trial.config.output_dir) / "worker.pid").write_text(str(os.getpid()))
     workers = int(ctx.get("workers_per_trial", 1))
     bridge = _Bridge(trial, run, ctx, report_to_tune=workers == 1)
     t0 = time.perf_counter()
