@@ -146,7 +146,9 @@ def tune_trainable(config: dict) -> None:
     engine_seconds = time.perf_counter() - t0 - bridge.track_seconds
     status = "pruned" if bridge.pruned else "finished"
     final = _numbers(final or bridge.last)
-    run.log_metrics(final, step=int(final.get("epoch", trial.config.train.epochs)))
+    # Epoch metrics are already logged per step; log only what the final evaluation adds or changes.
+    last = _numbers(bridge.last)
+    run.log_metrics({k: v for k, v in final.items() if last.get(k) != v}, step=int(final.get("epoch", 0)))
     run.log_artifacts(bridge.artifacts)
     if attempt > 1:
         _backfill_epochs(run, bridge.artifacts.get("metrics"))

@@ -112,3 +112,30 @@ def mlflow_children(uri: str, experiment: str, stage: str | None = None):
     if stage:
         out = [r for r in out if r.data.tags.get("hisf.stage") == stage]
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, marker: str | None = None, grace: float = 3.0) -> None:
+    """Stop a process started with start_new_session=True and everything in its group (by pgid), then any
+    straggler whose command line holds `marker` (a temp path only this test uses)."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + wait
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.1)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    if marker:
+        kill_pids(pids_with(marker))
