@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import sys
@@ -66,9 +67,11 @@ def ray_session(spec: ExperimentSpec, opts: Options):
         ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         r = spec.resources
-        need = max(1, int(round(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials)))
+        # A DDP trial also holds a sliver of a CPU while its workers run (trials.trial_resources).
+        waiting = 0.01 * r.max_concurrent_trials if r.workers_per_trial > 1 else 0.0
+        need = max(1, math.ceil(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials + waiting))
         # Ray resolves a loopback node address to the machine's own IP on purpose; the dashboard stays off.
-        ray.init(num_cpus=opts.num_cpus or min(need, os.cpu_count() or 1) or 1, include_dashboard=False,
+        ray.init(num_cpus=opts.num_cpus or need, include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
     try:
         yield

@@ -171,7 +171,8 @@ def trial_resources(spec: ExperimentSpec) -> dict[str, float]:
     r = spec.resources
     if r.workers_per_trial > 1:
         # The function trial only builds and waits on its TorchTrainer; the workers hold the devices.
-        return {"cpu": 0.0, "gpu": 0.0}
+        # (Ray refuses an empty request, so the waiting trial holds a sliver of a CPU.)
+        return {"cpu": 0.01, "gpu": 0.0}
     return {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}
 
 

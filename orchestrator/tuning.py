@@ -137,6 +137,7 @@ def tune_trainable(config: dict) -> None:
     try:
         if workers > 1:
             final, bridge.artifacts = _fit_ddp(trial, ctx, config)
+            final = run.latest_metrics()
         else:
             final = _run_engine(trial, bridge)
     except Exception as e:
@@ -146,9 +147,11 @@ def tune_trainable(config: dict) -> None:
     engine_seconds = time.perf_counter() - t0 - bridge.track_seconds
     status = "pruned" if bridge.pruned else "finished"
     final = _numbers(final or bridge.last)
-    # Epoch metrics are already logged per step; log only what the final evaluation adds or changes.
-    last = _numbers(bridge.last)
-    run.log_metrics({k: v for k, v in final.items() if last.get(k) != v}, step=int(final.get("epoch", 0)))
+    if workers == 1:
+        # Epoch metrics are already logged per step; log only what the final evaluation adds or changes.
+        # (A DDP trial's rank 0 logged its own.)
+        last = _numbers(bridge.last)
+        run.log_metrics({k: v for k, v in final.items() if last.get(k) != v}, step=int(final.get("epoch", 0)))
     run.log_artifacts(bridge.artifacts)
     if attempt > 1:
         _backfill_epochs(run, bridge.artifacts.get("metrics"))
@@ -201,8 +204,15 @@ def _ddp_worker(loop_config: dict) -> None:
     from hisf.engine import run_trial
 
     final = run_trial(trial.config, callbacks=[bridge] if bridge else [], resume=True)
+    if bridge is not None:
+        # Rank 0 holds the final metrics and wrote the artifacts on its node: it logs them itself (Train V2
+        # results only keep metrics reported with a checkpoint).
+        last = _numbers(bridge.last)
+        run.log_metrics({k: v for k, v in _numbers(final or {}).items() if last.get(k) != v},
+                        step=int((final or {}).get("epoch", 0)))
+        run.log_artifacts(bridge.artifacts)
     # Train V2: every worker calls report the same number of times; rank 0's metrics reach Tune.
-    ray.train.report({**_numbers(final or {}), "artifacts": dict(bridge.artifacts) if bridge else {}})
+    ray.train.report(_numbers(final or {}))
 
 
 def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict) -> dict:
@@ -222,9 +232,8 @@ def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict) -> dict:
             failure_config=FailureConfig(max_failures=int(ctx.get("max_failures", 0))),
             callbacks=[TuneReportCallback()]),
     )
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    return {k: v for k, v in metrics.items() if k != "artifacts"}, dict(metrics.get("artifacts") or {})
+    trainer.fit()
+    return {}, {}
 
 
 def _numbers(d: Mapping[str, Any]) -> dict[str, float]:

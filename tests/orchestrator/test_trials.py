@@ -81,7 +81,7 @@ def test_resources_and_dry_run(tmp_path):
     assert trial_resources(spec) == {"cpu": 2.0, "gpu": 0.25}
     raw["resources"].update(gpus_per_trial=1, workers_per_trial=4)
     spec4 = parse_spec(raw)
-    assert trial_resources(spec4) == {"cpu": 0.0, "gpu": 0.0}
+    assert trial_resources(spec4) == {"cpu": 0.01, "gpu": 0.0}
     trials = expand_sweep(spec4, tmp_path)
     est1 = estimate_hours(spec, expand_sweep(spec, tmp_path))
     est4 = estimate_hours(spec4, trials)
