@@ -100,5 +100,6 @@ def print_where(spec: ExperimentSpec, opts) -> None:
     print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(opts.tracking_uri)} --host 127.0.0.1", file=out)
     if spec.search is not None:
         print(f"  Optuna dashboard: optuna-dashboard {shlex.quote(opts.optuna_storage)}", file=out)
+    optuna = f" --optuna-storage {shlex.quote(opts.optuna_storage)}" if spec.search is not None else ""
     print(f"  report:          hisf-bench report {shlex.quote(spec.path)}"
-          f" --tracking-uri {shlex.quote(opts.tracking_uri)}", file=out)
+          f" --tracking-uri {shlex.quote(opts.tracking_uri)}{optuna}", file=out)
