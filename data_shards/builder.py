@@ -47,8 +47,8 @@ class BuildOptions:
             raise DataError(f"--image-size: expected >= 8, got {self.image_size}")
         if self.stored_train_size < self.image_size:
             raise DataError(f"--train-size: expected >= --image-size ({self.image_size}), got {self.train_size}")
-        if self.shard_size < 2**16:
-            raise DataError(f"--shard-size: expected >= 65536 bytes, got {self.shard_size}")
+        if self.shard_size < 4096:
+            raise DataError(f"--shard-size: expected >= 4096 bytes, got {self.shard_size}")
         if not 1 <= self.quality <= 100 or self.jobs < 1:
             raise DataError(f"--quality 1..100 and --jobs >= 1 expected, got {self.quality}, {self.jobs}")
 
@@ -166,7 +166,8 @@ def _fingerprint(key: str, listing, opts: BuildOptions) -> dict:
         for r in listing.splits[split]:
             h.update(f"{split}\0{r.path}\0{r.label}\n".encode())
     o = asdict(opts)
-    o.pop("jobs")
+    o.pop("jobs")  # neither changes what a finished shard holds, so a resumed build may change them
+    o.pop("skip_bad")
     return {"key": key, "options": o, "records": h.hexdigest(), "format": FORMAT_VERSION}
 
 

@@ -23,7 +23,7 @@ class DatasetEntry:
     description: str
 
 
-def _coop(folder: str, image_sub: str, split_name: str, renames: dict | None = None) -> Callable[[Path], Listing]:
+def _coop(folder: str, image_sub: str, split_name: str, renames: dict | None = None) -> Callable[[Path, str], Listing]:
     def read(root: Path, template: str) -> Listing:
         dataset_dir = sources.require_dir(root / folder, "dataset")
         names, splits = sources.read_split_json(dataset_dir / f"split_zhou_{split_name}.json",
@@ -47,16 +47,21 @@ def _entry(key: str, template: str, reader, description: str) -> DatasetEntry:
     return DatasetEntry(key, template, read, description)
 
 
+def _listing(names_splits, template: str) -> Listing:
+    names, splits = names_splits
+    return Listing(names, template, splits)
+
+
 def _simple(fn):
-    return lambda root, template: Listing(*fn(root), template)
+    return lambda root, template: _listing(fn(root), template)
 
 
 def _variant(sub: str, numbered: bool):
-    return lambda root, template: Listing(*sources.read_imagenet_variant(root / sub, root, numbered), template)
+    return lambda root, template: _listing(sources.read_imagenet_variant(root / sub, root, numbered), template)
 
 
 def _image_folder(root: Path, template: str) -> Listing:
-    return Listing(*sources.read_image_folder(root), template)
+    return _listing(sources.read_image_folder(root), template)
 
 
 def _clip_benchmark(root: Path, template: str) -> Listing:

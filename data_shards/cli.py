@@ -8,6 +8,15 @@ import sys
 from data_shards.errors import DataError
 
 
+def _size(text: str) -> int:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 256M or 65536, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hisf-bench data")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -17,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder, by convention ROOT/<key>")
     b.add_argument("--image-size", type=int, default=224, help="evaluation size: val/test stored resized + centre-cropped to it")
     b.add_argument("--train-size", type=int, default=None, help="shorter-side cap of stored train images (default 1.5 x image size)")
-    b.add_argument("--shard-size", type=int, default=256, help="maximum shard size in MiB")
+    b.add_argument("--shard-size", type=_size, default="256M", help="maximum shard size in bytes, K/M/G suffixes allowed")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
     b.add_argument("--jobs", type=int, default=1, help="encoding processes")
     b.add_argument("--skip-bad", action="store_true", help="skip images that fail to decode (listed at the end)")
@@ -41,7 +50,7 @@ def main(argv: list[str]) -> int:
         if args.cmd == "build":
             from data_shards.builder import BuildOptions, build
 
-            opts = BuildOptions(image_size=args.image_size, train_size=args.train_size, shard_size=args.shard_size * 2**20,
+            opts = BuildOptions(image_size=args.image_size, train_size=args.train_size, shard_size=args.shard_size,
                                 quality=args.quality, jobs=args.jobs, skip_bad=args.skip_bad)
             info = build(args.dataset, args.root, args.out, opts, progress=not args.quiet)
             counts = ", ".join(f"{s} {v['count']}" for s, v in info["splits"].items())

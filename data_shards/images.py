@@ -18,7 +18,7 @@ def decode(data: bytes, draft_size: int | None = None) -> Image.Image:
         # JPEG DCT scaling: decode big originals at >= the size we keep, much faster than a full decode.
         img.draft("RGB", (draft_size, draft_size))
     img.load()
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_shorter(img: Image.Image, size: int) -> Image.Image:
@@ -66,34 +66,33 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{epoch}:{key}".encode(), digest_size=8).digest(), "little")
 
 
-def random_resized_crop(img: Image.Image, size: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> Image.Image:
-    """torchvision's RandomResizedCrop (same parameter search) drawing from a per-sample RNG, bicubic."""
-    w, h = img.size
+def crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (same search and fallback), drawing from a per-sample RNG."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    box = None
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < cw <= w and 0 < ch <= h:
             top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
-            box = (left, top, left + cw, top + ch)
-            break
-    if box is None:
-        in_ratio = w / h
-        if in_ratio < ratio[0]:
-            cw, ch = w, int(round(w / ratio[0]))
-        elif in_ratio > ratio[1]:
-            ch, cw = h, int(round(h * ratio[1]))
-        else:
-            cw, ch = w, h
-        top, left = (h - ch) // 2, (w - cw) // 2
-        box = (left, top, left + cw, top + ch)
-    return img.resize((size, size), BICUBIC, box=box)
+            return left, top, left + cw, top + ch
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return left, top, left + cw, top + ch
 
 
-def train_view(data: bytes, size: int, seed: int) -> np.ndarray:
+def random_resized_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
+    return img.resize((size, size), BICUBIC, box=crop_box(img.size[0], img.size[1], rng))
+
+
+def train_array(data: bytes, size: int, seed: int) -> np.ndarray:
     """CLIP/CoOp train transform before normalisation: RandomResizedCrop(bicubic) + horizontal flip."""
     rng = random.Random(seed)
     img = random_resized_crop(decode(data), size, rng)
@@ -102,5 +101,5 @@ def train_view(data: bytes, size: int, seed: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def test_view(data: bytes, size: int) -> np.ndarray:
+def eval_array(data: bytes, size: int) -> np.ndarray:
     return np.asarray(eval_view(decode(data), size), dtype=np.uint8)

@@ -104,7 +104,7 @@ def resolve_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     """Build the open_clip model, load its weights (tag, local file or none), freeze it, cast its storage."""
     import open_clip
-    from open_clip.model import CLIP, get_cast_dtype
+    from open_clip.model import CLIP, convert_weights_to_lp, get_cast_dtype
 
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"backbone.precision: unknown value {cfg.precision!r}; expected one of {list(PRECISIONS)}")
@@ -138,7 +138,8 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     model.requires_grad_(False)
     model.eval()
     if dtype != torch.float32:
-        model.to(dtype)
+        # open_clip's (and OpenAI's) half storage: matmul weights in half, LayerNorms and embeddings float32.
+        convert_weights_to_lp(model, dtype)
 
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     image_size = vision_cfg.get("image_size", 224)

@@ -86,6 +86,9 @@ def checkpoint_path(output_dir: str | Path) -> Path:
 
 def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any]) -> Path:
     path = checkpoint_path(output_dir)
+    # A writer killed mid-save leaves its temp file behind (never the checkpoint itself); only rank 0 writes.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     atomic_save({"version": FORMAT_VERSION, **state}, path)
     return path.parent
 

@@ -55,7 +55,9 @@ def init_from_env(device: str = "auto") -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        return DistEnv(rank, world, local_rank, resolve_device(device, local_rank), owns_group=False)
+        # Ray Train sets each worker's current CUDA device itself (its GPU ids need not equal LOCAL_RANK).
+        index = torch.cuda.current_device() if torch.cuda.is_available() else local_rank
+        return DistEnv(rank, world, local_rank, resolve_device(device, index), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -91,10 +93,12 @@ def all_reduce_grads(params: list[torch.nn.Parameter], env: DistEnv) -> None:
     of any gradient bucket and makes every rank see the same (possibly non-finite) gradients, so every
     rank takes the same skip-or-step decision.
     """
+    # A parameter without a gradient stays without one (as on one rank, where SGD then skips it); every rank
+    # runs the same graph, so all ranks agree on which those are.
+    params = [p for p in params if p.grad is not None]
     if not env.distributed or not params:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= env.world_size
     offset = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from hisf import checkpoint as ckpt
-from hisf.config import ConfigError, TrialConfig
+from hisf.config import TrialConfig
 from hisf.distributed import (DistEnv, all_reduce_grads, all_reduce_sum, any_rank, barrier, broadcast_params,
                               init_from_env, shutdown)
 from hisf.evaluation import accuracy
@@ -114,7 +115,8 @@ def train_step(
         scaler.update()
         skipped = scaler.get_scale() < scale or not finite
     else:
-        grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+        grads_finite = bool(torch.stack(grads).all()) if grads else True
         skipped = not (finite and grads_finite)
         if not skipped:
             optimizer.step()
@@ -194,132 +196,135 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume:
         shutdown(env)
 
 
+@dataclass
+class _Counters:
+    """What a checkpoint carries besides tensors: the data position (next epoch) and running totals."""
+
+    epoch: int = 0
+    history: list = field(default_factory=list)
+    skipped_steps: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def _restore(state: dict, model, optimizer, scheduler, precision: Precision) -> _Counters:
+    model.load_trainable_state_dict(state["trainable"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    if precision.scaler is not None and state["scaler"]:
+        precision.scaler.load_state_dict(state["scaler"])
+    ckpt.set_rng_state(state["rng"])
+    return _Counters(**{k: state[k] for k in _Counters.__dataclass_fields__})
+
+
+def _state(cfg: TrialConfig, data: TrialData, model, optimizer, scheduler, precision: Precision, c: _Counters) -> dict:
+    return {
+        "identity": ckpt.identity(cfg), "classnames": list(data.train.classnames), "trainable": model.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}, "rng": ckpt.rng_state(),
+        **dataclasses.asdict(c),
+    }
+
+
 def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: DistEnv) -> dict[str, float]:
     from hisf.backbone import load_backbone
     from hisf.methods import build_method
 
     callbacks = callbacks if env.is_main else []
-    out_dir = Path(cfg.output_dir)
-    tc = cfg.train
+    out_dir, tc = Path(cfg.output_dir), cfg.train
     precision = resolve_precision(tc.precision, env.device)
-
-    # Everything that can be wrong with the data is checked before the model is built.
-    data: TrialData = open_trial_data(cfg, env)
+    data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template)
+    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
     data.bind(backbone, cfg)
-    model.to(env.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    train_epochs = tc.epochs if params else 0
-
-    optimizer = build_optimizer(tc, model.param_groups()) if train_epochs else None
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    epochs = tc.epochs if n_trainable else 0
+    optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
     scheduler = build_scheduler(optimizer, tc) if optimizer else None
-    opt_params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
+    params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
     state = ckpt.load_checkpoint(out_dir, cfg, data.train.classnames) if resume else None
-    start_epoch, history, skipped_total, global_step, train_seconds, eval_seconds = 0, [], 0, 0, 0.0, 0.0
-    if state is not None:
-        model.load_trainable_state_dict(state["trainable"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        if precision.scaler is not None and state["scaler"]:
-            precision.scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        skipped_total, global_step = state["skipped_steps"], state["global_step"]
-        train_seconds, eval_seconds = state["train_seconds"], state["eval_seconds"]
-        if env.is_main:
-            log.info("resuming %s from epoch %d/%d", out_dir, start_epoch, train_epochs)
+    c = _restore(state, model, optimizer, scheduler, precision) if state else _Counters()
     broadcast_params(params, env)
-
-    steps_per_epoch = len(data.train_loader(epoch=0)) if train_epochs else 0
-    total_steps = steps_per_epoch * train_epochs
-    guard = NanGuard(tc.max_nonfinite_steps)
-    stop = False
+    steps_per_epoch = len(data.train_loader(epoch=0)) if epochs else 0
+    total, images_per_step = steps_per_epoch * epochs, tc.batch_size * env.world_size
+    guard, stop = NanGuard(tc.max_nonfinite_steps), False
     if env.is_main:
-        log.info("trial %s: %s on %s (%s), %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s",
+        log.info("trial %s: %s on %s (%s), %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
                  out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, n_trainable, env.world_size,
-                 tc.batch_size, steps_per_epoch, precision.name)
+                 tc.batch_size, steps_per_epoch, precision.name, f"; resuming from epoch {c.epoch}/{epochs}" if state else "")
 
-    for epoch in range(start_epoch, train_epochs):
-        t0 = time.perf_counter()
-        meter, t_log, seen = _Meter(), time.perf_counter(), 0
-        lr = optimizer.param_groups[0]["lr"]
+    for epoch in range(c.epoch, epochs):
+        t0 = t_log = time.perf_counter()
+        meter, lr, since_log = _Meter(), optimizer.param_groups[0]["lr"], 0
         for images, labels in data.train_loader(epoch=epoch):
-            images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
-            res = train_step(model, images, labels, optimizer, precision, opt_params, env)
-            global_step += 1
-            skipped_total += int(res.skipped)
+            res = train_step(model, images.to(env.device), labels.to(env.device), optimizer, precision, params, env)
+            c.global_step += 1
+            c.skipped_steps += int(res.skipped)
             meter.add(res.losses)
-            guard.update(res.finite, global_step, res.losses)
-            seen += tc.batch_size * env.world_size
-            if tc.log_every and global_step % tc.log_every == 0:
-                ips = seen / max(time.perf_counter() - t_log, 1e-9)
-                t_log, seen = time.perf_counter(), 0
-                progress = {**{f"train/{k}": v for k, v in res.losses.items()}, "lr": lr, "images_per_s": ips,
-                            "epoch": epoch, "skipped_steps": skipped_total}
+            guard.update(res.finite, c.global_step, res.losses)
+            since_log += images_per_step
+            if tc.log_every and c.global_step % tc.log_every == 0:
+                ips = since_log / max(time.perf_counter() - t_log, 1e-9)
+                t_log, since_log = time.perf_counter(), 0
                 if env.is_main:
-                    eta = (total_steps - global_step) * tc.batch_size * env.world_size / max(ips, 1e-9)
                     log.info("epoch %d/%d step %d/%d loss %.4f (cls %.4f le %.4f sa %.4f) lr %.3g %.1f img/s ETA %s",
-                             epoch + 1, train_epochs, global_step, total_steps, *res.losses.values(), lr, ips,
-                             _format_eta(eta))
-                stop = any_rank(_call(callbacks, "on_progress", global_step, total_steps, progress), env)
-                if stop:
+                             epoch + 1, epochs, c.global_step, total, *res.losses.values(), lr, ips,
+                             _format_eta((total - c.global_step) * images_per_step / max(ips, 1e-9)))
+                progress = {**{f"train/{k}": v for k, v in res.losses.items()}, "lr": lr, "images_per_s": ips,
+                            "epoch": epoch, "skipped_steps": c.skipped_steps}
+                if stop := any_rank(_call(callbacks, "on_progress", c.global_step, total, progress), env):
                     break
         scheduler.step()
-        train_seconds += time.perf_counter() - t0
+        c.train_seconds += time.perf_counter() - t0
         if stop:
             break
-        metrics = {**meter.means(), "lr": lr, "epoch": epoch, "skipped_steps": skipped_total}
+        metrics = {**meter.means(), "lr": lr, "epoch": epoch, "skipped_steps": c.skipped_steps}
         if tc.validate_every_epoch:
-            t1 = time.perf_counter()
+            t0 = time.perf_counter()
             metrics["val_acc"] = accuracy(model, data.val_loader(), env, precision.autocast)
-            eval_seconds += time.perf_counter() - t1
-        history.append(metrics)
-        state = {
-            "identity": ckpt.identity(cfg), "classnames": list(data.train.classnames), "epoch": epoch + 1,
-            "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict() if precision.scaler is not None else {},
-            "rng": ckpt.rng_state(), "history": history, "skipped_steps": skipped_total,
-            "global_step": global_step, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-        }
-        ckpt_dir = ckpt.save_checkpoint(out_dir, state) if env.is_main else ckpt.checkpoint_path(out_dir).parent
-        barrier(env)
+            c.eval_seconds += time.perf_counter() - t0
+        c.history.append(metrics)
+        c.epoch = epoch + 1
         if env.is_main:
-            log.info("epoch %d/%d done: %s", epoch + 1, train_epochs,
-                     " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"))
-        stop = any_rank(_call(callbacks, "on_epoch_end", epoch, dict(metrics), str(ckpt_dir)), env)
-        if stop:
+            ckpt.save_checkpoint(out_dir, _state(cfg, data, model, optimizer, scheduler, precision, c))
+            log.info("epoch %d/%d done: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier(env)
+        checkpoint_dir = str(ckpt.checkpoint_path(out_dir).parent)
+        if stop := any_rank(_call(callbacks, "on_epoch_end", epoch, dict(metrics), checkpoint_dir), env):
             break
 
-    last = dict(history[-1]) if history else {}
-    common = {"train_seconds": train_seconds, "trainable_params": float(n_trainable)}
-    if stop:
-        return {**last, **common, "eval_seconds": eval_seconds, "stopped": 1.0}
+    return _finish(cfg, data, model, precision, env, callbacks, c, n_trainable, stop)
 
-    # Prompts are exported before evaluation switches the class set (novel/target names).
+
+def _finish(cfg: TrialConfig, data: TrialData, model, precision: Precision, env: DistEnv,
+            callbacks: list[TrialCallback], c: _Counters, n_trainable: int, stopped: bool) -> dict[str, float]:
+    """Final evaluation per protocol, exported prompts, config.yaml and metrics.json (a stopped trial skips them)."""
+    out_dir = Path(cfg.output_dir)
+    last = dict(c.history[-1]) if c.history else {}
+    common = {"train_seconds": c.train_seconds, "trainable_params": n_trainable, "skipped_steps": c.skipped_steps}
+    if stopped:
+        return {k: float(v) for k, v in {**last, **common, "eval_seconds": c.eval_seconds, "stopped": 1}.items()}
     artifacts: dict[str, str] = {}
     if env.is_main:
+        # Exported before evaluation switches the class set (novel or target class names).
         artifacts["prompts"] = str(ckpt.export_prompts(out_dir / ckpt.PROMPTS_FILE, model.trainable_state_dict(),
                                                        cfg, data.train.classnames))
-    t1 = time.perf_counter()
+    t0 = time.perf_counter()
     final = {"val_acc": last["val_acc"] if "val_acc" in last else accuracy(model, data.val_loader(), env, precision.autocast)}
     final.update(evaluate_protocol(model, data, env, precision.autocast))
-    eval_seconds += time.perf_counter() - t1
-    result = {**last, **final, **common, "eval_seconds": eval_seconds}
-    result.setdefault("skipped_steps", float(skipped_total))
-    result = {k: float(v) for k, v in result.items()}
+    eval_seconds = c.eval_seconds + time.perf_counter() - t0
+    result = {k: float(v) for k, v in {**last, **final, **common, "eval_seconds": eval_seconds}.items()}
     if env.is_main:
         import yaml
 
         artifacts["config"] = str(out_dir / "config.yaml")
         ckpt.atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), artifacts["config"])
         artifacts["metrics"] = str(out_dir / "metrics.json")
-        ckpt.atomic_write_text(json.dumps({"final": result, "epochs": history}, indent=2), artifacts["metrics"])
-        log.info("trial done in %.1fs train + %.1fs eval: %s", train_seconds, eval_seconds,
+        ckpt.atomic_write_text(json.dumps({"final": result, "epochs": c.history}, indent=2), artifacts["metrics"])
+        log.info("trial done in %.1fs train + %.1fs eval: %s", c.train_seconds, eval_seconds,
                  " ".join(f"{k} {v:.4g}" for k, v in final.items()))
         _call(callbacks, "on_trial_end", dict(result), dict(artifacts))
     barrier(env)

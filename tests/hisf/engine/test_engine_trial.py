@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_trial, without_timing
+from engine_helpers import tiny_trial, without_timing
 from hisf import checkpoint as ckpt
 from hisf.config import ConfigError, replace_path
 from hisf.distributed import DistEnv
-from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial
+from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial, seed_everything
 from hisf.evaluation import accuracy, harmonic_mean
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
@@ -70,6 +70,7 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
 
     # The exported prompts alone reproduce the base and novel accuracies on a freshly built model.
     ds = open_dataset(demo_root / "demo")
+    seed_everything(cfg.seed)  # the tiny backbone has random weights drawn from the trial seed
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, ds.select("train", 4, 1, "base").classnames, template=ds.template)
     init = model.trainable_state_dict()
@@ -79,7 +80,7 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
     for classes, key in (("base", "base_acc"), ("novel", "novel_acc")):
         test = ds.select("test", None, 1, classes)
         model.set_classnames(test.classnames, template=ds.template)
-        loader = make_loader(test, train=False, batch_size=7, image_size=backbone.image_size, mean=backbone.mean,
+        loader = make_loader(test, train=False, batch_size=16, image_size=backbone.image_size, mean=backbone.mean,
                              std=backbone.std)
         assert accuracy(model, loader, CPU1) == pytest.approx(result[key], abs=1e-9)
 
@@ -101,6 +102,9 @@ def test_cross_dataset_and_zeroshot(demo_root, tmp_path):
                                  data={"targets": ["demo"]}, train={"epochs": 1}))
     assert cross["target/demo"] == cross["acc"]
     assert {"acc", "val_acc", "target/demo", "trainable_params"} <= set(cross)
+    dg = run_trial(tiny_trial(demo_root, tmp_path / "d", protocol="domain_generalization", method={"name": "maple"},
+                              data={"targets": ["demo"]}, train={"epochs": 1}))
+    assert without_timing(dg) == without_timing(cross)
     zs = run_trial(tiny_trial(demo_root, tmp_path / "z", method={"name": "zeroshot"}))
     assert zs["trainable_params"] == 0 and zs["train_seconds"] == 0
     assert zs["hm"] == pytest.approx(harmonic_mean(zs["base_acc"], zs["novel_acc"]))
@@ -148,7 +152,7 @@ def test_bad_input_fails_before_training(demo_root, tmp_path):
 def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys):
     import yaml
 
-    from conftest import tiny_trial_dict
+    from engine_helpers import tiny_trial_dict
     from hisf.train import main
 
     path = tmp_path / "trial.yaml"
@@ -162,3 +166,36 @@ def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys)
     assert "seeds: unknown key" in capsys.readouterr().err
     assert main([str(path), "--set", "method.depth=0"]) == 2
     assert "method.depth: expected an integer >= 1, got 0" in capsys.readouterr().err
+    # `hisf-bench train` forwards to the same main; --no-resume reruns, --set overrides.
+    from orchestrator.cli import main as bench_main
+
+    assert bench_main(["train", str(path), "--no-resume", "--set", "seed=2", "--output-dir", str(tmp_path / "cli2")]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["trainable_params"] == 0 and again["hm"] == pytest.approx(harmonic_mean(again["base_acc"], again["novel_acc"]))
+    assert yaml.safe_load((tmp_path / "cli2" / "config.yaml").read_text())["seed"] == 2
+
+
+def test_a_process_group_made_by_the_caller_is_used_and_left_alone(demo_root, tmp_path):
+    """Ray Train's TorchTrainer sets up the group before the trial function runs; the engine must join it."""
+    import torch.distributed as dist
+
+    from engine_helpers import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        alone = run_trial(tiny_trial(demo_root, tmp_path / "g", train={"epochs": 1}))
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        dist.destroy_process_group()
+    plain = run_trial(tiny_trial(demo_root, tmp_path / "p", train={"epochs": 1}))
+    assert without_timing(alone) == without_timing(plain)
+
+
+def test_bf16_trial_and_fp16_fallback_on_cpu(demo_root, tmp_path):
+    fp32 = run_trial(tiny_trial(demo_root, tmp_path / "32", train={"epochs": 1}))
+    bf16 = run_trial(tiny_trial(demo_root, tmp_path / "bf", train={"epochs": 1, "precision": "bf16"}))
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        fp16 = run_trial(tiny_trial(demo_root, tmp_path / "16", train={"epochs": 1, "precision": "fp16"}))
+    assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=5e-2)
+    assert bf16["train/loss"] != fp32["train/loss"]
+    assert without_timing(fp16) == without_timing(bf16)

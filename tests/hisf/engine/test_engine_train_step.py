@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import TinyPromptModel, free_port
+from engine_helpers import TinyPromptModel, free_port
 from hisf.config import TrainConfig
 from hisf.distributed import DistEnv, init_from_env, shutdown
 from hisf.engine import NanGuard, NonFiniteLossError, resolve_precision, train_step
@@ -131,3 +131,28 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch(tiny_batch):
             torch.testing.assert_close(torch.from_numpy(sd[k]), v, rtol=1e-5, atol=1e-6)
     # The step did move the parameters: equality is not the trivial "nothing trained".
     assert not torch.allclose(model.prompt, TinyPromptModel().prompt)
+
+
+def test_grad_scaler_overflow_is_a_counted_skipped_step(tiny_batch):
+    """The fp16 path's skip logic, on CPU: a scale so large the scaled grads overflow must skip and back off."""
+    from hisf.engine import Precision
+
+    images, labels = tiny_batch
+    model = TinyPromptModel()
+    opt, params = _setup(model)
+    before = model.trainable_state_dict()
+    prec = Precision("fp16", "cpu", None, torch.amp.GradScaler("cpu", init_scale=3e38))
+    res = train_step(model, images, labels, opt, prec, params, CPU1)
+    assert res.skipped and res.finite
+    assert prec.scaler.get_scale() == pytest.approx(1.5e38)
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # A sane scale steps exactly like fp32 (the scaler unscales before SGD).
+    prec = Precision("fp16", "cpu", None, torch.amp.GradScaler("cpu", init_scale=1024.0))
+    res = train_step(model, images, labels, opt, prec, params, CPU1)
+    ref = TinyPromptModel()
+    ref_opt, ref_params = _setup(ref)
+    train_step(ref, images, labels, ref_opt, resolve_precision("fp32", torch.device("cpu")), ref_params, CPU1)
+    assert not res.skipped
+    for k, v in ref.trainable_state_dict().items():
+        torch.testing.assert_close(model.trainable_state_dict()[k], v, rtol=1e-6, atol=1e-7)

@@ -44,7 +44,10 @@ def test_load_checkpoint_checks_config_and_classes(tmp_path):
     cfg = TrialConfig(output_dir=str(tmp_path))
     names = ("cat", "dog")
     assert ckpt.load_checkpoint(tmp_path, cfg, names) is None
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / ".state.pt.abc123.tmp").write_bytes(b"half a checkpoint from a killed writer")
     ckpt.save_checkpoint(tmp_path, _state(cfg, names))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["state.pt"]
     assert ckpt.load_checkpoint(tmp_path, cfg, names)["epoch"] == 2
     # Runtime-only keys may change between a kill and the restart.
     moved = replace_path(replace_path(cfg, "device", "cpu"), "data.num_workers", 2)
@@ -61,7 +64,7 @@ def test_export_and_load_prompts(tmp_path, tiny_model):
     cfg = TrialConfig()
     path = ckpt.export_prompts(tmp_path / "prompts.pt", tiny_model.trainable_state_dict(), cfg, ("a", "b", "c"))
     assert path.stat().st_size < 50_000
-    from conftest import TinyPromptModel
+    from engine_helpers import TinyPromptModel
 
     other = TinyPromptModel(seed=5)
     assert not torch.equal(other.prompt, tiny_model.prompt)

@@ -1,0 +1,155 @@
+"""Bad input: each case raises a DataError naming the file (or lists skipped images), and keeps what was written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import MEAN, STD, make_image, write_clip_benchmark, write_coop
+from data_shards import DataError, make_loader, open_dataset
+from data_shards.builder import BuildOptions, build
+
+OPTS = BuildOptions(image_size=16, shard_size=8192)
+
+
+@pytest.fixture()
+def pets(tmp_path):
+    split = write_coop(tmp_path / "DATA", "oxford_pets", "images", "OxfordPets", ["a", "b", "c"], per_split=(4, 2, 3))
+    return tmp_path / "DATA", split
+
+
+def test_missing_folders_and_split_file(tmp_path, pets):
+    data, _ = pets
+    with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}: data root folder not found"):
+        build("oxford_pets", tmp_path / "nowhere", tmp_path / "o", OPTS, progress=False)
+    with pytest.raises(DataError, match=f"{data / 'caltech-101'}: dataset folder not found"):
+        build("caltech101", data, tmp_path / "o", OPTS, progress=False)
+    (data / "oxford_pets" / "split_zhou_OxfordPets.json").rename(data / "oxford_pets" / "old.json")
+    with pytest.raises(DataError, match="split_zhou_OxfordPets.json: split file not found"):
+        build("oxford_pets", data, tmp_path / "o", OPTS, progress=False)
+    assert not (tmp_path / "o").exists()  # nothing started before the input was checked
+
+
+def test_missing_listed_image(tmp_path, pets):
+    data, split = pets
+    gone = data / "oxford_pets" / "images" / split["test"][1][0]
+    gone.unlink()
+    with pytest.raises(DataError, match=f"1 listed image file\\(s\\) not found, e.g. {gone}"):
+        build("oxford_pets", data, tmp_path / "o", OPTS, progress=False)
+
+
+def test_class_missing_from_class_list(tmp_path, pets):
+    data, split = pets
+    split["test"].append(["c/img_0000.jpg", 7, "zebra"])
+    f = data / "oxford_pets" / "split_zhou_OxfordPets.json"
+    f.write_text(json.dumps(split))
+    with pytest.raises(DataError, match=r"split_zhou_OxfordPets.json: test\[9\] has class \(7, 'zebra'\) that the train class list lacks"):
+        build("oxford_pets", data, tmp_path / "o", OPTS, progress=False)
+
+
+def test_fgvc_variant_missing_from_variants_txt(tmp_path):
+    d = tmp_path / "DATA" / "fgvc_aircraft"
+    (d / "images").mkdir(parents=True)
+    (d / "variants.txt").write_text("707-320\nA300B4\n")
+    for i, split in enumerate(("train", "val", "test")):
+        make_image(d / "images" / f"{i}.jpg", i)
+        (d / f"images_variant_{split}.txt").write_text(f"{i} 707-320\n" + (f"{i} Boeing 999\n" if split == "val" else ""))
+    with pytest.raises(DataError, match=r"images_variant_val.txt:2: variant 'Boeing 999' is not in .*variants.txt"):
+        build("fgvc_aircraft", tmp_path / "DATA", tmp_path / "o", OPTS, progress=False)
+
+
+def test_imagenet_folder_missing_from_classnames(tmp_path):
+    d = tmp_path / "DATA" / "imagenet"
+    for folder in ("train", "val"):
+        for w in ("n01", "n02"):
+            make_image(d / "images" / folder / w / "x.jpg", 1)
+    (d / "classnames.txt").write_text("n01 tench\n")
+    with pytest.raises(DataError, match=r"classnames.txt: lacks class folder\(s\) \['n02'\]"):
+        build("imagenet", tmp_path / "DATA", tmp_path / "o", OPTS, progress=False)
+
+
+def test_clip_benchmark_class_out_of_range_and_truncated_tar(tmp_path):
+    root = tmp_path / "wds"
+    write_clip_benchmark(root, ["x", "y", "z"], {"test": [4]})
+    (root / "classnames.txt").write_text("x\ny\n")
+    with pytest.raises(DataError, match=r"test/0.tar: sample 's0000002' has class 2 that classnames.txt \(2 classes\) lacks"):
+        build("clip_benchmark", root, tmp_path / "o", OPTS, progress=False)
+    (root / "classnames.txt").write_text("x\ny\nz\n")
+    tar = root / "test" / "0.tar"
+    with tarfile.open(tar) as tf:
+        last = tf.getmembers()[-2]  # the last image
+    tar.write_bytes(tar.read_bytes()[: last.offset_data + 10])
+    with pytest.raises(DataError, match=f"{tar}: .*truncated"):
+        build("clip_benchmark", root, tmp_path / "o", OPTS, progress=False)
+
+
+def test_undecodable_image_errors_or_is_skipped_and_listed(tmp_path, pets, capsys):
+    data, split = pets
+    bad = data / "oxford_pets" / "images" / split["test"][2][0]
+    bad.write_bytes(b"not an image at all")
+    out = tmp_path / "o"
+    with pytest.raises(DataError, match=f"{split['test'][2][0]} \\({bad}\\): image fails to decode .*--skip-bad"):
+        build("oxford_pets", data, out, OPTS, progress=False)
+    # Nothing already written is lost: the train/val shards finished before the failing test shard.
+    finished = {p: os.stat(p).st_mtime_ns for p in (out / "train").glob("*.tar")}
+    assert finished and not (out / "info.json").exists()
+    from orchestrator.cli import main
+
+    rc = main(["data", "build", "--dataset", "oxford_pets", "--root", str(data), "--out", str(out), "--image-size", "16",
+               "--shard-size", "8K", "--quiet", "--skip-bad"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert {p: os.stat(p).st_mtime_ns for p in (out / "train").glob("*.tar")} == finished
+    assert "skipped 1 image(s) that failed to decode" in printed and split["test"][2][0] in printed
+    info = json.loads((out / "info.json").read_text())
+    assert [s["path"] for s in info["skipped"]] == [split["test"][2][0]]
+    assert info["splits"]["test"]["count"] == 8
+    assert split["test"][2][0] not in open_dataset(out).manifest.column("path").to_pylist()
+
+
+def built(tmp_path, pets) -> Path:
+    data, _ = pets
+    out = tmp_path / "built"
+    build("oxford_pets", data, out, OPTS, progress=False)
+    return out
+
+
+def test_truncated_shard_is_named(tmp_path, pets):
+    out = built(tmp_path, pets)
+    shard = sorted((out / "test").glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:1500])
+    with pytest.raises(DataError, match=f"{shard}: shard is 1500 bytes, info.json records"):
+        open_dataset(out)
+    shard.unlink()
+    with pytest.raises(DataError, match=f"{shard}: shard listed in .*info.json is missing"):
+        open_dataset(out)
+
+
+def test_manifest_that_does_not_match_its_shards(tmp_path, pets):
+    out = built(tmp_path, pets)
+    info = json.loads((out / "info.json").read_text())
+    info["splits"]["test"]["count"] += 1
+    (out / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="manifest.parquet: 9 rows for split 'test', info.json records 10"):
+        open_dataset(out)
+    info["splits"]["test"]["count"] -= 1
+    (out / "info.json").write_text(json.dumps(info))
+    # A shard rewritten with other bytes of the same size: the streamed evaluation names it.
+    shard = sorted((out / "test").glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    ds = open_dataset(out)
+    first = ds.manifest.to_pylist()[[r["shard"] for r in ds.manifest.to_pylist()].index("test/" + shard.name)]
+    raw[first["offset"] + 100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    loader = make_loader(open_dataset(out).select("test"), train=False, batch_size=4, image_size=16, mean=MEAN, std=STD)
+    with pytest.raises(DataError, match=f"{shard}: sample {first['key']} does not match the manifest checksum"):
+        list(loader)
+
+
+def test_not_a_built_dataset(tmp_path):
+    with pytest.raises(DataError, match="info.json: not found"):
+        open_dataset(tmp_path)

@@ -1,0 +1,83 @@
+"""Our `maple` logits after importing a MaPLe-format checkpoint equal MaPLe's reference formulation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.maple_reference import ReferenceMaPLe, reference_from_backbone
+from hisf.config import MethodConfig
+from hisf.maple_checkpoint import MapleCheckpointError, import_maple_prompts
+from hisf.methods import build_method
+
+
+def maple_checkpoint(depth: int, n_ctx: int, tw: int, vw: int, n_cls: int, seed: int = 3) -> dict:
+    """A Dassl `model.pth.tar-N`-shaped dict with MaPLe's real key names (values random)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "prompt_learner.ctx": torch.randn(n_ctx, tw, generator=g) * 0.5,
+        "prompt_learner.proj.weight": torch.randn(vw, tw, generator=g) * 0.2,
+        "prompt_learner.proj.bias": torch.randn(vw, generator=g) * 0.1,
+        # Buffers MaPLe saves and rebuilds from the class names; the importer must ignore them.
+        "prompt_learner.token_prefix": torch.randn(n_cls, 1, tw, generator=g),
+        "prompt_learner.token_suffix": torch.randn(n_cls, 77 - 1 - n_ctx, tw, generator=g),
+    }
+    for i in range(depth - 1):
+        sd[f"prompt_learner.compound_prompts_text.{i}"] = torch.randn(n_ctx, tw, generator=g) * 0.5
+        sd[f"prompt_learner.compound_prompt_projections.{i}.weight"] = torch.randn(vw, tw, generator=g) * 0.2
+        sd[f"prompt_learner.compound_prompt_projections.{i}.bias"] = torch.randn(vw, generator=g) * 0.1
+    return {"state_dict": sd, "epoch": 5, "optimizer": None, "scheduler": None}
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_maple_logits_equal_reference(backbone, tiny_ckpt, images, tmp_path, depth, classes):
+    tw, vw = backbone.text_width, backbone.vision_width
+    ckpt = maple_checkpoint(depth, 2, tw, vw, len(classes))
+    path = tmp_path / "model.pth.tar-5"
+    torch.save(ckpt, path)
+
+    model = build_method(MethodConfig(name="maple", depth=depth), backbone, classes)
+    before = model(images)
+    import_maple_prompts(model, path)
+    ours = model(images)
+
+    clip_sd = torch.load(tiny_ckpt, weights_only=True)
+    ref = ReferenceMaPLe(clip_sd, ckpt["state_dict"], classes, backbone.tokenizer, text_heads=4, vision_heads=4)
+    with torch.no_grad():
+        theirs = ref(images)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_from_backbone(backbone, ckpt["state_dict"], classes)(images), theirs, atol=0, rtol=0)
+    assert ours.shape == (4, len(classes))
+    assert (before - ours).abs().max() > 1e-3  # the import changed the prompts
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # The comparison is sensitive to the text-side prompts too (layer 0 and the deeper ones).
+    with torch.no_grad():
+        for p in [ref.ctx, *ref.compound_prompts_text]:
+            p.add_(torch.randn_like(p))
+            assert (ref(images) - ours).abs().max() > 1e-3
+
+
+def test_maple_checkpoint_errors(backbone, tmp_path, classes):
+    tw, vw = backbone.text_width, backbone.vision_width
+    model = build_method(MethodConfig(name="maple", depth=3), backbone, classes)
+    good = model.trainable_state_dict()
+
+    ckpt = maple_checkpoint(3, 2, tw, vw, 3)
+    del ckpt["state_dict"]["prompt_learner.compound_prompt_projections.1.bias"]
+    with pytest.raises(MapleCheckpointError, match=r"missing keys \['prompt_learner.compound_prompt_projections.1.bias'\]"):
+        import_maple_prompts(model, ckpt)
+
+    ckpt = maple_checkpoint(3, 2, tw, vw, 3)
+    ckpt["state_dict"]["prompt_learner.proj.weight"] = torch.zeros(vw + 1, tw)
+    with pytest.raises(MapleCheckpointError, match=r"prompt_learner.proj.weight.*shape \(65, 64\); expected \(64, 64\)"):
+        import_maple_prompts(model, ckpt)
+
+    with pytest.raises(MapleCheckpointError, match="depth 2"):
+        import_maple_prompts(model, maple_checkpoint(2, 2, tw, vw, 3))
+    with pytest.raises(MapleCheckpointError, match="shape"):
+        import_maple_prompts(model, maple_checkpoint(3, 4, tw, vw, 3))
+    with pytest.raises(MapleCheckpointError, match="not found"):
+        import_maple_prompts(model, tmp_path / "missing.pth.tar-5")
+    # A failed import leaves the model's prompts untouched.
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, good[k]), k
