@@ -8,6 +8,7 @@ tag is the search stage's MLflow parent run (so a fresh `search` never mixes wit
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -134,6 +135,8 @@ class StudySearcher(Searcher):
             ot = self.studies[g.study].ask(self.dists)
             self.asked[g.study] += 1
             t = search_trial(self.spec, g, ot.number, ot._trial_id, ot.params, self.workdir)
+            # A new trial starts clean: an earlier search's folder under the same id holds other values.
+            shutil.rmtree(t.config.output_dir, ignore_errors=True)
         self.live[tune_trial_id] = (t.study, t.optuna_number)
         return {"trial": t.payload(), "ctx": self.ctx}
 

@@ -121,3 +121,21 @@ def test_best_values_needs_a_completed_trial(tmp_path):
     groups = search_groups(s, "none")
     with pytest.raises(SpecError, match="not found"):
         best_values(url, groups)
+
+
+def test_a_new_trial_clears_a_stale_folder_but_an_orphan_keeps_its_checkpoint(tmp_path):
+    s = spec(n_trials=2)
+    url = default_storage(tmp_path)
+    (g,) = search_groups(s, "tagE")
+    stale = tmp_path / "runs" / "demo" / "search-hisf-demo-t0" / "checkpoint"
+    stale.mkdir(parents=True)
+    (stale / "state.pt").write_bytes(b"old search")
+    first = StudySearcher(s, [g], url, str(tmp_path), ctx={})
+    a = first.suggest("t0")
+    assert a["trial"]["config"]["output_dir"] == str(stale.parent)
+    assert not stale.exists()
+    stale.mkdir(parents=True)
+    (stale / "state.pt").write_bytes(b"this trial's own epoch")
+    again = StudySearcher(s, [g], url, str(tmp_path), ctx={})
+    assert again.suggest("r0")["trial"]["trial_id"] == "search-hisf-demo-t0"
+    assert (stale / "state.pt").read_bytes() == b"this trial's own epoch"
