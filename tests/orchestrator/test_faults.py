@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hisf.config import TrialConfig, replace_path
+from hisf.config import replace_path
 from hisf.engine import run_trial
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep

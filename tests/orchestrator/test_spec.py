@@ -1,6 +1,5 @@
 """Spec validation: every bad key or value fails before Ray starts, naming its key path."""
 
-import copy
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Search then final on local Ray with the real engine: MLflow layout, Optuna links, metrics equal a direct run."""
 
-from pathlib import Path
 
 import optuna
 import pytest
