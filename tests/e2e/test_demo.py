@@ -1,0 +1,42 @@
+"""README's main command: `hisf-bench run experiments/demo.yaml` end to end on embedded defaults."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_demo_spec_runs_search_then_final(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(ROOT / "experiments" / "demo.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    wd = tmp_path / "hisf-bench"
+    assert (wd / "data" / "demo" / "manifest.parquet").is_file()  # demo data built on the spot
+    for line in ("mlflow ui --backend-store-uri", "optuna-dashboard sqlite:///", "hisf-bench report"):
+        assert line in out.stdout
+    client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("demo")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    final = [r for r in runs if r.data.tags.get("hisf.stage") == "final" and "hisf.trial_id" in r.data.tags]
+    search = [r for r in runs if r.data.tags.get("hisf.stage") == "search" and "hisf.trial_id" in r.data.tags]
+    assert len(search) == 4
+    assert sorted((r.data.tags["hisf.row"], r.data.tags["hisf.seed"]) for r in final) == sorted(
+        (row, str(s)) for row in ("CLIP", "CoOp", "MaPLe", "HISF") for s in (1, 2, 3))
+    (study_name,) = {r.data.tags["optuna.study"] for r in search}
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{wd / 'optuna.db'}")
+    assert len(study.trials) == 4
+    for r in final:
+        if r.data.tags["hisf.row"] == "HISF":
+            assert float(r.data.params["method.lambda_le"]) == pytest.approx(study.best_params["method.lambda_le"])
+        b, n = r.data.metrics["base_acc"], r.data.metrics["novel_acc"]
+        assert r.data.metrics["hm"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
