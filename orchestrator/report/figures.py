@@ -53,7 +53,8 @@ def _grouped_bars(groups, rows, title, ylabel, path: Path) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, ncol=min(4, len(rows)))
+    # Below the axes: a legend inside would hide the bars it names.
+    ax.legend(fontsize=8, ncol=min(5, len(rows)), loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -84,6 +85,8 @@ def depth_curve(plan: ReportPlan, table: Table, out: Path) -> Path | None:
             for d, c in pts:
                 if c.mean is None:
                     ax.axvline(d, color="#a00", alpha=0.15)
+    all_depths = sorted({int(dict(v.values)[key]) for v in plan.variants})
+    ax.set_xticks(all_depths)
     ax.set_xlabel("prompt insertion depth (layers 0 … depth−1)")
     ax.set_ylabel(f"accuracy (%), average over {len(plan.datasets)} dataset(s)")
     ax.set_title(f"{plan.name}: accuracy vs insertion depth")

@@ -25,8 +25,9 @@ class RunLinks:
     def cell(self, run_ids: tuple[str, ...]) -> str:
         if len(run_ids) == 1:
             return self.run(run_ids[0])
-        return (f"{self.ui}/#/compare-runs?runs={quote(json.dumps(list(run_ids)))}"
-                f"&experiments={quote(json.dumps([self.experiment_id]))}")
+        runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
+        experiments = quote(json.dumps([self.experiment_id], separators=(",", ":")))
+        return f"{self.ui}/#/compare-runs?runs={runs}&experiments={experiments}"
 
 
 def _cell_html(cell: Cell, links: RunLinks) -> str:

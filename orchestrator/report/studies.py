@@ -94,24 +94,28 @@ def _one_study(study: optuna.Study, plan: ReportPlan, out: Path, tracked: Tracke
 
     import optuna.visualization as vis
 
-    figures = [("Optimisation history", lambda: vis.plot_optimization_history(study))]
+    # (title, figure, why it cannot be drawn yet or None): Optuna draws flat or empty plots from too few
+    # trials (importances come out "equal"), so the report says what is missing instead.
+    few = f"needs at least 2 finished trials, the study has {len(complete)}" if len(complete) < 2 else None
+    figures = [("Optimisation history", lambda: vis.plot_optimization_history(study),
+                None if trials else "the study has no trial yet")]
     if any(t.intermediate_values for t in trials):
-        figures.append(("Validation curves (pruning)", lambda: vis.plot_intermediate_values(study)))
-    figures.append(("Parameter importances", lambda: vis.plot_param_importances(study)))
+        figures.append(("Validation curves (pruning)", lambda: vis.plot_intermediate_values(study), None))
+    figures.append(("Parameter importances", lambda: vis.plot_param_importances(study), few))
     if len(params) >= 2:
         pair = _lambda_pair(params)
-        figures.append((f"Contour {pair[0]} × {pair[1]}", lambda: vis.plot_contour(study, params=pair)))
-    figures.append(("Slice", lambda: vis.plot_slice(study)))
+        spread = all(len({t.params.get(p) for t in complete if p in t.params}) >= 2 for p in pair)
+        figures.append((f"Contour {pair[0]} × {pair[1]}", lambda: vis.plot_contour(study, params=pair),
+                        few or (None if spread else "needs two distinct values of each parameter")))
+    figures.append(("Slice", lambda: vis.plot_slice(study), None if complete else "needs a finished trial"))
 
     parts, plotly_included = [], False
-    for title, make in figures:
+    for title, make, missing in figures:
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        try:
-            fig = make()
-        except (ValueError, RuntimeError) as e:
-            # e.g. importances need two finished trials with differing params: say so in the report.
-            parts.append(f"<p class='note'>Not available yet: {html.escape(str(e))}</p>")
+        if missing:
+            parts.append(f"<p class='note'>Not available yet: {html.escape(missing)}.</p>")
             continue
+        fig = make()
         fig.update_layout(height=420)
         parts.append(fig.to_html(full_html=False, include_plotlyjs=not plotly_included))
         plotly_included = True
