@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+STAGE_COMMANDS = ("sweep", "search", "final", "run", "status")
+USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,data,train} ..."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,8 +19,92 @@ def main(argv: list[str] | None = None) -> int:
         from hisf.train import main as train_main
 
         return train_main(argv[1:]) or 0
-    print("usage: hisf-bench {data,train} ...", file=sys.stderr)
+    if argv[:1] == ["report"]:
+        from orchestrator.report import main as report_main
+
+        return report_main(argv[1:]) or 0
+    if argv[:1] and argv[0] in STAGE_COMMANDS:
+        return stage_main(argv[0], argv[1:])
+    print(USAGE, file=sys.stderr)
     return 2
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"hisf-bench {command}", description={
+        "sweep": "Run the spec's grid (rows × datasets × grid × seeds) on Ray Tune.",
+        "search": "Run the Optuna search stage (validation metric only) for rows with `search: true`.",
+        "final": "Run every row with the final seeds; searched rows take their study's best values.",
+        "run": "The whole spec: search then final when it has a search stage, else the sweep.",
+        "status": "Show each stage's progress from the tracker and the Optuna studies.",
+    }[command])
+    p.add_argument("spec", help="experiment spec (experiments/*.yaml)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    p.add_argument("--optuna-storage", default=None,
+                   help="Optuna RDB storage URL, any SQLAlchemy URL (default: sqlite:///<workdir>/optuna.db)")
+    p.add_argument("--workdir", default="hisf-bench",
+                   help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest run of the stage: finished trials are skipped, runs continued")
+    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what the spec needs)")
+    return p
+
+
+def stage_main(command: str, argv: list[str]) -> int:
+    args = _parser(command).parse_args(argv)
+    from hisf.config import ConfigError
+    from orchestrator.runner import Options
+    from orchestrator.spec import load_spec
+
+    try:
+        # Validated before anything imports Ray or touches a store.
+        spec = load_spec(args.spec)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = Options(workdir=args.workdir, address=args.address, tracking_uri=args.tracking_uri,
+                   optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run,
+                   num_cpus=args.num_cpus).resolved()
+    try:
+        if command == "status":
+            from orchestrator.status import print_status
+
+            return print_status(spec, opts)
+        if opts.dry_run:
+            from orchestrator.status import print_dry_run
+
+            return print_dry_run(command, spec, opts)
+        return _run(command, spec, opts)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, spec, opts) -> int:
+    from orchestrator import runner
+    from orchestrator.status import print_where
+
+    results = []
+    if command == "sweep":
+        results.append(runner.run_sweep(spec, opts))
+    elif command == "search":
+        results.append(runner.run_search(spec, opts))
+    elif command == "final":
+        results.append(runner.run_final(spec, opts))
+    elif command == "run":
+        if spec.search is not None and spec.searched_rows:
+            results.append(runner.run_search(spec, opts))
+            results.append(runner.run_final(spec, opts))
+        else:
+            results.append(runner.run_sweep(spec, opts))
+    for r in results:
+        print(f"[{r.stage}] done in {r.wall_seconds:.1f}s: {r.trials} trials "
+              f"({', '.join(f'{v} {k}' for k, v in sorted(r.statuses.items()))}; {r.skipped} skipped as finished)",
+              file=opts.out)
+    print_where(spec, opts)
+    return 0 if all(r.statuses.get("failed", 0) == 0 for r in results) else 1
 
 
 if __name__ == "__main__":

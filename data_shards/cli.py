@@ -1,0 +1,79 @@
+"""`hisf-bench data {build,info,demo,list}`: the data pipeline's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_shards.errors import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hisf-bench data")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="convert a dataset on disk into WebDataset shards + manifest.parquet")
+    b.add_argument("--dataset", required=True, help="catalogue key (see `hisf-bench data list`)")
+    b.add_argument("--root", required=True, help="DATA root (CoOp layout), or the dataset folder for imagefolder/clip_benchmark")
+    b.add_argument("--out", required=True, help="output folder, by convention ROOT/<key>")
+    b.add_argument("--image-size", type=int, default=224, help="evaluation size: val/test stored resized + centre-cropped to it")
+    b.add_argument("--train-size", type=int, default=None, help="shorter-side cap of stored train images (default 1.5 x image size)")
+    b.add_argument("--shard-size", type=int, default=256, help="maximum shard size in MiB")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality of stored images")
+    b.add_argument("--jobs", type=int, default=1, help="encoding processes")
+    b.add_argument("--skip-bad", action="store_true", help="skip images that fail to decode (listed at the end)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    i = sub.add_parser("info", help="counts per split and class of a built dataset")
+    i.add_argument("path")
+    d = sub.add_parser("demo", help="write a small generated dataset in CoOp's layout")
+    d.add_argument("--out", required=True, help="DATA root to write demo/ under")
+    d.add_argument("--classes", type=int, default=6)
+    d.add_argument("--train", type=int, default=16, help="train images per class")
+    d.add_argument("--val", type=int, default=4)
+    d.add_argument("--test", type=int, default=8)
+    d.add_argument("--size", type=int, default=64, help="side of the generated images")
+    sub.add_parser("list", help="the dataset catalogue")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "build":
+            from data_shards.builder import BuildOptions, build
+
+            opts = BuildOptions(image_size=args.image_size, train_size=args.train_size, shard_size=args.shard_size * 2**20,
+                                quality=args.quality, jobs=args.jobs, skip_bad=args.skip_bad)
+            info = build(args.dataset, args.root, args.out, opts, progress=not args.quiet)
+            counts = ", ".join(f"{s} {v['count']}" for s, v in info["splits"].items())
+            print(f"built {info['key']} into {args.out}: {len(info['classnames'])} classes, {counts}")
+            if info["skipped"]:
+                print(f"skipped {len(info['skipped'])} image(s) that failed to decode:")
+                for s in info["skipped"]:
+                    print(f"  {s['path']}: {s['error']}")
+        elif args.cmd == "info":
+            from data_shards.dataset import open_dataset
+
+            ds = open_dataset(args.path)
+            print(f"{ds.key}: {len(ds.classnames)} classes, template {ds.template!r}")
+            counts = ds.counts()
+            for split in ds.splits:
+                c = counts.get(split, {})
+                n_shards = len(ds.info["splits"][split]["shards"])
+                print(f"{split}: {sum(c.values())} samples in {n_shards} shard(s)")
+                for name in ds.classnames:
+                    print(f"  {c.get(name, 0):7d}  {name}")
+        elif args.cmd == "demo":
+            from data_shards.demo import write_demo
+
+            out = write_demo(args.out, args.classes, args.train, args.val, args.test, args.size)
+            print(f"wrote demo dataset under {out / 'demo'}; build it with "
+                  f"`hisf-bench data build --dataset demo --root {out} --out <ROOT>/demo --image-size 32`")
+        elif args.cmd == "list":
+            from data_shards.catalogue import CATALOGUE
+
+            for e in CATALOGUE.values():
+                print(f"{e.key:16s} {e.template!r:42s} {e.description}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,160 @@
+"""A built dataset opened from its manifest, and the selections (few-shot, base/novel) made from it."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data_shards.errors import DataError
+
+CLASS_CHOICES = ("all", "base", "novel")
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Selected samples of one split: where each one's bytes lie and its (relabelled) label."""
+
+    root: str
+    split: str
+    classnames: tuple[str, ...]
+    keys: tuple[str, ...]
+    shards: tuple[str, ...]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    labels: np.ndarray
+    checksums: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def shard_files(self) -> list[str]:
+        """The shards this subset reads (a few-shot subset reads only those holding its samples)."""
+        return sorted(set(self.shards))
+
+
+def base_novel_classes(n: int, classes: str) -> list[int]:
+    """Dassl's subsample_classes: labels sorted, base = the first ceil(n/2), novel = the rest."""
+    if classes not in CLASS_CHOICES:
+        raise DataError(f"classes={classes!r}: expected one of {list(CLASS_CHOICES)}")
+    m = math.ceil(n / 2)
+    return list(range(n)) if classes == "all" else list(range(m)) if classes == "base" else list(range(m, n))
+
+
+def fewshot_indices(labels: list[int], shots: int, rng: random.Random) -> list[int]:
+    """Dassl's generate_fewshot_dataset (repeat=False): per class, in order of first appearance, K items
+    drawn without replacement with `random.sample`; a class with fewer than K keeps all of them."""
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    out = []
+    for items in by_label.values():
+        out.extend(rng.sample(items, shots) if len(items) >= shots else items)
+    return out
+
+
+class BuiltDataset:
+    """A dataset folder written by `hisf-bench data build`: info.json, manifest.parquet and shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        info_path = self.path / "info.json"
+        man_path = self.path / "manifest.parquet"
+        if not info_path.is_file():
+            raise DataError(f"{info_path}: not found; is {self.path} a dataset built with `hisf-bench data build`?")
+        if not man_path.is_file():
+            raise DataError(f"{man_path}: manifest not found")
+        self.info = json.loads(info_path.read_text())
+        self.manifest = pq.read_table(man_path)
+        self.key: str = self.info["key"]
+        self.classnames: tuple[str, ...] = tuple(self.info["classnames"])
+        self.template: str = self.info["template"]
+        self.templates: tuple[str, ...] = tuple(self.info.get("templates") or (self.template,))
+        self.splits: tuple[str, ...] = tuple(s for s in ("train", "val", "test") if self.info["splits"].get(s, {}).get("count"))
+        self._check()
+        self._columns = {c: self.manifest.column(c).to_pylist() for c in ("key", "split", "shard", "checksum")}
+        self._labels = self.manifest.column("label").to_numpy()
+        self._offsets = self.manifest.column("offset").to_numpy()
+        self._sizes = self.manifest.column("size").to_numpy()
+
+    def _check(self) -> None:
+        """The manifest must match its shards: every listed shard present with its recorded size, and
+        every sample's byte range inside its shard."""
+        man = self.path / "manifest.parquet"
+        sizes = {}
+        for split, s in self.info["splits"].items():
+            for name, nbytes in s["shards"].items():
+                p = self.path / name
+                if not p.is_file():
+                    raise DataError(f"{p}: shard listed in {self.path / 'info.json'} is missing")
+                if p.stat().st_size != nbytes:
+                    raise DataError(f"{p}: shard is {p.stat().st_size} bytes, info.json records {nbytes} (truncated or replaced)")
+                sizes[name] = nbytes
+            n = pc.sum(pc.equal(self.manifest.column("split"), split)).as_py() or 0
+            if n != s["count"]:
+                raise DataError(f"{man}: {n} rows for split {split!r}, info.json records {s['count']}")
+        for name in pc.unique(self.manifest.column("shard")).to_pylist():
+            if name not in sizes:
+                raise DataError(f"{man}: rows point at shard {name!r} that info.json does not list")
+        ends = pc.add(self.manifest.column("offset"), self.manifest.column("size")).to_numpy()
+        limits = np.array([sizes[s] for s in self.manifest.column("shard").to_pylist()], dtype=np.int64)
+        bad = np.nonzero(ends > limits)[0]
+        if len(bad):
+            raise DataError(f"{man}: row {int(bad[0])} ({self.manifest.column('key')[int(bad[0])]}) lies past the end of its shard")
+        labels = self.manifest.column("label").to_numpy()
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classnames)):
+            raise DataError(f"{man}: labels outside 0..{len(self.classnames) - 1}")
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Samples per split and class name."""
+        out: dict[str, dict[str, int]] = {}
+        for split, y in zip(self._columns["split"], self._labels):
+            d = out.setdefault(split, {})
+            d[self.classnames[y]] = d.get(self.classnames[y], 0) + 1
+        return out
+
+    def select(self, split: str, shots: int | None = None, seed: int = 1, classes: str = "all") -> Subset:
+        """Few-shot (Dassl, protocols.md) then base/novel (Dassl's subsample_classes), from the manifest.
+
+        As in CoOp, the few-shot draw runs on all classes before the class halves are taken, and the
+        validation draw (min(K, 4) per class) continues the same seeded RNG after the train draw, so
+        `select("val", shots=K, seed=s)` matches the val set CoOp builds with K shots and seed s."""
+        if split not in self.splits:
+            raise DataError(f"{self.path}: split {split!r} not built; available {list(self.splits)}")
+        if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+            raise DataError(f"shots={shots!r}: expected None or an integer K >= 1")
+        keep = base_novel_classes(len(self.classnames), classes)
+        idx = [i for i, s in enumerate(self._columns["split"]) if s == split]
+        if shots is not None:
+            rng = random.Random(seed)
+            train_idx = [i for i, s in enumerate(self._columns["split"]) if s == "train"]
+            picked = fewshot_indices([int(self._labels[i]) for i in train_idx], shots, rng)
+            if split == "train":
+                idx = [train_idx[j] for j in picked]
+            else:
+                if split == "val":
+                    shots = min(shots, 4)
+                picked = fewshot_indices([int(self._labels[i]) for i in idx], shots, rng)
+                idx = [idx[j] for j in picked]
+        relabel = {old: new for new, old in enumerate(keep)}
+        idx = [i for i in idx if int(self._labels[i]) in relabel]
+        ia = np.asarray(idx, dtype=np.int64)
+        return Subset(
+            root=str(self.path), split=split, classnames=tuple(self.classnames[c] for c in keep),
+            keys=tuple(self._columns["key"][i] for i in idx), shards=tuple(self._columns["shard"][i] for i in idx),
+            offsets=self._offsets[ia] if len(ia) else np.zeros(0, np.int64),
+            sizes=self._sizes[ia] if len(ia) else np.zeros(0, np.int64),
+            labels=np.asarray([relabel[int(self._labels[i])] for i in idx], dtype=np.int64),
+            checksums=tuple(self._columns["checksum"][i] for i in idx),
+        )
+
+
+def open_dataset(path: str | Path) -> BuiltDataset:
+    return BuiltDataset(path)

@@ -1,0 +1,222 @@
+"""The frozen open_clip backbone: resolving a model config, loading weights, freezing, storage precision."""
+
+from __future__ import annotations
+
+import copy
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from hisf.config import BackboneConfig, ConfigError, PRECISIONS
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Keys OpenAI's own checkpoints carry besides the weights (clip.load's JIT archive, its state_dict()).
+_OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class BackboneError(ValueError):
+    """A backbone name, checkpoint or model config is not usable; the message names it."""
+
+
+@dataclass
+class Backbone:
+    """A frozen open_clip CLIP model plus what prompt methods need to know about it."""
+
+    model: nn.Module
+    tokenizer: Any
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    text_width: int
+    vision_width: int
+    embed_dim: int
+    context_length: int
+    text_layers: int
+    vision_layers: int
+    dtype: torch.dtype
+    quick_gelu: bool
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        # CLIP's temperature τ stays frozen (method.md, eq. 11); computed in float32.
+        return self.model.logit_scale.detach().float().exp()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    def bpe(self, text: str) -> list[int]:
+        """Token ids of `text` without [SOS]/[EOS] (the tokenizer's own cleaning applied)."""
+        return list(self.tokenizer.encode(text))
+
+    @torch.no_grad()
+    def token_embeddings(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 copies of CLIP's token embeddings for `ids` (initial values of learnable prompts)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.token_embedding(ids).float().clone()
+
+
+def available_model_configs() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def resolve_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
+    """The open_clip model config dict for `cfg`: explicit dict, one of ours, or open_clip's built-in."""
+    import open_clip
+
+    if cfg.model_cfg is not None:
+        model_cfg = copy.deepcopy(dict(cfg.model_cfg))
+    elif (MODEL_CONFIG_DIR / f"{cfg.name}.json").is_file():
+        model_cfg = json.loads((MODEL_CONFIG_DIR / f"{cfg.name}.json").read_text())
+    else:
+        model_cfg = open_clip.get_model_config(cfg.name)
+        if model_cfg is None:
+            vits = [m for m in open_clip.list_models() if m.startswith("ViT")]
+            raise BackboneError(
+                f"backbone.name: unknown model {cfg.name!r}; expected an open_clip ViT "
+                f"({', '.join(vits[:8])}, ...) or one of hisf/model_configs: {available_model_configs()}"
+            )
+        model_cfg = copy.deepcopy(model_cfg)
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in model_cfg:
+            raise BackboneError(f"backbone.model_cfg: missing key {key!r} in the config of {cfg.name!r}")
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    unsupported = [k for k in ("timm_model_name",) if vision.get(k)] + [k for k in ("hf_model_name",) if text.get(k)]
+    if unsupported or model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
+        raise BackboneError(
+            f"backbone.name: {cfg.name!r} is not a plain CLIP ViT (found {unsupported or 'custom_text/multimodal_cfg'}); "
+            "prompt injection needs open_clip's own VisionTransformer and text Transformer"
+        )
+    if isinstance(vision.get("layers"), (list, tuple)):
+        raise BackboneError(f"backbone.name: {cfg.name!r} has a ResNet vision tower; expected a ViT")
+    return model_cfg
+
+
+def load_backbone(cfg: BackboneConfig) -> Backbone:
+    """Build the open_clip model, load its weights (tag, local file or none), freeze it, cast its storage."""
+    import open_clip
+    from open_clip.model import CLIP, get_cast_dtype
+
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"backbone.precision: unknown value {cfg.precision!r}; expected one of {list(PRECISIONS)}")
+    model_cfg = resolve_model_cfg(cfg)
+    pretrained = cfg.pretrained
+    state_dict = None
+    if pretrained:
+        if Path(pretrained).exists():
+            state_dict, openai_format = _read_checkpoint(Path(pretrained))
+            # OpenAI's weights were trained with QuickGELU; open_clip's plain configs default to GELU.
+            if openai_format:
+                model_cfg["quick_gelu"] = True
+        else:
+            tag_cfg = open_clip.get_pretrained_cfg(cfg.name, pretrained) if cfg.model_cfg is None else {}
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+                raise BackboneError(
+                    f"backbone.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {cfg.name!r}; "
+                    f"expected a local checkpoint path or one of {tags}"
+                )
+            if tag_cfg.get("quick_gelu", False):
+                model_cfg["quick_gelu"] = True
+            path = open_clip.pretrained.download_pretrained(tag_cfg)
+            state_dict, _ = _read_checkpoint(Path(path))
+
+    dtype = _DTYPES[cfg.precision]
+    # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
+    model = CLIP(**model_cfg, cast_dtype=get_cast_dtype(cfg.precision))
+    if state_dict is not None:
+        _load_weights(model, state_dict, pretrained)
+    model.requires_grad_(False)
+    model.eval()
+    if dtype != torch.float32:
+        model.to(dtype)
+
+    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    image_size = vision_cfg.get("image_size", 224)
+    image_size = image_size if isinstance(image_size, int) else image_size[0]
+    context_length = model.context_length
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+    if model.vocab_size != tokenizer.vocab_size:
+        raise BackboneError(
+            f"backbone.name: {cfg.name!r} has vocab_size {model.vocab_size}; expected CLIP's BPE vocabulary "
+            f"of {tokenizer.vocab_size} tokens"
+        )
+    mean = tuple(model_cfg.get("preprocess_cfg", {}).get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(model_cfg.get("preprocess_cfg", {}).get("std", open_clip.OPENAI_DATASET_STD))
+    return Backbone(
+        model=model,
+        tokenizer=tokenizer,
+        image_size=int(image_size),
+        mean=mean,
+        std=std,
+        text_width=model.transformer.width,
+        vision_width=model.visual.transformer.width,
+        embed_dim=model_cfg["embed_dim"],
+        context_length=context_length,
+        text_layers=len(model.transformer.resblocks),
+        vision_layers=len(model.visual.transformer.resblocks),
+        dtype=dtype,
+        quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+    )
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Weights from a file: OpenAI's TorchScript archive, or a (wrapped) OpenAI/open_clip state dict."""
+    if not path.is_file():
+        raise BackboneError(f"backbone.pretrained: {str(path)!r} is not a file; expected a checkpoint file")
+    openai_format = False
+    if zipfile.is_zipfile(path) and _is_torchscript(path):
+        # clip.load's ViT-B-16.pt is a TorchScript archive; weights_only pickling cannot read it.
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        openai_format = True
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            raise BackboneError(f"backbone.pretrained: cannot read {str(path)!r} as a torch checkpoint: {e}") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping) or not sd:
+        raise BackboneError(f"backbone.pretrained: {str(path)!r} holds no state dict (got {type(sd).__name__})")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k in sd for k in _OPENAI_META_KEYS):
+        openai_format = True
+    for k in _OPENAI_META_KEYS:
+        sd.pop(k, None)
+    return dict(sd), openai_format
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import resize_pos_embed
+
+    state_dict = convert_state_dict(model, state_dict)
+    resize_pos_embed(state_dict, model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise BackboneError(
+            f"backbone.pretrained: {source!r} does not match the model: missing keys {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for k, v in state_dict.items():
+        if own[k].shape != v.shape:
+            raise BackboneError(
+                f"backbone.pretrained: {source!r} key {k!r} has shape {tuple(v.shape)}; expected {tuple(own[k].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)

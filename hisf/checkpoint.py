@@ -1,0 +1,144 @@
+"""Trial checkpoints (trainable weights, optimiser, scaler, schedule, RNG, data position), written atomically, and prompt export."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from hisf.config import ConfigError, TrialConfig
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+PROMPTS_FILE = "prompts.pt"
+FORMAT_VERSION = 1
+
+# Keys that may change between a killed run and its restart without changing what is computed.
+_RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size")
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's key array as a tensor: weights_only loading accepts tensors, not ndarrays.
+    numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_as_python_rng(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_python_rng(s: Any) -> tuple:
+    # torch.load(weights_only=True) gives lists back for python's (version, tuple, gauss) state.
+    return (s[0], tuple(s[1]), s[2])
+
+
+def identity(cfg: TrialConfig) -> dict[str, Any]:
+    """The part of a trial config a checkpoint must agree with to be resumed (runtime-only keys dropped)."""
+    flat = cfg.flatten()
+    return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
+
+
+def checkpoint_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR / STATE_FILE
+
+
+def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any]) -> Path:
+    path = checkpoint_path(output_dir)
+    atomic_save({"version": FORMAT_VERSION, **state}, path)
+    return path.parent
+
+
+def load_checkpoint(output_dir: str | Path, cfg: TrialConfig, classnames: tuple[str, ...]) -> dict[str, Any] | None:
+    """The latest checkpoint of this trial, or None; an incompatible one is an error, never silently reused."""
+    path = checkpoint_path(output_dir)
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != FORMAT_VERSION:
+        raise ConfigError(f"{path}: checkpoint format {state.get('version')!r}, expected {FORMAT_VERSION}")
+    saved, now = state["identity"], identity(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        k = diff[0]
+        raise ConfigError(
+            f"{path}: checkpoint was written by a different trial config: {k} is {saved.get(k)!r} there, "
+            f"{now.get(k)!r} now; use a fresh output_dir or resume=False"
+        )
+    if tuple(state["classnames"]) != tuple(classnames):
+        raise ConfigError(
+            f"{path}: checkpoint's class set ({len(state['classnames'])} classes, first "
+            f"{list(state['classnames'][:3])}) does not match the dataset's training classes "
+            f"({len(classnames)}, first {list(classnames[:3])})"
+        )
+    return state
+
+
+def export_prompts(path: str | Path, trainable: Mapping[str, torch.Tensor], cfg: TrialConfig, classnames: tuple[str, ...]) -> Path:
+    """Write the trained prompt-side weights alone (a few MB) with what is needed to rebuild the model."""
+    payload = {
+        "version": FORMAT_VERSION,
+        "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
+        "method": cfg.to_dict()["method"],
+        "backbone": cfg.to_dict()["backbone"],
+        "dataset": cfg.data.dataset,
+        "classnames": list(classnames),
+    }
+    atomic_save(payload, path)
+    return Path(path)
+
+
+def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -> dict[str, Any]:
+    """Load exported prompts into a PromptModel built with the same method/backbone; returns the payload."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: exported prompts file not found")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if cfg is not None:
+        for section in ("method", "backbone"):
+            if payload[section] != cfg.to_dict()[section]:
+                raise ConfigError(f"{path}: prompts were trained with a different {section} config "
+                                  f"({payload[section]}) than {cfg.to_dict()[section]}")
+    model.load_trainable_state_dict(payload["trainable"])
+    return payload

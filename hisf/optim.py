@@ -1,0 +1,91 @@
+"""Optimiser presets (method.md: `paper` SGD, `adamw` with parameter groups) and the warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from hisf.config import ConfigError, TrainConfig
+
+# paper §4.1 (MaPLe's recipe): SGD 0.0035, momentum 0.9, weight decay 5e-4.
+PAPER_LR = 0.0035
+PAPER_WEIGHT_DECAY = 5e-4
+# paper §3.5 names AdamW without values; these are ours: projection/fusion lr 1e-3 (prompts get
+# `prompt_lr_mult` times it), weight decay 0.01 on projection matrices only.
+ADAMW_LR = 1e-3
+ADAMW_WEIGHT_DECAY = 0.01
+
+GROUP_NAMES = ("prompts", "projections", "fusion", "label_embeddings")
+
+
+def base_lr(cfg: TrainConfig) -> float:
+    return cfg.lr if cfg.lr is not None else (PAPER_LR if cfg.preset == "paper" else ADAMW_LR)
+
+
+def _unique_trainable(params: Sequence[torch.nn.Parameter], seen: set[int]) -> list[torch.nn.Parameter]:
+    out = []
+    for p in params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Parameter]]) -> list[dict]:
+    """Turn a PromptModel's `param_groups()` into optimiser groups for the preset.
+
+    `paper`: one group, the same lr and weight decay for every trainable tensor (MaPLe's recipe).
+    `adamw` (§3.5): prompt matrices (and label embeddings, which live in the same token-embedding space)
+    at lr * prompt_lr_mult; projection and fusion weights at lr; weight decay only on projection
+    matrices (2-D weights in `projections`, not their biases).
+    """
+    unknown = sorted(set(groups) - set(GROUP_NAMES))
+    if unknown:
+        raise ValueError(f"param_groups(): unknown group {unknown[0]!r}; expected names from {list(GROUP_NAMES)}")
+    seen: set[int] = set()
+    named = {k: _unique_trainable(groups.get(k, ()), seen) for k in GROUP_NAMES}
+    lr = base_lr(cfg)
+    if cfg.preset == "paper":
+        wd = cfg.weight_decay if cfg.weight_decay is not None else PAPER_WEIGHT_DECAY
+        params = [p for k in GROUP_NAMES for p in named[k]]
+        return [{"name": "all", "params": params, "lr": lr, "weight_decay": wd}] if params else []
+    wd = cfg.weight_decay if cfg.weight_decay is not None else ADAMW_WEIGHT_DECAY
+    prompt_lr = lr * cfg.prompt_lr_mult
+    spec = [
+        ("prompts", named["prompts"], prompt_lr, 0.0),
+        ("label_embeddings", named["label_embeddings"], prompt_lr, 0.0),
+        ("projection_weights", [p for p in named["projections"] if p.ndim >= 2], lr, wd),
+        ("projection_biases", [p for p in named["projections"] if p.ndim < 2], lr, 0.0),
+        ("fusion", named["fusion"], lr, 0.0),
+    ]
+    return [{"name": n, "params": ps, "lr": g_lr, "weight_decay": g_wd} for n, ps, g_lr, g_wd in spec if ps]
+
+
+def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    param_groups = build_param_groups(cfg, groups)
+    if not param_groups:
+        raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
+    if cfg.preset == "paper":
+        return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum)
+    return torch.optim.AdamW(param_groups, lr=base_lr(cfg))
+
+
+def lr_factor(epoch: int, cfg: TrainConfig, group_lr: float) -> float:
+    """Multiplier of a group's lr at `epoch` (0-based), stepped once per epoch as Dassl does.
+
+    Epochs < warmup_epochs run at the constant `warmup_lr` (MaPLe: 1 epoch at 1e-5); after that a
+    cosine over `epochs` restarts from the base lr: epoch e >= W uses cos-annealing step e - W with
+    T_max = epochs (Dassl's ConstantWarmupScheduler wrapped around CosineAnnealingLR(max_epoch)).
+    """
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr / group_lr
+    t = epoch - cfg.warmup_epochs
+    return 0.5 * (1.0 + math.cos(math.pi * t / max(1, cfg.epochs)))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-epoch schedule: call `.step()` once at the end of each epoch."""
+    lambdas = [lambda e, lr=g["lr"]: lr_factor(e, cfg, lr) for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -1,0 +1,111 @@
+"""The engine's data glue: which splits and class sets a protocol trains and evaluates on (protocols.md), via data_shards."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hisf.config import ConfigError, TrialConfig
+from hisf.distributed import DistEnv
+from hisf.evaluation import accuracy, harmonic_mean
+
+
+@dataclass
+class EvalSet:
+    metric: str  # result key: base_acc, novel_acc, acc, target/<key>
+    subset: Any  # data_shards Subset (test split)
+    template: str
+
+
+@dataclass
+class TrialData:
+    cfg: TrialConfig
+    env: DistEnv
+    template: str
+    train: Any  # K-shot training Subset
+    val: Any  # validation Subset of the training classes (min(K, 4) per class)
+    evals: list[EvalSet]
+    image_size: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def bind(self, backbone: Any, cfg: TrialConfig) -> None:
+        """Take the image size and normalisation from the backbone (CLIP's mean/std)."""
+        self.image_size, self.mean, self.std = int(backbone.image_size), tuple(backbone.mean), tuple(backbone.std)
+
+    def _loader(self, subset: Any, train: bool, epoch: int = 0):
+        from data_shards import make_loader
+
+        if not self.image_size:
+            raise RuntimeError("TrialData.bind(backbone) must be called before loaders are made")
+        tc = self.cfg.train
+        return make_loader(subset, train=train, batch_size=tc.batch_size if train else tc.eval_batch_size,
+                           image_size=self.image_size, mean=self.mean, std=self.std, seed=self.cfg.seed,
+                           epoch=epoch, rank=self.env.rank, world_size=self.env.world_size,
+                           num_workers=self.cfg.data.num_workers)
+
+    def train_loader(self, epoch: int):
+        return self._loader(self.train, True, epoch)
+
+    def val_loader(self):
+        return self._loader(self.val, False)
+
+
+def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
+    from data_shards import open_dataset
+
+    path = Path(root) / key
+    if not path.is_dir():
+        raise ConfigError(f"{field_name}: no built dataset {key!r} at {path} (data.root={root!r}); build it with "
+                          f"`hisf-bench data build --dataset {key} --root DATA --out {path}`")
+    ds = open_dataset(path)
+    if ds.key != key:
+        raise ConfigError(f"{field_name}: {path} holds dataset {ds.key!r}, expected {key!r}")
+    missing = [s for s in needs if s not in ds.splits]
+    if missing:
+        raise ConfigError(f"{field_name}: dataset {key!r} at {path} has no {missing[0]!r} split "
+                          f"(has {list(ds.splits)}); protocol needs {list(needs)}")
+    return ds
+
+
+def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
+    """Open the source (and target) datasets and select the protocol's subsets; every error is raised here."""
+    dc, tc = cfg.data, cfg.train
+    ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test"))
+    train_classes = "base" if cfg.protocol == "base2new" else "all"
+    train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
+    # protocols.md: validation gets min(K, 4) per class, drawn the same way (never the test split).
+    val = ds.select("val", shots=min(dc.shots, 4), seed=cfg.seed, classes=train_classes)
+    global_batch = tc.batch_size * env.world_size
+    if tc.epochs > 0 and len(train) < global_batch:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} per rank x {env.world_size} rank(s) = {global_batch} "
+                          f"is more than the {len(train)} training samples of {dc.dataset!r} ({dc.shots} shots, "
+                          f"{train_classes} classes): not one full batch; lower the batch size or the world size")
+    if len(val) == 0:
+        raise ConfigError(f"data.dataset: {dc.dataset!r} has an empty validation split for its {train_classes} classes")
+    if cfg.protocol == "base2new":
+        evals = [EvalSet("base_acc", ds.select("test", shots=None, seed=cfg.seed, classes="base"), ds.template),
+                 EvalSet("novel_acc", ds.select("test", shots=None, seed=cfg.seed, classes="novel"), ds.template)]
+    else:
+        evals = [EvalSet("acc", ds.select("test", shots=None, seed=cfg.seed, classes="all"), ds.template)]
+    for i, key in enumerate(dc.targets):
+        target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
+        evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
+                             target.template))
+    return TrialData(cfg, env, ds.template, train, val, evals)
+
+
+def evaluate_protocol(model: torch.nn.Module, data: TrialData, env: DistEnv,
+                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Test accuracy of every evaluation set, each scored with only its own class names as candidates."""
+    out: dict[str, float] = {}
+    for ev in data.evals:
+        model.set_classnames(ev.subset.classnames, template=ev.template)
+        out[ev.metric] = accuracy(model, data._loader(ev.subset, False), env, autocast)
+    if "base_acc" in out:
+        out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
+    return out

@@ -1,0 +1,294 @@
+"""Running a stage (sweep, search, final) end to end: data, Ray, MLflow parent run, Tuner, resume bookkeeping."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.spec import ExperimentSpec
+from orchestrator.trials import Trial, expand_final, expand_sweep, search_groups, trial_resources
+
+
+@dataclass
+class Options:
+    workdir: str = "hisf-bench"
+    address: str | None = None
+    tracking_uri: str | None = None
+    optuna_storage: str | None = None
+    resume: bool = False
+    dry_run: bool = False
+    # Local Ray only: CPUs the embedded cluster offers (default: enough for max_concurrent_trials).
+    num_cpus: int | None = None
+    out: Any = field(default=sys.stdout)
+
+    def resolved(self) -> "Options":
+        from orchestrator.search import default_storage
+        from orchestrator.tracking import default_tracking_uri
+
+        wd = str(Path(self.workdir).resolve())
+        return Options(workdir=wd, address=self.address,
+                       tracking_uri=self.tracking_uri or default_tracking_uri(wd),
+                       optuna_storage=self.optuna_storage or default_storage(wd),
+                       resume=self.resume, dry_run=self.dry_run, num_cpus=self.num_cpus, out=self.out)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    parent_run_id: str
+    trials: int
+    skipped: int
+    statuses: dict[str, int]
+    results: dict[str, dict] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def ray_session(spec: ExperimentSpec, opts: Options):
+    """Connect to `--address`, or start a small local Ray on 127.0.0.1 and stop it afterwards."""
+    import ray
+
+    # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, the warning about it is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        yield
+        return
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if opts.address:
+        ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        r = spec.resources
+        need = max(1, int(round(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials)))
+        # Ray resolves a loopback node address to the machine's own IP on purpose; the dashboard stays off.
+        ray.init(num_cpus=opts.num_cpus or min(need, os.cpu_count() or 1) or 1, include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+    try:
+        yield
+    finally:
+        if not opts.address:
+            ray.shutdown()
+
+
+def prepare_data(spec: ExperimentSpec, out) -> None:
+    """`data.demo: true`: build the demo dataset(s) under data.root unless already there; then check every
+    dataset the trials read is built, so a missing one fails here and not in every retried trial."""
+    root = Path(spec.data.root)
+    if spec.data.demo:
+        _build_demo(spec, root, out)
+    for i, key in enumerate(spec.data.datasets + spec.data.targets):
+        if not (root / key / "manifest.parquet").is_file():
+            where = f"data.datasets[{i}]" if i < len(spec.data.datasets) else f"data.targets[{i - len(spec.data.datasets)}]"
+            from orchestrator.spec import SpecError
+
+            raise SpecError(f"{spec.path}: {where}: no built dataset {key!r} at {root.resolve() / key}; build it with "
+                            f"`hisf-bench data build --dataset {key} --root DATA --out {root / key}`")
+
+
+def _build_demo(spec: ExperimentSpec, root: Path, out) -> None:
+    from data_shards.cli import main as data_main
+
+    for key in spec.data.datasets:
+        if (root / key / "manifest.parquet").is_file():
+            continue
+        raw = root / "_raw"
+        print(f"building demo data {key!r} under {root}", file=out)
+        rc = data_main(["demo", "--out", str(raw)]) or 0
+        if rc == 0:
+            # The tiny backbone reads 32 px images; storing the demo at 224 would only cost build time.
+            rc = data_main(["build", "--dataset", key, "--root", str(raw), "--out", str(root / key),
+                            "--image-size", "32", "--quiet"]) or 0
+        if rc != 0:
+            raise RuntimeError(f"data.demo: building demo data {key!r} failed (exit {rc})")
+
+
+def run_context(spec: ExperimentSpec, opts: Options, tracker, parent_run_id: str) -> dict[str, Any]:
+    from orchestrator.tracking import git_commit
+
+    r = spec.resources
+    return {
+        "tracking_uri": opts.tracking_uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent_run_id,
+        "spec_name": spec.name, "spec_hash": spec.hash, "git_commit": git_commit(),
+        "optuna_storage": opts.optuna_storage, "optuna_storage_display": _redact(opts.optuna_storage),
+        "metric": spec.search.metric if spec.search else "val_acc",
+        "pruner": spec.search.pruner if spec.search else "none",
+        "startup_trials": spec.search.startup_trials if spec.search else 0,
+        "workers_per_trial": r.workers_per_trial, "gpus_per_trial": r.gpus_per_trial,
+        "cpus_per_trial": r.cpus_per_trial, "max_failures": r.max_failures,
+        "storage_path": str(Path(opts.workdir) / "ray_results"),
+    }
+
+
+def tracker_for(spec: ExperimentSpec, opts: Options):
+    from orchestrator.tracking import Tracker
+
+    local = opts.tracking_uri.startswith("sqlite:") or opts.tracking_uri.startswith("file:")
+    artifacts = (Path(opts.workdir) / "mlartifacts").as_uri() if local else None
+    Path(opts.workdir).mkdir(parents=True, exist_ok=True)
+    return Tracker(opts.tracking_uri, spec.name, artifact_root=artifacts)
+
+
+def run_trials(stage: str, spec: ExperimentSpec, trials: list[Trial], opts: Options) -> StageResult:
+    """Sweep or final stage: a fixed list of trials, finished ones skipped on `--resume`."""
+    started = time.perf_counter()
+    prepare_data(spec, opts.out)
+    tracker = tracker_for(spec, opts)
+    parent = tracker.stage_run(stage, spec.hash, opts.resume)
+    finished = tracker.finished_trials(parent) if opts.resume else {}
+    todo = [t for t in trials if t.trial_id not in finished]
+    if not opts.resume:
+        for t in todo:
+            # A fresh stage starts from scratch: the engine would otherwise resume an old checkpoint.
+            shutil.rmtree(t.config.output_dir, ignore_errors=True)
+    print(f"[{stage}] {len(trials)} trials, {len(finished)} already finished, running {len(todo)} "
+          f"(MLflow parent run {parent})", file=opts.out)
+    ctx = run_context(spec, opts, tracker, parent)
+    results: dict[str, dict] = {}
+    if todo:
+        from ray import tune
+
+        with ray_session(spec, opts):
+            grid = tune.Tuner(
+                tune.with_resources(_trainable(), trial_resources(spec)),
+                param_space={"trial": tune.grid_search([t.payload() for t in todo]), "ctx": ctx},
+                tune_config=_tune_config(spec),
+                run_config=_run_config(spec, opts, f"{spec.name}-{stage}-{parent[:8]}"),
+            ).fit()
+            results = _collect(grid)
+    return _finish(stage, tracker, parent, len(trials), finished, results, started)
+
+
+def run_search(spec: ExperimentSpec, opts: Options) -> StageResult:
+    from orchestrator.search import StudySearcher
+
+    started = time.perf_counter()
+    prepare_data(spec, opts.out)
+    tracker = tracker_for(spec, opts)
+    parent = tracker.stage_run("search", spec.hash, opts.resume)
+    tag = parent[:8]
+    prior = tracker.client.get_run(parent).data.tags.get("hisf.study_tag")
+    tag = prior or tag
+    groups = search_groups(spec, tag)
+    tracker.set_tags(parent, {"hisf.study_tag": tag, "optuna.storage": _redact(opts.optuna_storage),
+                              "optuna.studies": ",".join(g.study for g in groups)})
+    finished_runs = tracker.finished_trials(parent) if opts.resume else {}
+    finished = {tid: {**r.data.metrics, "hisf_status": r.data.tags.get("hisf.status")} for tid, r in finished_runs.items()}
+    ctx = run_context(spec, opts, tracker, parent)
+    searcher = StudySearcher(spec, groups, opts.optuna_storage, opts.workdir, ctx, finished=finished)
+    todo = sum(max(0, spec.search.n_trials - searcher.asked[g.study]) for g in groups) + len(searcher.pending)
+    print(f"[search] {len(groups)} stud{'y' if len(groups) == 1 else 'ies'} × {spec.search.n_trials} trials "
+          f"({spec.search.sampler}, pruner {spec.search.pruner}), running {todo} (MLflow parent run {parent})",
+          file=opts.out)
+    results: dict[str, dict] = {}
+    if todo:
+        from ray import tune
+
+        with ray_session(spec, opts):
+            tc = _tune_config(spec)
+            tc.search_alg = searcher
+            tc.num_samples = -1
+            grid = tune.Tuner(
+                tune.with_resources(_trainable(), trial_resources(spec)),
+                tune_config=tc, run_config=_run_config(spec, opts, f"{spec.name}-search-{parent[:8]}-{int(time.time())}"),
+            ).fit()
+            results = _collect(grid)
+    from orchestrator.search import best_values
+
+    try:
+        best = best_values(opts.optuna_storage, groups)
+        tracker.set_tags(parent, {f"hisf.best.{g.row}.{g.dataset}": _fmt(best[(g.row, g.dataset, g.point)]) for g in groups})
+    except Exception as e:  # a study with no completed trial: reported, the stage is marked failed below
+        print(f"[search] {e}", file=opts.out)
+    return _finish("search", tracker, parent, len(finished_runs) + len(results), finished_runs, results, started)
+
+
+def run_final(spec: ExperimentSpec, opts: Options) -> StageResult:
+    from orchestrator.search import best_values
+
+    best = {}
+    if spec.searched_rows:
+        tracker = tracker_for(spec, opts)
+        run = tracker.latest_stage_run("search")
+        if run is None:
+            from orchestrator.spec import SpecError
+
+            raise SpecError(f"{spec.path}: final: no search stage found in {opts.tracking_uri}; "
+                            f"run `hisf-bench search {spec.path}` first")
+        best = best_values(opts.optuna_storage, search_groups(spec, run.data.tags["hisf.study_tag"]))
+        for (row, dataset, _), values in best.items():
+            print(f"[final] {row} on {dataset}: best {_fmt(values)}", file=opts.out)
+    return run_trials("final", spec, expand_final(spec, opts.workdir, best), opts)
+
+
+def run_sweep(spec: ExperimentSpec, opts: Options) -> StageResult:
+    return run_trials("sweep", spec, expand_sweep(spec, opts.workdir), opts)
+
+
+def _trainable():
+    from orchestrator.tuning import tune_trainable
+
+    return tune_trainable
+
+
+def _tune_config(spec: ExperimentSpec):
+    from ray import tune
+
+    def name(t):
+        return t.config["trial"]["trial_id"]
+
+    return tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                           trial_name_creator=name, trial_dirname_creator=name, reuse_actors=True)
+
+
+def _run_config(spec: ExperimentSpec, opts: Options, name: str):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=name, storage_path=str(Path(opts.workdir) / "ray_results"),
+        failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)
+
+
+def _collect(grid) -> dict[str, dict]:
+    out = {}
+    for res in grid:
+        cfg = res.config or {}
+        tid = (cfg.get("trial") or {}).get("trial_id")
+        if tid is None:
+            continue
+        m = dict(res.metrics or {})
+        status = m.get("hisf_status") if m.get("hisf_final") else "failed"
+        if res.error is not None:
+            status = "failed"
+        out[tid] = {**m, "trial_id": tid, "hisf_status": status, "error": str(res.error) if res.error else None}
+    return out
+
+
+def _finish(stage, tracker, parent, n_trials, finished, results, started) -> StageResult:
+    statuses: dict[str, int] = {}
+    for s in [r.data.tags.get("hisf.status", "finished") for r in finished.values()] + \
+             [r["hisf_status"] for r in results.values()]:
+        statuses[s] = statuses.get(s, 0) + 1
+    ok = statuses.get("failed", 0) == 0
+    tracker.end_stage(parent, "FINISHED" if ok else "FAILED")
+    return StageResult(stage=stage, parent_run_id=parent, trials=n_trials, skipped=len(finished),
+                       statuses=statuses, results=results, wall_seconds=time.perf_counter() - started)
+
+
+def _fmt(values: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
+
+
+def _redact(url: str | None) -> str:
+    """Never write a database password into tags or logs."""
+    if not url or "@" not in url:
+        return url or ""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

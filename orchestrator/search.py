@@ -1,0 +1,149 @@
+"""The Optuna search stage: studies in RDB storage, a Ray Tune searcher that asks/tells them, pruning, best values.
+
+One study per searched (row, dataset, grid point), named `<spec>:<row>:<dataset>[:k=v]:<tag>` where the
+tag is the search stage's MLflow parent run (so a fresh `search` never mixes with an earlier one, and
+`--resume` continues the same studies). Only the spec's validation metric is told to a study
+(protocols.md: the test split never feeds the search).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from ray.tune.search import Searcher
+
+from orchestrator.spec import ExperimentSpec, ParamRange, SearchSpec, SpecError
+from orchestrator.trials import SearchGroup, Trial, search_trial
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_storage(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
+
+
+def storage(url: str) -> optuna.storages.RDBStorage:
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+def make_sampler(s: SearchSpec) -> optuna.samplers.BaseSampler:
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    # constant_liar: trials running in parallel are assumed bad so TPE does not propose the same point twice.
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.startup_trials, constant_liar=True)
+
+
+def make_pruner(name: str, startup_trials: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=max(startup_trials, 1), n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def distributions(params: tuple[ParamRange, ...]) -> dict[str, optuna.distributions.BaseDistribution]:
+    out = {}
+    for p in params:
+        if p.choices is not None:
+            out[p.key] = optuna.distributions.CategoricalDistribution(list(p.choices))
+        elif p.int:
+            out[p.key] = optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log)
+        else:
+            out[p.key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.log)
+    return out
+
+
+def open_study(url: str, name: str, spec: SearchSpec) -> optuna.Study:
+    return optuna.create_study(study_name=name, storage=storage(url), direction="maximize",
+                               sampler=make_sampler(spec), pruner=make_pruner(spec.pruner, spec.startup_trials),
+                               load_if_exists=True)
+
+
+def open_trial(url: str, study_name: str, optuna_trial_id: int, pruner: str, startup_trials: int) -> optuna.Trial:
+    """Worker side: the running Optuna trial, to report validation curves and ask whether to prune."""
+    study = optuna.load_study(study_name=study_name, storage=storage(url),
+                              pruner=make_pruner(pruner, startup_trials))
+    return optuna.trial.Trial(study, optuna_trial_id)
+
+
+def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, Any]]:
+    """(row, dataset, point) -> the best trial's params, for the final stage."""
+    out = {}
+    for g in groups:
+        try:
+            study = optuna.load_study(study_name=g.study, storage=storage(url))
+        except KeyError:
+            raise SpecError(f"search study {g.study!r} not found in {url}; run `hisf-bench search` first") from None
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not done:
+            raise SpecError(f"search study {g.study!r} has no completed trial; rerun `hisf-bench search --resume`")
+        out[(g.row, g.dataset, g.point)] = dict(study.best_trial.params)
+    return out
+
+
+class StudySearcher(Searcher):
+    """Ray Tune searcher over several Optuna studies: asks each for its trials, tells it the results.
+
+    With `resume`, trials a killed driver left RUNNING are issued again first (same number, same values,
+    same output folder, so the engine resumes their checkpoint); COMPLETE, PRUNED and FAIL trials count
+    toward `n_trials` and are not rerun.
+    """
+
+    def __init__(self, spec: ExperimentSpec, groups: list[SearchGroup], url: str, workdir: str, ctx: dict,
+                 finished: Mapping[str, Mapping[str, Any]] | None = None):
+        super().__init__(metric=spec.search.metric, mode="max")
+        self.spec, self.groups, self.url, self.workdir, self.ctx = spec, groups, url, workdir, ctx
+        self.dists = distributions(spec.search.params)
+        self.studies = {g.study: open_study(url, g.study, spec.search) for g in groups}
+        self.asked = {g.study: 0 for g in groups}
+        self.pending: list[Trial] = []
+        self.live: dict[str, tuple[str, int]] = {}
+        # trial_id -> final result of trials whose MLflow run finished (from the tracker, on resume).
+        self.finished = dict(finished or {})
+        for g in groups:
+            for ft in self.studies[g.study].get_trials(deepcopy=False):
+                self.asked[g.study] += 1
+                if ft.state == optuna.trial.TrialState.RUNNING:
+                    t = search_trial(spec, g, ft.number, ft._trial_id, ft.params, workdir)
+                    if t.trial_id in self.finished:
+                        # Its run finished but the driver died before telling the study.
+                        self._tell_from_record(g.study, ft.number, self.finished[t.trial_id])
+                    else:
+                        self.pending.append(t)
+
+    def _tell_from_record(self, study: str, number: int, result: Mapping[str, Any] | None) -> None:
+        from orchestrator.tuning import STATUS_KEY
+
+        s = self.studies[study]
+        if not result or result.get(STATUS_KEY) == "failed":
+            s.tell(number, state=optuna.trial.TrialState.FAIL)
+        elif result.get(STATUS_KEY) == "pruned":
+            s.tell(number, state=optuna.trial.TrialState.PRUNED)
+        else:
+            s.tell(number, float(result[self.spec.search.metric]))
+
+    def suggest(self, tune_trial_id: str):
+        if self.pending:
+            t = self.pending.pop(0)
+        else:
+            open_groups = [g for g in self.groups if self.asked[g.study] < self.spec.search.n_trials]
+            if not open_groups:
+                return Searcher.FINISHED
+            g = min(open_groups, key=lambda g: self.asked[g.study])
+            ot = self.studies[g.study].ask(self.dists)
+            self.asked[g.study] += 1
+            t = search_trial(self.spec, g, ot.number, ot._trial_id, ot.params, self.workdir)
+        self.live[tune_trial_id] = (t.study, t.optuna_number)
+        return {"trial": t.payload(), "ctx": self.ctx}
+
+    def on_trial_complete(self, tune_trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from orchestrator.tuning import STATUS_KEY
+
+        if tune_trial_id not in self.live:
+            return
+        study, number = self.live.pop(tune_trial_id)
+        if error or not result or self.spec.search.metric not in result:
+            self._tell_from_record(study, number, None)
+        else:
+            self._tell_from_record(study, number, {**result, STATUS_KEY: result.get(STATUS_KEY, "finished")})

@@ -1,0 +1,386 @@
+"""The experiment spec: an `experiments/*.yaml` file validated into frozen dataclasses before Ray starts.
+
+Every error names the key path in the spec (`search.params.method.lambda_le.low`) and what was expected,
+so a typo fails in milliseconds instead of after a cluster has been scheduled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from hisf.config import PROTOCOLS, ConfigError, TrialConfig, replace_path
+
+REPORTS = ("base2new", "cross_dataset", "domain_generalization", "ablation_modules", "ablation_losses", "ablation_depth")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "none")
+# Keys a spec may not set per trial: the orchestrator owns them (one output folder per trial id,
+# the protocol and data from the spec's own sections).
+_RESERVED = ("protocol", "output_dir", "data")
+
+
+class SpecError(ConfigError):
+    """The experiment spec is invalid; the message names the file and the key path."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    root: str = "data"
+    datasets: tuple[str, ...] = ()
+    shots: int = 16
+    targets: tuple[str, ...] = ()
+    # Build the demo dataset(s) under `root` before running (`hisf-bench data demo` + `data build`).
+    demo: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One table row: a label plus TrialConfig section overrides (method switches, train, backbone)."""
+
+    name: str
+    overrides: Mapping[str, Any]
+    search: bool = False
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    key: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    # An integer parameter (e.g. method.depth) is sampled with suggest_int.
+    int: bool = False
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    sampler: str = "tpe"
+    n_trials: int = 20
+    seed: int = 1
+    metric: str = "val_acc"
+    pruner: str = "median"
+    params: tuple[ParamRange, ...] = ()
+    # Random trials before TPE starts modelling (Optuna's n_startup_trials).
+    startup_trials: int = 5
+
+
+@dataclass(frozen=True)
+class FinalSpec:
+    seeds: tuple[int, ...] = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    max_concurrent_trials: int = 2
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    protocol: str
+    report: str
+    data: DataSpec
+    base: Mapping[str, Any]
+    rows: tuple[RowSpec, ...]
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    search: SearchSpec | None = None
+    final: FinalSpec | None = None
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    path: str = ""
+    # sha256 of the spec's canonical JSON (first 12 hex): tags every run so a report can tell edits apart.
+    hash: str = ""
+
+    @property
+    def searched_rows(self) -> tuple[RowSpec, ...]:
+        return tuple(r for r in self.rows if r.search)
+
+    def row(self, name: str) -> RowSpec:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise SpecError(f"rows: no row named {name!r}; rows are {[r.name for r in self.rows]}")
+
+    def trial_dict(self, row: RowSpec, dataset: str) -> dict[str, Any]:
+        """The plain config dict of one (row, dataset) before grid values, seeds and searched values."""
+        d = _deep_merge(copy.deepcopy(dict(self.base)), row.overrides)
+        d["protocol"] = self.protocol
+        d["data"] = {
+            "root": self.data.root,
+            "dataset": dataset,
+            "shots": self.data.shots,
+            "targets": list(self.data.targets),
+            "num_workers": self.data.num_workers,
+        }
+        return d
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate a spec file; raises SpecError naming the file and key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: experiment spec not found")
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return parse_spec(raw, path=str(path))
+    except ConfigError as e:
+        raise SpecError(f"{path}: {e}") from None
+
+
+def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
+    """Validate a plain dict (a parsed spec) into an ExperimentSpec."""
+    m = _mapping(raw, "spec")
+    _keys(m, "", required=("name", "protocol", "data", "rows"),
+          optional=("report", "base", "grid", "search", "final", "resources"))
+    name = _str(m["name"], "name")
+    if any(c in name for c in "/\\") or not name.strip():
+        raise SpecError(f"name: expected a non-empty name without slashes, got {name!r}")
+    protocol = _choice(m["protocol"], PROTOCOLS, "protocol")
+    report = _choice(m.get("report", "base2new" if protocol == "base2new" else protocol), REPORTS, "report")
+    data = _data(m["data"], protocol)
+    base = _mapping(m.get("base", {}) or {}, "base")
+    for k in base:
+        if k in _RESERVED:
+            raise SpecError(f"base.{k}: set by the spec itself (use the top-level `protocol`/`data`), not in base")
+    rows = _rows(m["rows"])
+    grid = _grid(m.get("grid", {}) or {})
+    search = _search(m["search"]) if m.get("search") is not None else None
+    final = _final(m["final"]) if m.get("final") is not None else None
+    resources = _resources(m.get("resources", {}) or {})
+    if any(r.search for r in rows) and search is None:
+        bad = next(r for r in rows if r.search)
+        raise SpecError(f"rows[{rows.index(bad)}].search: row {bad.name!r} is searched but the spec has no `search:` section")
+    canonical = json.dumps(raw, sort_keys=True, default=str)
+    spec = ExperimentSpec(
+        name=name, protocol=protocol, report=report, data=data, base=base, rows=rows, grid=grid,
+        search=search, final=final, resources=resources, path=path,
+        hash=hashlib.sha256(canonical.encode()).hexdigest()[:12],
+    )
+    _check_trial_configs(spec)
+    return spec
+
+
+def _check_trial_configs(spec: ExperimentSpec) -> None:
+    """Build one TrialConfig per row so a bad switch fails now, naming where it came from."""
+    for i, row in enumerate(spec.rows):
+        try:
+            cfg = TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0]))
+        except ConfigError as e:
+            raise SpecError(f"rows[{i}] ({row.name}) merged with base: {e}") from None
+        for key, values in spec.grid:
+            for j, v in enumerate(values):
+                try:
+                    replace_path(cfg, key, v).validate()
+                except ConfigError as e:
+                    raise SpecError(f"grid.{key}[{j}]: {e}") from None
+        if row.search and spec.search is not None:
+            for p in spec.search.params:
+                probe = p.choices[0] if p.choices else (int(p.low) if p.int else p.low)
+                try:
+                    replace_path(cfg, p.key, probe).validate()
+                except ConfigError as e:
+                    raise SpecError(f"search.params.{p.key}: {e}") from None
+
+
+def _data(v: Any, protocol: str) -> DataSpec:
+    m = _mapping(v, "data")
+    _keys(m, "data", required=("datasets",), optional=("root", "shots", "targets", "demo", "num_workers"))
+    datasets = _str_list(m["datasets"], "data.datasets")
+    if not datasets:
+        raise SpecError("data.datasets: expected at least one dataset key")
+    targets = _str_list(m.get("targets", []) or [], "data.targets")
+    if protocol in ("cross_dataset", "domain_generalization") and not targets:
+        raise SpecError(f"data.targets: protocol {protocol!r} needs at least one target dataset")
+    shots = _int(m.get("shots", 16), "data.shots", minimum=1)
+    return DataSpec(
+        root=_str(m.get("root", "data"), "data.root"), datasets=datasets, shots=shots, targets=targets,
+        demo=_bool(m.get("demo", False), "data.demo"),
+        num_workers=_int(m.get("num_workers", 0), "data.num_workers", minimum=0),
+    )
+
+
+def _rows(v: Any) -> tuple[RowSpec, ...]:
+    if not isinstance(v, list) or not v:
+        raise SpecError(f"rows: expected a non-empty list of rows, got {v!r}")
+    rows, seen = [], set()
+    for i, item in enumerate(v):
+        where = f"rows[{i}]"
+        m = _mapping(item, where)
+        if "name" not in m:
+            raise SpecError(f"{where}.name: missing; every row needs a label (the table row)")
+        name = _str(m["name"], f"{where}.name")
+        if name in seen:
+            raise SpecError(f"{where}.name: duplicated row name {name!r}")
+        seen.add(name)
+        overrides = {k: val for k, val in m.items() if k not in ("name", "search")}
+        for k in overrides:
+            if k in _RESERVED:
+                raise SpecError(f"{where}.{k}: set by the spec itself, not per row")
+        rows.append(RowSpec(name=name, overrides=overrides, search=_bool(m.get("search", False), f"{where}.search")))
+    return tuple(rows)
+
+
+def _grid(v: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    m = _mapping(v, "grid")
+    out = []
+    for key, values in m.items():
+        where = f"grid.{key}"
+        if key.split(".")[0] in _RESERVED:
+            raise SpecError(f"{where}: not a grid key (the orchestrator sets protocol, data and output_dir)")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: expected a non-empty list of values, got {values!r}")
+        out.append((key, tuple(values)))
+    return tuple(out)
+
+
+def _search(v: Any) -> SearchSpec:
+    m = _mapping(v, "search")
+    _keys(m, "search", required=("params",),
+          optional=("sampler", "n_trials", "seed", "metric", "pruner", "startup_trials"))
+    metric = _str(m.get("metric", "val_acc"), "search.metric")
+    if not metric.startswith("val"):
+        # protocols.md: the search never reads the test split.
+        raise SpecError(f"search.metric: expected a validation metric (val_acc), got {metric!r}; the test split never feeds the search")
+    params = []
+    pm = _mapping(m["params"], "search.params")
+    if not pm:
+        raise SpecError("search.params: expected at least one parameter range")
+    for key, rng in pm.items():
+        where = f"search.params.{key}"
+        r = _mapping(rng, where)
+        if "choices" in r:
+            _keys(r, where, required=("choices",), optional=())
+            if not isinstance(r["choices"], list) or not r["choices"]:
+                raise SpecError(f"{where}.choices: expected a non-empty list, got {r['choices']!r}")
+            params.append(ParamRange(key=key, choices=tuple(r["choices"])))
+            continue
+        _keys(r, where, required=("low", "high"), optional=("log", "int"))
+        low, high = _num(r["low"], f"{where}.low"), _num(r["high"], f"{where}.high")
+        log, is_int = _bool(r.get("log", False), f"{where}.log"), _bool(r.get("int", False), f"{where}.int")
+        if high <= low:
+            raise SpecError(f"{where}.high: expected > low ({low}), got {high}")
+        if log and low <= 0:
+            raise SpecError(f"{where}.low: a log range needs low > 0, got {low}")
+        params.append(ParamRange(key=key, low=low, high=high, log=log, int=is_int))
+    return SearchSpec(
+        sampler=_choice(m.get("sampler", "tpe"), SAMPLERS, "search.sampler"),
+        n_trials=_int(m.get("n_trials", 20), "search.n_trials", minimum=1),
+        seed=_int(m.get("seed", 1), "search.seed"),
+        metric=metric,
+        pruner=_choice(m.get("pruner", "median"), PRUNERS, "search.pruner"),
+        params=tuple(params),
+        startup_trials=_int(m.get("startup_trials", 5), "search.startup_trials", minimum=0),
+    )
+
+
+def _final(v: Any) -> FinalSpec:
+    m = _mapping(v, "final")
+    _keys(m, "final", required=("seeds",), optional=())
+    seeds = m["seeds"]
+    if not isinstance(seeds, list) or not seeds:
+        raise SpecError(f"final.seeds: expected a non-empty list of integers, got {seeds!r}")
+    out = tuple(_int(s, f"final.seeds[{i}]") for i, s in enumerate(seeds))
+    if len(set(out)) != len(out):
+        raise SpecError(f"final.seeds: duplicated seed in {list(out)}")
+    return FinalSpec(seeds=out)
+
+
+def _resources(v: Any) -> ResourcesSpec:
+    m = _mapping(v, "resources")
+    _keys(m, "resources", required=(), optional=(
+        "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "max_concurrent_trials", "max_failures"))
+    gpus = _num(m.get("gpus_per_trial", 0), "resources.gpus_per_trial")
+    if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
+        raise SpecError(f"resources.gpus_per_trial: expected 0, a fraction in (0, 1], or a whole number, got {gpus}")
+    cpus = _num(m.get("cpus_per_trial", 1), "resources.cpus_per_trial")
+    if cpus <= 0:
+        raise SpecError(f"resources.cpus_per_trial: expected > 0, got {cpus}")
+    workers = _int(m.get("workers_per_trial", 1), "resources.workers_per_trial", minimum=1)
+    if workers > 1 and 0 < gpus < 1:
+        raise SpecError("resources.gpus_per_trial: a DDP trial (workers_per_trial > 1) needs whole GPUs per worker")
+    return ResourcesSpec(
+        cpus_per_trial=cpus, gpus_per_trial=gpus, workers_per_trial=workers,
+        max_concurrent_trials=_int(m.get("max_concurrent_trials", 2), "resources.max_concurrent_trials", minimum=1),
+        max_failures=_int(m.get("max_failures", 2), "resources.max_failures", minimum=0),
+    )
+
+
+def _deep_merge(base: dict, over: Mapping) -> dict:
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), Mapping):
+            base[k] = _deep_merge(dict(base[k]), v)
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
+def _mapping(v: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise SpecError(f"{where}: expected a mapping, got {type(v).__name__} {v!r}")
+    for k in v:
+        if not isinstance(k, str):
+            raise SpecError(f"{where}: keys must be strings, got {k!r}")
+    return v
+
+
+def _keys(m: Mapping, where: str, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    prefix = f"{where}." if where else ""
+    allowed = set(required) | set(optional)
+    for k in m:
+        if k not in allowed:
+            raise SpecError(f"{prefix}{k}: unknown key; expected one of {sorted(allowed)}")
+    for k in required:
+        if k not in m:
+            raise SpecError(f"{prefix}{k}: missing required key")
+
+
+def _str(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise SpecError(f"{where}: expected a string, got {v!r}")
+    return v
+
+
+def _str_list(v: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise SpecError(f"{where}: expected a list of strings, got {v!r}")
+    return tuple(_str(x, f"{where}[{i}]") for i, x in enumerate(v))
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise SpecError(f"{where}: expected true or false, got {v!r}")
+    return v
+
+
+def _int(v: Any, where: str, minimum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SpecError(f"{where}: expected an integer, got {v!r}")
+    if minimum is not None and v < minimum:
+        raise SpecError(f"{where}: expected an integer >= {minimum}, got {v}")
+    return v
+
+
+def _num(v: Any, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(f"{where}: expected a number, got {v!r}")
+    return float(v)
+
+
+def _choice(v: Any, choices: tuple[str, ...], where: str) -> str:
+    if v not in choices:
+        raise SpecError(f"{where}: unknown value {v!r}; expected one of {list(choices)}")
+    return v

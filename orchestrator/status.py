@@ -1,0 +1,104 @@
+"""What the user reads: the dry-run plan, a stage's progress, and where the results are."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from orchestrator.spec import ExperimentSpec
+from orchestrator.trials import expand_final, expand_sweep, estimate_hours, search_groups, trial_resources
+
+
+def plan(command: str, spec: ExperimentSpec, workdir: str) -> tuple[list, list]:
+    """(search groups, fixed trials) the command would run; searched rows in `final` show base values."""
+    groups, trials = [], []
+    has_search = spec.search is not None and bool(spec.searched_rows)
+    if command == "search" or (command == "run" and has_search):
+        groups = search_groups(spec)
+    if command == "sweep" or (command == "run" and not has_search):
+        trials = expand_sweep(spec, workdir)
+    if command == "final" or (command == "run" and has_search):
+        placeholder = {(g.row, g.dataset, g.point): {} for g in search_groups(spec)} if has_search else {}
+        trials = expand_final(spec, workdir, placeholder)
+    return groups, trials
+
+
+def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
+    out = opts.out
+    groups, trials = plan(command, spec, opts.workdir)
+    res = spec.resources
+    per_trial = trial_resources(spec)
+    if res.workers_per_trial > 1:
+        per_trial = {"workers": res.workers_per_trial, "cpu/worker": res.cpus_per_trial, "gpu/worker": res.gpus_per_trial}
+    print(f"spec {spec.name} ({spec.path}, hash {spec.hash}), protocol {spec.protocol}: dry run of `{command}`", file=out)
+    print(f"resources per trial {per_trial}, at most {res.max_concurrent_trials} at once, "
+          f"max_failures {res.max_failures}", file=out)
+    for g in groups:
+        ranges = ", ".join(f"{p.key} in {list(p.choices) if p.choices else [p.low, p.high]}{' log' if p.log else ''}"
+                           for p in spec.search.params)
+        print(f"search  {g.study}: {spec.search.n_trials} trials ({spec.search.sampler}, pruner {spec.search.pruner}, "
+              f"seed {spec.search.seed}, maximise {spec.search.metric}) over {ranges}", file=out)
+    for t in trials:
+        cfg = t.config
+        searched = " + searched values" if t.stage == "final" and spec.row(t.row).search else ""
+        print(f"{t.stage:6s}  {t.trial_id}: method {cfg.method.name}, dataset {t.dataset}, seed {t.seed}, "
+              f"epochs {cfg.train.epochs}{searched}{''.join(f', {k}={v}' for k, v in t.point)}", file=out)
+    est = estimate_hours(spec, trials, n_search=1 if groups else 0)
+    n = len(trials) + (len(groups) * spec.search.n_trials if groups else 0)
+    print(f"total: {n} trials, estimated {est['trial_hours']:.2f} trial-hours, "
+          f"{est['gpu_hours']:.2f} GPU-hours (rough: per-backbone step time × steps)", file=out)
+    return 0
+
+
+def print_status(spec: ExperimentSpec, opts) -> int:
+    from orchestrator.runner import tracker_for
+
+    out = opts.out
+    tracker = tracker_for(spec, opts)
+    print(f"spec {spec.name} (hash {spec.hash}), tracking {opts.tracking_uri}", file=out)
+    any_stage = False
+    for stage in ("search", "final", "sweep"):
+        run = tracker.latest_stage_run(stage)
+        if run is None:
+            continue
+        any_stage = True
+        counts: dict[str, int] = {}
+        for child in tracker.children(run.info.run_id):
+            s = child.data.tags.get("hisf.status", "running")
+            counts[s] = counts.get(s, 0) + 1
+        stale = " (hash differs from the spec now)" if run.data.tags.get("hisf.spec_hash") != spec.hash else ""
+        print(f"{stage:6s} run {run.info.run_id} {run.info.status}{stale}: "
+              f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no trials yet'}", file=out)
+        if stage == "search" and "hisf.study_tag" in run.data.tags:
+            import optuna
+
+            from orchestrator.search import storage
+
+            for g in search_groups(spec, run.data.tags["hisf.study_tag"]):
+                try:
+                    st = optuna.load_study(study_name=g.study, storage=storage(opts.optuna_storage))
+                except KeyError:
+                    print(f"  study {g.study}: not created yet", file=out)
+                    continue
+                states: dict[str, int] = {}
+                for t in st.trials:
+                    states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+                best = ""
+                if states.get("complete"):
+                    best = f", best {st.best_value:.2f} at {st.best_params}"
+                print(f"  study {g.study}: {states}{best}", file=out)
+    if not any_stage:
+        print("nothing has run yet", file=out)
+    return 0
+
+
+def print_where(spec: ExperimentSpec, opts) -> None:
+    out = opts.out
+    print("", file=out)
+    print("Where things are:", file=out)
+    print(f"  trial outputs:   {Path(opts.workdir) / 'runs' / spec.name}", file=out)
+    print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(opts.tracking_uri)} --host 127.0.0.1", file=out)
+    if spec.search is not None:
+        print(f"  Optuna dashboard: optuna-dashboard {shlex.quote(opts.optuna_storage)}", file=out)
+    print(f"  report:          hisf-bench report {shlex.quote(spec.path)}"
+          f" --tracking-uri {shlex.quote(opts.tracking_uri)}", file=out)

@@ -1,0 +1,172 @@
+"""MLflow tracking: one experiment per spec, a parent run per stage, one child run per trial (never two).
+
+Layout (docs/interfaces.md): parent runs tagged `hisf.stage`; child runs tagged `mlflow.parentRunId`,
+`hisf.trial_id` and the trial's facts, params = `TrialConfig.flatten()`, per-epoch metrics with
+step=epoch, final metrics, and the engine's artifacts. A retried or resumed trial finds its run by
+(parent run, `hisf.trial_id`) and continues it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+_MAX_BATCH = 900  # MLflow's log_batch limit is 1000 entries
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
+    """SQLite stores answer `database is locked` while another trial writes; wait and try again."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # mlflow wraps sqlalchemy errors in MlflowException
+            if i == attempts - 1 or "locked" not in str(e).lower():
+                raise
+            time.sleep(0.2 * (i + 1))
+
+
+class Tracker:
+    """Driver side: the experiment and the stage's parent run."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        exp = _retry(lambda: self.client.get_experiment_by_name(experiment))
+        if exp is None:
+            exp_id = _retry(lambda: self.client.create_experiment(experiment, artifact_location=artifact_root))
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+
+    def stage_run(self, stage: str, spec_hash: str, resume: bool, extra_tags: Mapping[str, str] | None = None) -> str:
+        """The stage's parent run: with `resume`, the latest one of this stage (continued); else a new one."""
+        if resume:
+            runs = _retry(lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`hisf.stage` = '{stage}' and tags.`hisf.kind` = 'stage'",
+                order_by=["attributes.start_time DESC"], max_results=1))
+            if runs:
+                run_id = runs[0].info.run_id
+                _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+                return run_id
+        tags = {"hisf.stage": stage, "hisf.kind": "stage", "hisf.spec_hash": spec_hash, "hisf.git_commit": git_commit()}
+        tags.update(extra_tags or {})
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=stage))
+        return run.info.run_id
+
+    def latest_stage_run(self, stage: str, finished_only: bool = False):
+        flt = f"tags.`hisf.stage` = '{stage}' and tags.`hisf.kind` = 'stage'"
+        if finished_only:
+            flt += " and attributes.status = 'FINISHED'"
+        runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string=flt,
+                                                      order_by=["attributes.start_time DESC"], max_results=1))
+        return runs[0] if runs else None
+
+    def children(self, parent_run_id: str) -> list:
+        out, token = [], None
+        while True:
+            page = _retry(lambda: self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                max_results=1000, page_token=token))
+            out.extend(page)
+            token = page.token
+            if not token:
+                return out
+
+    def finished_trials(self, parent_run_id: str) -> dict[str, Any]:
+        """trial_id -> child run, for trials whose run says `hisf.status = finished` (or pruned)."""
+        return {r.data.tags["hisf.trial_id"]: r for r in self.children(parent_run_id)
+                if r.data.tags.get("hisf.status") in ("finished", "pruned") and "hisf.trial_id" in r.data.tags}
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def end_stage(self, run_id: str, status: str = "FINISHED") -> None:
+        _retry(lambda: self.client.set_terminated(run_id, status))
+
+
+class TrialRun:
+    """Worker side: the child run of one trial, found or created by (parent, trial id)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
+                 tags: Mapping[str, Any], params: Mapping[str, Any]):
+        self.client = MlflowClient(tracking_uri)
+        flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`hisf.trial_id` = '{trial_id}'"
+        found = _retry(lambda: self.client.search_runs([experiment_id], filter_string=flt, max_results=1))
+        if found:
+            self.run_id = found[0].info.run_id
+            self.resumed = True
+            logged = found[0].data.params
+            _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        else:
+            all_tags = {"mlflow.parentRunId": parent_run_id, "hisf.trial_id": trial_id, "hisf.status": "running"}
+            all_tags.update({k: str(v) for k, v in tags.items()})
+            run = _retry(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=trial_id))
+            self.run_id = run.info.run_id
+            self.resumed = False
+            logged = {}
+        # A param may be logged once; a resumed run re-logs only what is missing (same values anyway).
+        todo = [Param(k, _param_str(v)) for k, v in params.items() if k not in logged]
+        for i in range(0, len(todo), _MAX_BATCH):
+            chunk = todo[i:i + _MAX_BATCH]
+            _retry(lambda: self.client.log_batch(self.run_id, params=chunk))
+
+    def next_attempt(self) -> int:
+        """1 on a trial's first start, +1 on each retry or resume (kept as the `hisf.attempts` tag)."""
+        run = _retry(lambda: self.client.get_run(self.run_id))
+        return int(run.data.tags.get("hisf.attempts", "0")) + 1
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        for i in range(0, len(ms), _MAX_BATCH):
+            chunk = ms[i:i + _MAX_BATCH]
+            _retry(lambda: self.client.log_batch(self.run_id, metrics=chunk))
+
+    def log_artifacts(self, artifacts: Mapping[str, str]) -> None:
+        for name, path in artifacts.items():
+            if path and Path(path).is_file():
+                _retry(lambda: self.client.log_artifact(self.run_id, path))
+            elif path and Path(path).is_dir():
+                _retry(lambda: self.client.log_artifacts(self.run_id, path, artifact_path=name))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        _retry(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def finish(self, status: str, metrics: Mapping[str, Any] | None = None) -> None:
+        self.set_tags({"hisf.status": status})
+        if metrics:
+            _retry(lambda: self.client.log_dict(self.run_id, dict(metrics), "final_metrics.json"))
+        _retry(lambda: self.client.set_terminated(self.run_id, "FINISHED" if status != "failed" else "FAILED"))
+
+    def fail(self, message: str) -> None:
+        self.set_tags({"hisf.status": "failed", "hisf.error": message[:4000]})
+        _retry(lambda: self.client.set_terminated(self.run_id, "FAILED"))
+
+
+def _param_str(v: Any) -> str:
+    s = json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
+    return s[:6000]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v

@@ -1,0 +1,213 @@
+"""Ray Tune: the function trainable that runs one trial (engine directly, or DDP through TorchTrainer) and the Tuner.
+
+A one-device trial runs `hisf.engine.run_trial` inside the Tune function; each epoch's metrics go to Tune
+and MLflow, and the engine's epoch checkpoint directory is the Tune checkpoint, so a retried trial
+(`max_failures`) continues from `tune.get_checkpoint()`. A multi-worker trial builds a Ray Train V2
+`TorchTrainer` inside the same function with `TuneReportCallback` (architecture.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from orchestrator.trials import Trial
+
+# Keys of the Tune result that are ours (the rest are the engine's metric names).
+STATUS_KEY = "hisf_status"
+FINAL_KEY = "hisf_final"
+
+
+class _Bridge:
+    """The engine callback that forwards epochs to Tune + MLflow and asks Optuna whether to prune."""
+
+    def __init__(self, trial: Trial, run, ctx: Mapping[str, Any], report_to_tune: bool):
+        self.trial, self.run, self.ctx = trial, run, ctx
+        self.report_to_tune = report_to_tune
+        self.pruned = False
+        self.artifacts: dict[str, str] = {}
+        self.last: dict[str, Any] = {}
+        self.track_seconds = 0.0
+        self._optuna_trial = None
+        if trial.study is not None:
+            from orchestrator.search import open_trial
+
+            self._optuna_trial = open_trial(ctx["optuna_storage"], trial.study, trial.optuna_trial_id,
+                                            ctx.get("pruner", "none"), ctx.get("startup_trials", 5))
+            # Cross-links: the study's trial names its MLflow run, the run carries optuna.* tags.
+            self._optuna_trial.set_user_attr("mlflow_run_id", run.run_id)
+            self._optuna_trial.set_user_attr("hisf_trial_id", trial.trial_id)
+            if ctx.get("pruner", "none") == "none":
+                self._optuna_trial = None
+
+    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
+        t0 = time.perf_counter()
+        self.last = dict(metrics)
+        self.run.log_metrics(metrics, step=epoch)
+        stop = False
+        if self._optuna_trial is not None and self.ctx["metric"] in metrics:
+            self._optuna_trial.report(float(metrics[self.ctx["metric"]]), epoch)
+            stop = self._optuna_trial.should_prune()
+        if self.report_to_tune:
+            from ray import tune
+
+            ckpt = None
+            if checkpoint_dir and Path(checkpoint_dir).is_dir():
+                ckpt = tune.Checkpoint.from_directory(checkpoint_dir)
+                rel = os.path.relpath(checkpoint_dir, self.trial.config.output_dir)
+                ckpt.set_metadata({"relpath": rel, "epoch": epoch})
+            tune.report({**_numbers(metrics), STATUS_KEY: "running", FINAL_KEY: False}, checkpoint=ckpt)
+        self.track_seconds += time.perf_counter() - t0
+        if stop:
+            from hisf.engine import StopTrial
+
+            self.pruned = True
+            raise StopTrial(f"pruned by Optuna at epoch {epoch}: {self.ctx['metric']}={metrics[self.ctx['metric']]}")
+
+    def on_progress(self, step: int, total: int, metrics: dict) -> None:
+        pass
+
+    def on_trial_end(self, metrics: dict, artifacts: dict) -> None:
+        self.artifacts = dict(artifacts)
+
+
+def trial_tags(trial: Trial, ctx: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = trial.config
+    tags = {
+        "hisf.spec": ctx["spec_name"], "hisf.spec_hash": ctx["spec_hash"], "hisf.stage": trial.stage,
+        "hisf.row": trial.row, "hisf.dataset": trial.dataset, "hisf.method": cfg.method.name,
+        "hisf.seed": trial.seed, "hisf.depth": cfg.method.depth, "hisf.protocol": cfg.protocol,
+        "hisf.git_commit": ctx["git_commit"],
+    }
+    if trial.study is not None:
+        tags.update({"optuna.study": trial.study, "optuna.trial_number": trial.optuna_number,
+                     "optuna.storage": ctx.get("optuna_storage_display", "")})
+    return tags
+
+
+def _restore_checkpoint(trial: Trial) -> int | None:
+    """Put Tune's last checkpoint where the engine looks, when this node's output folder lacks it.
+
+    Returns the number of epochs the checkpoint holds (None on a first attempt).
+    """
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    meta = ckpt.get_metadata() or {}
+    rel = meta.get("relpath")
+    if rel:
+        dest = Path(trial.config.output_dir) / rel
+        if not dest.is_dir():
+            with ckpt.as_directory() as src:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(src, dest)
+    return int(meta.get("epoch", -1)) + 1
+
+
+def tune_trainable(config: dict) -> None:
+    """The Tune function trainable: config = {"trial": Trial.payload(), "ctx": run context}."""
+    from ray import tune
+
+    from orchestrator.tracking import TrialRun
+
+    started = time.perf_counter()
+    trial = Trial.from_payload(config["trial"])
+    ctx = config["ctx"]
+    import ray
+
+    run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
+                   trial_tags(trial, ctx), trial.config.flatten())
+    resumed_epochs = _restore_checkpoint(trial)
+    attempt = run.next_attempt()
+    run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt})
+    if resumed_epochs is not None:
+        run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=attempt)
+    Path(trial.config.output_dir).mkdir(parents=True, exist_ok=True)
+    # Lets an operator (or the fault-injection test) find the process that runs this trial.
+    (Path(trial.config.output_dir) / "worker.pid").write_text(str(os.getpid()))
+    workers = int(ctx.get("workers_per_trial", 1))
+    bridge = _Bridge(trial, run, ctx, report_to_tune=workers == 1)
+    t0 = time.perf_counter()
+    try:
+        if workers > 1:
+            final, bridge.artifacts = _fit_ddp(trial, ctx, config)
+        else:
+            final = _run_engine(trial, bridge)
+    except Exception as e:
+        run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        raise
+    # The engine's own time excludes what our callback spent tracking and reporting inside it.
+    engine_seconds = time.perf_counter() - t0 - bridge.track_seconds
+    status = "pruned" if bridge.pruned else "finished"
+    final = _numbers(final or bridge.last)
+    run.log_metrics(final, step=int(final.get("epoch", trial.config.train.epochs)))
+    run.log_artifacts(bridge.artifacts)
+    overhead = time.perf_counter() - started - engine_seconds
+    run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
+    run.finish(status)
+    tune.report({**final, STATUS_KEY: status, FINAL_KEY: True, "engine_seconds": engine_seconds,
+                 "orchestration_seconds": overhead})
+
+
+def _run_engine(trial: Trial, bridge: _Bridge) -> dict:
+    from hisf.engine import StopTrial, run_trial
+
+    try:
+        return run_trial(trial.config, callbacks=[bridge], resume=True)
+    except StopTrial:
+        if not bridge.pruned:
+            raise
+        return dict(bridge.last)
+
+
+def _ddp_worker(loop_config: dict) -> None:
+    """One Ray Train worker: TorchTrainer has set up the process group; rank 0 tracks to MLflow."""
+    import ray.train
+
+    from orchestrator.tracking import TrialRun
+
+    trial = Trial.from_payload(loop_config["trial"])
+    ctx = loop_config["ctx"]
+    rank = ray.train.get_context().get_world_rank()
+    bridge = None
+    if rank == 0:
+        run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
+                       trial_tags(trial, ctx), trial.config.flatten())
+        bridge = _Bridge(trial, run, ctx, report_to_tune=False)
+    from hisf.engine import run_trial
+
+    final = run_trial(trial.config, callbacks=[bridge] if bridge else [], resume=True)
+    # Train V2: every worker calls report the same number of times; rank 0's metrics reach Tune.
+    ray.train.report({**_numbers(final or {}), "artifacts": dict(bridge.artifacts) if bridge else {}})
+
+
+def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    gpus = float(ctx.get("gpus_per_trial", 0))
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=int(ctx["workers_per_trial"]), use_gpu=gpus > 0,
+            resources_per_worker={"CPU": float(ctx.get("cpus_per_trial", 1)), **({"GPU": gpus} if gpus else {})}),
+        run_config=RunConfig(
+            name=f"{trial.trial_id}-ddp", storage_path=ctx["storage_path"],
+            failure_config=FailureConfig(max_failures=int(ctx.get("max_failures", 0))),
+            callbacks=[TuneReportCallback()]),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    return {k: v for k, v in metrics.items() if k != "artifacts"}, dict(metrics.get("artifacts") or {})
+
+
+def _numbers(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

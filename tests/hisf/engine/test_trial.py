@@ -1,0 +1,164 @@
+"""Whole tiny trials on demo shards: base-to-novel end to end, determinism, other protocols, callbacks, bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from conftest import tiny_trial, without_timing
+from hisf import checkpoint as ckpt
+from hisf.config import ConfigError, replace_path
+from hisf.distributed import DistEnv
+from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial
+from hisf.evaluation import accuracy, harmonic_mean
+
+CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
+
+
+class Recorder(TrialCallback):
+    def __init__(self, stop_at_epoch: int | None = None):
+        self.epochs, self.progress, self.end = [], [], None
+        self.stop_at_epoch = stop_at_epoch
+
+    def on_epoch_end(self, epoch, metrics, checkpoint_dir):
+        state = torch.load(f"{checkpoint_dir}/state.pt", weights_only=True)
+        self.epochs.append((epoch, metrics, state["epoch"]))
+        if epoch == self.stop_at_epoch:
+            raise StopTrial("pruned")
+
+    def on_progress(self, step, total, metrics):
+        self.progress.append((step, total, metrics))
+
+    def on_trial_end(self, metrics, artifacts):
+        self.end = (metrics, artifacts)
+
+
+def test_base2new_trial_end_to_end(demo_root, tmp_path):
+    from data_shards import make_loader, open_dataset
+    from hisf.backbone import load_backbone
+    from hisf.methods import build_method
+
+    cfg = tiny_trial(demo_root, tmp_path / "run")
+    rec = Recorder()
+    t0 = time.perf_counter()
+    result = run_trial(cfg, [rec])
+    assert time.perf_counter() - t0 < 60
+
+    # 3 base classes x 4 shots = 12 samples, batch 4: 3 steps per epoch, 2 epochs.
+    assert [(s, t) for s, t, _ in rec.progress] == [(i, 6) for i in range(1, 7)]
+    assert [(e, state_epoch) for e, _, state_epoch in rec.epochs] == [(0, 1), (1, 2)]
+    assert rec.epochs[0][1]["lr"] == pytest.approx(1e-5) and rec.epochs[1][1]["lr"] == pytest.approx(0.05)
+    for key in ("train/loss", "train/loss_cls", "train/loss_le", "train/loss_sa", "val_acc", "skipped_steps"):
+        assert key in rec.epochs[1][1]
+    # eq. 12 with λ1 = λ2 = 1 holds for the epoch means too.
+    m = rec.epochs[1][1]
+    assert m["train/loss"] == pytest.approx(m["train/loss_cls"] + m["train/loss_le"] + m["train/loss_sa"], rel=1e-5)
+
+    assert result["hm"] == pytest.approx(harmonic_mean(result["base_acc"], result["novel_acc"]))
+    # 3 classes x 6 test images each side: accuracies are multiples of 100/18.
+    for key in ("base_acc", "novel_acc"):
+        assert (result[key] * 18 / 100) == pytest.approx(round(result[key] * 18 / 100), abs=1e-9)
+    assert result["val_acc"] == rec.epochs[1][1]["val_acc"]
+    assert result["skipped_steps"] == 0
+    metrics, artifacts = rec.end
+    assert metrics == result
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final"] == result
+    assert set(artifacts) == {"prompts", "config", "metrics"}
+
+    # The exported prompts alone reproduce the base and novel accuracies on a freshly built model.
+    ds = open_dataset(demo_root / "demo")
+    backbone = load_backbone(cfg.backbone)
+    model = build_method(cfg.method, backbone, ds.select("train", 4, 1, "base").classnames, template=ds.template)
+    init = model.trainable_state_dict()
+    payload = ckpt.load_prompts(artifacts["prompts"], model, cfg)
+    assert result["trainable_params"] == sum(v.numel() for v in payload["trainable"].values())
+    assert any(not torch.equal(init[k], v) for k, v in payload["trainable"].items())
+    for classes, key in (("base", "base_acc"), ("novel", "novel_acc")):
+        test = ds.select("test", None, 1, classes)
+        model.set_classnames(test.classnames, template=ds.template)
+        loader = make_loader(test, train=False, batch_size=7, image_size=backbone.image_size, mean=backbone.mean,
+                             std=backbone.std)
+        assert accuracy(model, loader, CPU1) == pytest.approx(result[key], abs=1e-9)
+
+
+def test_same_config_twice_gives_identical_metrics(demo_root, tmp_path):
+    a = run_trial(tiny_trial(demo_root, tmp_path / "a", train={"epochs": 1}))
+    b = run_trial(tiny_trial(demo_root, tmp_path / "b", train={"epochs": 1}))
+    assert without_timing(a) == without_timing(b)
+    pa = torch.load(tmp_path / "a" / "prompts.pt", weights_only=True)["trainable"]
+    pb = torch.load(tmp_path / "b" / "prompts.pt", weights_only=True)["trainable"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    c = run_trial(tiny_trial(demo_root, tmp_path / "c", seed=2, train={"epochs": 1}))
+    assert c["train/loss"] != a["train/loss"]
+
+
+def test_cross_dataset_and_zeroshot(demo_root, tmp_path):
+    # Target = the source itself: its target accuracy must equal the source test accuracy.
+    cross = run_trial(tiny_trial(demo_root, tmp_path / "x", protocol="cross_dataset", method={"name": "maple"},
+                                 data={"targets": ["demo"]}, train={"epochs": 1}))
+    assert cross["target/demo"] == cross["acc"]
+    assert {"acc", "val_acc", "target/demo", "trainable_params"} <= set(cross)
+    zs = run_trial(tiny_trial(demo_root, tmp_path / "z", method={"name": "zeroshot"}))
+    assert zs["trainable_params"] == 0 and zs["train_seconds"] == 0
+    assert zs["hm"] == pytest.approx(harmonic_mean(zs["base_acc"], zs["novel_acc"]))
+
+
+def test_stop_trial_from_a_callback_stops_after_that_epoch(demo_root, tmp_path):
+    rec = Recorder(stop_at_epoch=0)
+    result = run_trial(tiny_trial(demo_root, tmp_path / "s", train={"epochs": 3}), [rec])
+    assert result["stopped"] == 1.0 and result["epoch"] == 0
+    assert [e for e, _, _ in rec.epochs] == [0] and rec.end is None
+    assert not (tmp_path / "s" / "metrics.json").exists()
+    # The trial resumes from the pruned epoch's checkpoint when run again.
+    rec2 = Recorder()
+    run_trial(tiny_trial(demo_root, tmp_path / "s", train={"epochs": 3}), [rec2])
+    assert [e for e, _, _ in rec2.epochs] == [1, 2]
+
+
+def test_nan_guard_stops_a_diverging_trial(demo_root, tmp_path):
+    # lr 1e30 blows the prompts up after the warm-up epoch; the guard must stop the trial, not train on.
+    cfg = tiny_trial(demo_root, tmp_path / "nan", train={"epochs": 3, "warmup_epochs": 0, "lr": 1e30,
+                                                          "max_nonfinite_steps": 2})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss for 2 steps in a row"):
+        run_trial(cfg)
+
+
+def test_bad_input_fails_before_training(demo_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.dataset: no built dataset 'caltech101' at .*caltech101"):
+        run_trial(tiny_trial(demo_root, tmp_path / "a", data={"dataset": "caltech101"}))
+    with pytest.raises(ConfigError, match=r"data.targets\[0\]: no built dataset 'dtd'"):
+        run_trial(tiny_trial(demo_root, tmp_path / "a", protocol="cross_dataset", data={"targets": ["dtd"]}))
+    with pytest.raises(ConfigError, match=r"train.batch_size: 16 per rank x 1 rank\(s\) = 16 is more than the 12"):
+        run_trial(tiny_trial(demo_root, tmp_path / "a", train={"batch_size": 16}))
+    with pytest.raises(ConfigError, match=r"train.precision: unknown value 'fp8'"):
+        tiny_trial(demo_root, tmp_path / "a", train={"precision": "fp8"})
+    with pytest.raises(ConfigError, match=r"train.epoch: unknown key"):
+        tiny_trial(demo_root, tmp_path / "a", train={"epoch": 3})
+    assert not (tmp_path / "a").exists()
+    # A checkpoint from another trial config in the same output_dir is refused, not silently reused.
+    cfg = tiny_trial(demo_root, tmp_path / "b", train={"epochs": 1})
+    run_trial(cfg)
+    with pytest.raises(ConfigError, match=r"method.lambda_le is 1.0 there, 0.5 now"):
+        run_trial(replace_path(cfg, "method.lambda_le", 0.5))
+
+
+def test_cli_runs_a_trial_and_reports_config_errors(demo_root, tmp_path, capsys):
+    import yaml
+
+    from conftest import tiny_trial_dict
+    from hisf.train import main
+
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(tiny_trial_dict(demo_root, tmp_path / "cli", method={"name": "zeroshot"})))
+    assert main([str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "cli" / "metrics.json").read_text())["final"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**tiny_trial_dict(demo_root, tmp_path), "seeds": 3}))
+    assert main([str(bad)]) == 2
+    assert "seeds: unknown key" in capsys.readouterr().err
+    assert main([str(path), "--set", "method.depth=0"]) == 2
+    assert "method.depth: expected an integer >= 1, got 0" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""Helpers for orchestrator tests: small specs, the CLI in a subprocess, process bookkeeping, MLflow queries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_spec(path: Path, demo_root: Path, rows, search=None, seeds=(1,), epochs=2, shots=4,
+               max_concurrent=2, max_failures=2, name="t") -> Path:
+    spec = {
+        "name": name, "protocol": "base2new",
+        "data": {"root": str(demo_root), "datasets": ["demo"], "shots": shots},
+        "base": {"backbone": {"name": "hisf-tiny", "pretrained": None}, "device": "cpu",
+                 "train": {"epochs": epochs, "batch_size": 4, "precision": "fp32", "warmup_epochs": 0,
+                           "eval_batch_size": 64, "log_every": 0}},
+        "rows": rows,
+        "final": {"seeds": list(seeds)},
+        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": max_concurrent, "max_failures": max_failures},
+    }
+    if search:
+        spec["search"] = search
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_cli(args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=cwd, env=cli_env(),
+                         capture_output=True, text=True, timeout=timeout)
+    return out
+
+
+def _ppids() -> dict[int, int]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ')'.
+                out[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), read from /proc."""
+    ppids = _ppids()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in ppids.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def pids_with(marker: str) -> list[int]:
+    """Processes whose command line contains `marker` (a temp path unique to one test)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def kill_pids(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def mlflow_children(uri: str, experiment: str, stage: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    out = [r for r in runs if "hisf.trial_id" in r.data.tags]
+    if stage:
+        out = [r for r in out if r.data.tags.get("hisf.stage") == stage]
+    return out

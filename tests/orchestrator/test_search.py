@@ -1,0 +1,123 @@
+"""Optuna plumbing on real SQLite storage: the searcher asks/tells studies, resumes orphans, reads best values."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from ray.tune.search import Searcher
+
+from orchestrator.search import StudySearcher, best_values, default_storage, open_trial
+from orchestrator.spec import SpecError, parse_spec
+from orchestrator.trials import search_groups
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec(n_trials=3, datasets=("demo",)):
+    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw["search"]["n_trials"] = n_trials
+    raw["data"]["datasets"] = list(datasets)
+    return parse_spec(raw)
+
+
+def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
+    s = spec(n_trials=3, datasets=("demo", "demo2"))
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "tagA")
+    searcher = StudySearcher(s, groups, url, str(tmp_path), ctx={"k": 1})
+    configs = []
+    while True:
+        c = searcher.suggest(f"tune{len(configs)}")
+        if c == Searcher.FINISHED:
+            break
+        configs.append(c)
+    assert len(configs) == 6  # 3 per study, 2 studies
+    assert {c["trial"]["study"] for c in configs} == {g.study for g in groups}
+    for c in configs:
+        lam = c["trial"]["config"]["method"]["lambda_le"]
+        assert 0.0 <= lam <= 2.0 and c["ctx"] == {"k": 1}
+    # tell: one value each, one pruned, one failed
+    for i, c in enumerate(configs):
+        if i == 4:
+            searcher.on_trial_complete(f"tune{i}", {"val_acc": 10.0, "hisf_status": "pruned"})
+        elif i == 5:
+            searcher.on_trial_complete(f"tune{i}", None, error=True)
+        else:
+            searcher.on_trial_complete(f"tune{i}", {"val_acc": 10.0 * (i + 1), "hisf_status": "finished"})
+    storage = optuna.storages.RDBStorage(url)
+    states = {}
+    for g in groups:
+        st = optuna.load_study(study_name=g.study, storage=storage)
+        states[g.dataset] = sorted(t.state.name for t in st.trials)
+    assert sum(len(v) for v in states.values()) == 6
+    assert sorted(sum(states.values(), [])).count("COMPLETE") == 4
+    best = best_values(url, groups)
+    # the best trial of each study is the one told the highest value; its params are what final runs
+    for g in groups:
+        st = optuna.load_study(study_name=g.study, storage=storage)
+        top = max((t for t in st.trials if t.value is not None), key=lambda t: t.value)
+        assert best[(g.row, g.dataset, g.point)] == top.params
+        assert set(top.params) == {"method.lambda_le", "method.lambda_sa"}
+
+
+def test_resume_reissues_orphaned_running_trials(tmp_path):
+    s = spec(n_trials=3)
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "tagB")
+    first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
+    a, b = first.suggest("t0"), first.suggest("t1")
+    first.on_trial_complete("t0", {"val_acc": 50.0, "hisf_status": "finished"})
+    # the driver dies here: trial b stays RUNNING in the study
+    again = StudySearcher(s, groups, url, str(tmp_path), ctx={})
+    assert [t.trial_id for t in again.pending] == [b["trial"]["trial_id"]]
+    c = again.suggest("r0")
+    assert c["trial"]["trial_id"] == b["trial"]["trial_id"]
+    assert c["trial"]["config"] == b["trial"]["config"]  # same values, same output folder (checkpoint resumes)
+    assert c["trial"]["optuna_number"] == 1
+    d = again.suggest("r1")
+    assert d["trial"]["optuna_number"] == 2
+    assert again.suggest("r2") == Searcher.FINISHED  # 3 trials in all, the finished one not rerun
+
+
+def test_resume_tells_trials_whose_run_finished(tmp_path):
+    s = spec(n_trials=2)
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "tagC")
+    first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
+    a = first.suggest("t0")
+    tid = a["trial"]["trial_id"]
+    again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, finished={tid: {"val_acc": 77.0, "hisf_status": "finished"}})
+    assert again.pending == []
+    st = optuna.load_study(study_name=groups[0].study, storage=optuna.storages.RDBStorage(url))
+    assert st.trials[0].value == 77.0
+
+
+def test_worker_side_pruning_against_the_median(tmp_path):
+    s = spec(n_trials=10)
+    url = default_storage(tmp_path)
+    (g,) = search_groups(s, "tagD")
+    searcher = StudySearcher(s, [g], url, str(tmp_path), ctx={})
+    # a previous completed trial with a good curve; startup_trials=2 in the demo spec, so two are needed
+    for i in range(2):
+        c = searcher.suggest(f"g{i}")
+        t = open_trial(url, g.study, c["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+        for epoch in range(2):
+            t.report(80.0 + epoch, epoch)
+        searcher.on_trial_complete(f"g{i}", {"val_acc": 81.0})
+    c = searcher.suggest("bad")
+    t = open_trial(url, g.study, c["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+    t.report(20.0, 0)
+    assert t.should_prune()
+    c2 = searcher.suggest("good")
+    t2 = open_trial(url, g.study, c2["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+    t2.report(95.0, 0)
+    assert not t2.should_prune()
+
+
+def test_best_values_needs_a_completed_trial(tmp_path):
+    s = spec()
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "none")
+    with pytest.raises(SpecError, match="not found"):
+        best_values(url, groups)
