@@ -15,18 +15,20 @@ __all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hisf-bench report", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("spec", help="experiment spec (experiments/*.yaml)")
+    parser.add_argument("--workdir", default="hisf-bench",
+                        help="the run commands' --workdir, where the default stores are (default: ./hisf-bench)")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: sqlite:///<cwd>/hisf-bench/mlflow.db)")
-    parser.add_argument("--storage", default=None,
-                        help="Optuna storage URL (default: sqlite:///<cwd>/hisf-bench/optuna.db)")
-    parser.add_argument("--out", default=None, help="report folder (default: hisf-bench/reports/<spec name>)")
+                        help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    parser.add_argument("--storage", "--optuna-storage", dest="storage", default=None,
+                        help="Optuna storage URL (default: sqlite:///<workdir>/optuna.db)")
+    parser.add_argument("--out", default=None, help="report folder (default: <workdir>/reports/<spec name>)")
     parser.add_argument("--ui-url", default=DEFAULT_UI_URL, help=f"MLflow UI address for links (default {DEFAULT_UI_URL})")
     args = parser.parse_args(argv)
     try:
         plan = load_plan(args.spec)
-        out = Path(args.out) if args.out else Path("hisf-bench") / "reports" / plan.name
-        tracking_uri = args.tracking_uri or default_tracking_uri()
-        storage = args.storage or default_storage()
+        out = Path(args.out) if args.out else Path(args.workdir) / "reports" / plan.name
+        tracking_uri = args.tracking_uri or default_tracking_uri(args.workdir)
+        storage = args.storage or default_storage(args.workdir)
         report = build_report(plan, out, tracking_uri, storage, args.ui_url)
     except (ReportError, ValueError) as e:
         print(f"hisf-bench report: {e}", file=sys.stderr)

@@ -16,12 +16,13 @@ from .tables import Table, build_table
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
-def default_tracking_uri() -> str:
-    return f"sqlite:///{Path.cwd() / 'hisf-bench' / 'mlflow.db'}"
+def default_tracking_uri(workdir: str | Path = "hisf-bench") -> str:
+    # The same defaults as the run commands (orchestrator.tracking / orchestrator.search).
+    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def default_storage() -> str:
-    return f"sqlite:///{Path.cwd() / 'hisf-bench' / 'optuna.db'}"
+def default_storage(workdir: str | Path = "hisf-bench") -> str:
+    return f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 SHAPES = ("base2new", "cross_dataset", "domain_generalization", "ablation_modules", "ablation_losses", "ablation_depth")
 BASE2NEW_METRICS = ("base_acc", "novel_acc", "hm")
 # The 11 datasets of Table 1 (protocols.md); a base-to-novel average over other sets is labelled as such.
@@ -61,99 +59,56 @@ class ReportPlan:
 
 
 def load_plan(path: str | Path) -> ReportPlan:
-    """Read a spec file into a ReportPlan, validating it with the orchestrator's own spec loader first."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"{path}: spec file not found")
+    """Read and validate a spec file with the orchestrator's own loader, then derive the report plan."""
     from orchestrator.spec import load_spec
 
-    load_spec(path)  # the full validation (key paths, values) is the spec loader's job, done once there
-    with path.open() as f:
-        raw = yaml.safe_load(f)
-    try:
-        return plan_from_dict(raw)
-    except ReportError as e:
-        raise ReportError(f"{path}: {e}") from None
+    return plan_from_spec(load_spec(path))
 
 
 def plan_from_dict(raw: Any) -> ReportPlan:
-    """Build the plan from a spec mapping (the YAML shape of docs/interfaces.md)."""
-    if not isinstance(raw, dict):
-        raise ReportError(f"expected a mapping at the top level, got {type(raw).__name__}")
-    name = _get(raw, "name", str)
-    protocol = _get(raw, "protocol", str)
-    shape = raw.get("report", protocol if protocol in SHAPES else None)
-    if shape not in SHAPES:
-        raise ReportError(f"report: unknown report shape {shape!r}; expected one of {list(SHAPES)}")
-    data = _get(raw, "data", dict)
-    datasets = tuple(_get(data, "datasets", list, "data"))
-    if not datasets:
-        raise ReportError("data.datasets: expected at least one dataset")
-    targets = tuple(data.get("targets") or ())
-    if protocol in ("cross_dataset", "domain_generalization") and not targets:
-        raise ReportError(f"data.targets: protocol {protocol!r} needs target datasets")
-    rows_raw = _get(raw, "rows", list)
-    rows, search_rows = [], []
-    for i, r in enumerate(rows_raw):
-        if not isinstance(r, dict) or not isinstance(r.get("name"), str):
-            raise ReportError(f"rows[{i}].name: expected a row name, got {r!r}")
-        if r["name"] in rows:
-            raise ReportError(f"rows[{i}].name: duplicated row name {r['name']!r}")
-        rows.append(r["name"])
-        if r.get("search"):
-            search_rows.append(r["name"])
-    grid = raw.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise ReportError(f"grid: expected a mapping of dotted keys to lists, got {grid!r}")
-    grid_keys = tuple(k for k, v in grid.items() if k != "seed" and isinstance(v, list) and len(v) > 1)
-    combos = list(itertools.product(*[[_logged(v) for v in grid[k]] for k in grid_keys]))
-    variants = tuple(Variant(row, tuple(zip(grid_keys, combo))) for row in rows for combo in combos)
-    seeds = _seeds(raw, grid)
-    search = raw.get("search") or {}
-    if not isinstance(search, dict):
-        raise ReportError(f"search: expected a mapping, got {search!r}")
-    search_params = tuple((search.get("params") or {}).keys())
+    """A plan from a spec mapping (the YAML shape of docs/interfaces.md), validated by the spec parser."""
+    from orchestrator.spec import parse_spec
+
+    return plan_from_spec(parse_spec(raw))
+
+
+def plan_from_spec(spec: Any) -> ReportPlan:
+    """What the tables expect from a validated `orchestrator.spec.ExperimentSpec`."""
+    from hisf.config import TrialConfig, replace_path
+
+    from orchestrator.tracking import _param_str
+
+    if spec.report not in SHAPES:
+        raise ReportError(f"report: unknown report shape {spec.report!r}; expected one of {list(SHAPES)}")
+    grid = dict(spec.grid)
+    # Only grid keys with several values tell rows apart; the seed axis is the one tables average over.
+    grid_keys = tuple(k for k, v in spec.grid if k != "seed" and len(v) > 1)
+    variants = []
+    for row in spec.rows:
+        cfg = TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0]))
+        # Compare against params as the tracker logs them: the value coerced by the config (1 -> "1.0"
+        # for a float key), then written by the tracker's own formatter.
+        logged = [[_param_str(replace_path(cfg, k, v).flatten()[k]) for v in grid[k]] for k in grid_keys]
+        for combo in itertools.product(*logged):
+            variants.append(Variant(row.name, tuple(zip(grid_keys, combo))))
+    if spec.final is not None:
+        seeds = tuple(spec.final.seeds)
+    elif "seed" in grid:
+        seeds = tuple(grid["seed"])
+    else:
+        seeds = (int(spec.base.get("seed", 1)),)
+    search = spec.search
     return ReportPlan(
-        name=name,
-        shape=shape,
-        protocol=protocol,
-        datasets=datasets,
-        targets=targets,
-        rows=tuple(rows),
-        search_rows=tuple(search_rows),
-        variants=variants,
+        name=spec.name,
+        shape=spec.report,
+        protocol=spec.protocol,
+        datasets=tuple(spec.data.datasets),
+        targets=tuple(spec.data.targets),
+        rows=tuple(r.name for r in spec.rows),
+        search_rows=tuple(r.name for r in spec.rows if r.search),
+        variants=tuple(variants),
         grid_keys=grid_keys,
         seeds=seeds,
-        search_params=search_params,
-        search_metric=str(search.get("metric", "val_acc")),
+        search_params=tuple(p.key for p in search.params) if search else (),
+        search_metric=search.metric if search else "val_acc",
     )
-
-
-def _seeds(raw: dict, grid: dict) -> tuple[int, ...]:
-    # Tables hold the final stage's seeded runs (protocols.md: "only those runs enter the tables");
-    # a spec without a final stage takes its seeds from the grid, else the trial's single seed.
-    final = raw.get("final") or {}
-    if isinstance(final, dict) and final.get("seeds"):
-        seeds = final["seeds"]
-        where = "final.seeds"
-    elif "seed" in grid:
-        seeds, where = grid["seed"], "grid.seed"
-    else:
-        seeds, where = [(raw.get("base") or {}).get("seed", 1)], "base.seed"
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ReportError(f"{where}: expected a list of integer seeds, got {seeds!r}")
-    return tuple(seeds)
-
-
-def _logged(value: Any) -> str:
-    # MLflow stores params as str(value); the grid's YAML values are compared in that form.
-    return str(value)
-
-
-def _get(d: dict, key: str, tp: type, prefix: str = "") -> Any:
-    where = f"{prefix}.{key}" if prefix else key
-    if key not in d:
-        raise ReportError(f"{where}: missing")
-    if not isinstance(d[key], tp):
-        raise ReportError(f"{where}: expected a {tp.__name__}, got {d[key]!r}")
-    return d[key]

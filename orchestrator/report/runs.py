@@ -37,6 +37,8 @@ class TrialRun:
 class TrackedRuns:
     experiment_id: str
     runs: tuple[TrialRun, ...]
+    # Study names of the latest search stage (its parent run's `optuna.studies` tag), None if no stage says.
+    studies: tuple[str, ...] | None = None
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -66,8 +68,18 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
             output_format="list",
             order_by=["attributes.start_time DESC"],
         )
+        stages = mlflow.search_runs(
+            experiment_ids=[experiment.experiment_id],
+            filter_string="tags.`hisf.kind` = 'stage' and tags.`hisf.stage` = 'search'",
+            output_format="list",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     finally:
         mlflow.set_tracking_uri(previous)
+    studies = None
+    if stages and stages[0].data.tags.get("optuna.studies"):
+        studies = tuple(stages[0].data.tags["optuna.studies"].split(","))
     runs = []
     for r in found:
         tags = dict(r.data.tags)
@@ -87,7 +99,7 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
                 tags=tags,
             )
         )
-    return TrackedRuns(experiment.experiment_id, tuple(runs))
+    return TrackedRuns(experiment.experiment_id, tuple(runs), studies)
 
 
 def table_runs(plan: ReportPlan, tracked: TrackedRuns) -> dict[tuple[Variant, str, int], TrialRun]:

@@ -27,16 +27,21 @@ class StudyReport:
     n_failed: int
 
 
-def study_names(plan: ReportPlan, storage: str) -> list[str]:
-    """The spec's studies in the storage: their names derive from the spec name (one per row and dataset)."""
+def study_names(plan: ReportPlan, storage: str, tracked: TrackedRuns) -> list[str]:
+    """The spec's current studies: those the latest search stage names, else every study named after the spec.
+
+    Study names are `<spec>:<row>:<dataset>[:<grid point>]:<tag>` (orchestrator.trials.search_groups);
+    the tag keeps a rerun's studies apart, so the latest search stage's list is the one to report.
+    """
     parsed = urlparse(storage)
     if parsed.scheme == "sqlite" and storage.startswith("sqlite:///"):
         db = Path(storage[len("sqlite:///"):])
         if not db.is_file():
             return []  # no study was ever created there; connecting would create an empty database
     names = optuna.study.get_all_study_names(storage=storage)
-    return sorted(n for n in names if n == plan.name or n.startswith(plan.name + "/")
-                  or n.startswith(plan.name + ":") or n.startswith(plan.name + "-") or n.startswith(plan.name + "_"))
+    if tracked.studies is not None:
+        return [n for n in tracked.studies if n in names]
+    return sorted(n for n in names if n == plan.name or n.startswith(plan.name + ":"))
 
 
 def write_study_reports(plan: ReportPlan, storage: str, out: Path, tracked: TrackedRuns,
@@ -44,7 +49,7 @@ def write_study_reports(plan: ReportPlan, storage: str, out: Path, tracked: Trac
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     reports = []
-    for name in study_names(plan, storage):
+    for name in study_names(plan, storage, tracked):
         study = optuna.load_study(study_name=name, storage=storage)
         reports.append(_one_study(study, plan, out, tracked, run_url))
     return reports

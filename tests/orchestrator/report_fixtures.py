@@ -105,8 +105,10 @@ def write_study(tmp_path: Path, name: str, n_trials: int = 8, with_mlflow=None):
     if with_mlflow is not None:  # cross-link trials to search-stage MLflow runs as the orchestrator does
         uri, exp = with_mlflow
         client = MlflowClient(tracking_uri=uri)
+        parent = client.create_run(exp, tags={"hisf.stage": "search", "hisf.kind": "stage",
+                                              "optuna.studies": name}).info.run_id
         for t in study.trials:
-            client.create_run(exp, tags={"hisf.stage": "search", "hisf.trial_id": f"search-{t.number}",
+            client.create_run(exp, tags={"mlflow.parentRunId": parent, "hisf.stage": "search", "hisf.trial_id": f"search-{t.number}",
                                          "hisf.row": "HISF", "hisf.dataset": "caltech101", "hisf.seed": "1",
                                          "optuna.study": name, "optuna.trial_number": str(t.number),
                                          "hisf.status": "finished"})

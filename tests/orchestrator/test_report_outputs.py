@@ -28,8 +28,9 @@ def depth_report(tmp_path_factory):
     spec = spec_dict(name="depth", grid={"method.depth": list(DEPTHS)}, report="ablation_depth")
     variants = [(("method.depth", str(d)),) for d in DEPTHS]
     uri, exp, runs = write_store(tmp, spec, skip={("HISF", "oxford_pets", 3)}, variants=variants)
-    storage, study = write_study(tmp, "depth/HISF/caltech101", with_mlflow=(uri, exp))
-    write_study(tmp, "other-spec/HISF/caltech101", n_trials=2)  # another spec's study: not reported
+    write_study(tmp, "depth:HISF:caltech101:0ldrun", n_trials=2)  # a previous search: not the latest stage's
+    storage, study = write_study(tmp, "depth:HISF:caltech101", with_mlflow=(uri, exp))
+    write_study(tmp, "other-spec:HISF:caltech101", n_trials=2)  # another spec's study: not reported
     report = build_report(plan_from_dict(spec), tmp / "report", uri, storage, ui_url="http://127.0.0.1:5999")
     return report, runs, study, uri, exp
 
@@ -65,7 +66,7 @@ def test_depth_rows_follow_the_grid(depth_report):
 
 def test_study_report_is_self_contained_with_best_params(depth_report):
     report, runs, study, uri, exp = depth_report
-    assert [s.study for s in report.studies] == ["depth/HISF/caltech101"]
+    assert [s.study for s in report.studies] == ["depth:HISF:caltech101"]
     s = report.studies[0]
     text = s.html.read_text()
     assert s.html.stat().st_size > 3_000_000  # plotly.js embedded: opens offline
@@ -88,7 +89,7 @@ def test_study_report_is_self_contained_with_best_params(depth_report):
 def test_study_with_one_trial_says_what_is_missing(tmp_path):
     spec = spec_dict(name="one")
     uri, exp, _ = write_store(tmp_path, spec)
-    storage, _ = write_study(tmp_path, "one/HISF/caltech101", n_trials=1)
+    storage, _ = write_study(tmp_path, "one:HISF:caltech101", n_trials=1)
     report = build_report(plan_from_dict(spec), tmp_path / "r", uri, storage)
     text = report.studies[0].html.read_text()
     assert ("<h2>Parameter importances</h2><p class='note'>Not available yet: needs at least 2 finished "
