@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import optuna
 from optuna.trial import TrialState
 
-from .plan import ReportError, ReportPlan
+from .plan import ReportPlan
 from .runs import TrackedRuns
 
 
@@ -152,7 +152,3 @@ Best parameters: <a href="{best_json.name}">{best_json.name}</a>.</p>
     return StudyReport(study.study_name, path, best_json, best.value if best else None,
                        dict(best.params) if best else {}, len(complete), n_pruned, n_failed)
 
-
-def check_storage(storage: str) -> None:
-    if not storage or "://" not in storage:
-        raise ReportError(f"--storage {storage!r}: expected an SQLAlchemy URL such as sqlite:///hisf-bench/optuna.db")

@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .plan import ReportPlan, Variant
+from .plan import PAPER_DATASETS, ReportPlan, Variant
 from .reference import AVERAGE, reference_cells
 from .runs import TrialRun
 
@@ -87,7 +87,8 @@ def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRu
                 row[TARGET_AVERAGE] = _derived([row[f"target/{t}"] for t in plan.targets], _mean, len(plan.seeds))
             sec.cells[v.label] = row
         sections.append(sec)
-    if not transfer and len(plan.datasets) > 1 or plan.protocol == "base2new":
+    # Table 1 leads with the average over datasets (base-to-novel always has it: the paper's rows live there).
+    if plan.protocol == "base2new" or (not transfer and len(plan.datasets) > 1):
         sections.insert(0, _average_section(plan, sections))
     for sec in sections:
         for ref_row, cells in reference_cells(plan.shape, plan.datasets[0], plan.targets).items():
@@ -100,7 +101,7 @@ def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRu
 def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
     columns = per_dataset[0].columns
     sec = Section(AVERAGE, columns)
-    if plan.shape == "base2new" and set(plan.datasets) != set(_paper_datasets()):
+    if plan.shape == "base2new" and set(plan.datasets) != set(PAPER_DATASETS):
         sec.note = (f"Average over the {len(plan.datasets)} dataset(s) of this spec; the paper's rows average "
                     "the 11 datasets of Table 1, so the difference is only indicative.")
     for label in (v.label for v in plan.variants):
@@ -115,12 +116,6 @@ def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
             row["hm"] = _derived([row["base_acc"], row["novel_acc"]], lambda xs: _hm(*xs), len(plan.seeds))
         sec.cells[label] = {col: row[col] for col in columns}
     return sec
-
-
-def _paper_datasets() -> tuple[str, ...]:
-    from .plan import PAPER_DATASETS
-
-    return PAPER_DATASETS
 
 
 def _run_cell(runs: dict[int, TrialRun], metric: str, expected: int, unfinished: list[TrialRun]) -> Cell:

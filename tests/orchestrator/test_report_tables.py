@@ -127,6 +127,8 @@ def test_cross_dataset_table_targets_and_reference(tmp_path):
     assert df.loc[("imagenet", "HISF − paper", "target/dtd")]["mean"] == pytest.approx(
         df.loc[("imagenet", "HISF", "target/dtd")]["mean"] - 45.91)
     assert df.loc[("imagenet", "MaPLe", "acc")]["n"] == 2
+    assert [p.name for p in report.figures] == ["bars_imagenet.png"]  # source + each target, rows as bars
+    assert report.figures[0].stat().st_size > 10_000
 
 
 def test_format_cell_shows_n_and_single_seed_std():
