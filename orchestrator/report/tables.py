@@ -101,9 +101,14 @@ def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRu
 def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
     columns = per_dataset[0].columns
     sec = Section(AVERAGE, columns)
+    notes = []
+    if "hm" in columns:
+        notes.append("HM here is the HM of the average base and novel accuracies (Table 1's convention), "
+                     "not the mean of the per-dataset HMs.")
     if plan.shape == "base2new" and set(plan.datasets) != set(PAPER_DATASETS):
-        sec.note = (f"Average over the {len(plan.datasets)} dataset(s) of this spec; the paper's rows average "
-                    "the 11 datasets of Table 1, so the difference is only indicative.")
+        notes.append(f"This averages the {len(plan.datasets)} dataset(s) of the spec; the paper's rows average "
+                     "the 11 datasets of Table 1, so the difference is only indicative.")
+    sec.note = " ".join(notes)
     for label in (v.label for v in plan.variants):
         row = {}
         for col in columns:
