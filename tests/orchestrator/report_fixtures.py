@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import numpy as np
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -51,7 +54,8 @@ def write_store(tmp_path: Path, spec: dict, skip=(), running=(), failed=(), vari
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment(spec["name"])
-    parent = client.create_run(exp, tags={"hisf.stage": stage, "hisf.spec": spec["name"]}).info.run_id
+    parent = client.create_run(exp, tags={"hisf.stage": stage, "hisf.kind": "stage",
+                                          "hisf.spec": spec["name"]}).info.run_id
     rng = np.random.default_rng(seed_rng)
     variants = variants or [()]
     runs = {}
@@ -113,3 +117,25 @@ def write_study(tmp_path: Path, name: str, n_trials: int = 8, with_mlflow=None):
                                          "optuna.study": name, "optuna.trial_number": str(t.number),
                                          "hisf.status": "finished"})
     return storage, study
+
+
+def png_colours(path: Path) -> int:
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    flat = (img[..., :3].reshape(-1, 3) * 255).astype(np.uint8)
+    return len(np.unique(flat, axis=0))
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "headless Chromium is required for the render test (Debian: apt-get install -y chromium)"
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def console_errors(stderr: str) -> list[str]:
+    # Chromium logs page console output as `...:CONSOLE:<line>] "<message>", source: ...`.
+    return [l for l in stderr.splitlines() if ":CONSOLE" in l and ("Uncaught" in l or "ERROR:CONSOLE" in l
+                                                                   or "Error" in l)]

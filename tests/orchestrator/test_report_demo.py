@@ -12,7 +12,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orch_helpers import run_cli, write_spec
-from tests.orchestrator.test_report_outputs import _chromium, _console_errors, _png_colours
+from tests.orchestrator.report_fixtures import chromium, console_errors, png_colours
 
 pytestmark = pytest.mark.timeout(500)
 ROWS = [
@@ -83,7 +83,7 @@ def test_report_of_a_real_demo_sweep(demo_sweep, tmp_path):
     assert avg.loc[("HISF − paper", "hm")]["mean"] == pytest.approx(avg.loc[("HISF", "hm")]["mean"] - 80.75)
 
     for png in (tmp_path / "rep" / "figures").glob("*.png"):
-        assert png.stat().st_size > 10_000 and _png_colours(png) > 50
+        assert png.stat().st_size > 10_000 and png_colours(png) > 50
     assert len(list((tmp_path / "rep" / "figures").glob("bars_*.png"))) == 3
     storage = f"sqlite:///{wd / 'optuna.db'}"
     studies = [s for s in optuna.study.get_all_study_names(storage) if s.startswith("rdemo:")]
@@ -96,7 +96,7 @@ def test_report_of_a_real_demo_sweep(demo_sweep, tmp_path):
     assert html.stat().st_size > 3_000_000
 
     shot = tmp_path / "shot.png"
-    proc = _chromium(["--window-size=1280,2000", f"--screenshot={shot}", (tmp_path / "rep" / "index.html").as_uri()],
+    proc = chromium(["--window-size=1280,2000", f"--screenshot={shot}", (tmp_path / "rep" / "index.html").as_uri()],
                      tmp_path / "profile")
-    assert proc.returncode == 0 and not _console_errors(proc.stderr)
-    assert _png_colours(shot) > 200
+    assert proc.returncode == 0 and not console_errors(proc.stderr)
+    assert png_colours(shot) > 200

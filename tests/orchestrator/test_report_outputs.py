@@ -5,19 +5,16 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
-import subprocess
-from pathlib import Path
 from urllib.parse import unquote
 
-import matplotlib.image as mpimg
 import numpy as np
-import optuna
 import pytest
 
 from orchestrator.report import build_report, plan_from_dict
 
-from tests.orchestrator.report_fixtures import spec_dict, write_store, write_study
+from tests.orchestrator.report_fixtures import (
+    chromium, console_errors, png_colours, spec_dict, write_store, write_study,
+)
 
 DEPTHS = (1, 3, 5)
 
@@ -35,20 +32,13 @@ def depth_report(tmp_path_factory):
     return report, runs, study, uri, exp
 
 
-def _png_colours(path: Path) -> int:
-    img = mpimg.imread(path)
-    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
-    flat = (img[..., :3].reshape(-1, 3) * 255).astype(np.uint8)
-    return len(np.unique(flat, axis=0))
-
-
 def test_figures_are_non_trivial_pngs(depth_report):
     report, *_ = depth_report
     names = sorted(p.name for p in report.figures)
     assert names == ["bars_base_acc.png", "bars_hm.png", "bars_novel_acc.png", "depth_curve.png"]
     for p in report.figures:
         assert p.stat().st_size > 10_000
-        assert _png_colours(p) > 50  # lines, bars, text: not a blank canvas
+        assert png_colours(p) > 50  # lines, bars, text: not a blank canvas
 
 
 def test_depth_rows_follow_the_grid(depth_report):
@@ -117,43 +107,28 @@ def test_index_cells_link_to_their_mlflow_runs(depth_report):
     assert "51 of 54 expected seeded runs finished" in index
 
 
-def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "headless Chromium is required for the render test (Debian: apt-get install -y chromium)"
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def _console_errors(stderr: str) -> list[str]:
-    # Chromium logs page console output as `...:CONSOLE:<line>] "<message>", source: ...`.
-    return [l for l in stderr.splitlines() if ":CONSOLE" in l and ("Uncaught" in l or "ERROR:CONSOLE" in l
-                                                                   or "Error" in l)]
-
-
 def test_report_renders_in_headless_chromium(depth_report, tmp_path):
     report, *_ = depth_report
     shot = tmp_path / "index.png"
-    proc = _chromium(["--window-size=1280,2400", f"--screenshot={shot}", report.index.resolve().as_uri()],
+    proc = chromium(["--window-size=1280,2400", f"--screenshot={shot}", report.index.resolve().as_uri()],
                      tmp_path / "profile1")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not _console_errors(proc.stderr)
-    assert shot.stat().st_size > 50_000 and _png_colours(shot) > 200
+    assert not console_errors(proc.stderr)
+    assert shot.stat().st_size > 50_000 and png_colours(shot) > 200
     # The study page draws its figures with plotly.js: the DOM after scripts ran holds the SVG plots.
     study_html = report.studies[0].html.resolve().as_uri()
-    proc = _chromium(["--virtual-time-budget=10000", "--dump-dom", study_html], tmp_path / "profile2")
+    proc = chromium(["--virtual-time-budget=10000", "--dump-dom", study_html], tmp_path / "profile2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not _console_errors(proc.stderr)
+    assert not console_errors(proc.stderr)
     assert proc.stdout.count('class="main-svg"') >= 10  # 5 figures, 2+ svg layers each
     shot = tmp_path / "study.png"
-    proc = _chromium(["--window-size=1280,2400", f"--screenshot={shot}", study_html], tmp_path / "profile3")
-    assert proc.returncode == 0 and not _console_errors(proc.stderr)
-    assert _png_colours(shot) > 200
+    proc = chromium(["--window-size=1280,2400", f"--screenshot={shot}", study_html], tmp_path / "profile3")
+    assert proc.returncode == 0 and not console_errors(proc.stderr)
+    assert png_colours(shot) > 200
 
 
 def test_console_error_detection_catches_a_broken_page(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text("<html><body><script>undefinedFunction();</script>x</body></html>")
-    proc = _chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
-    assert len(_console_errors(proc.stderr)) == 1
+    proc = chromium(["--dump-dom", page.as_uri()], tmp_path / "profile")
+    assert len(console_errors(proc.stderr)) == 1
