@@ -135,6 +135,9 @@ class TrialRun:
         run = _retry(lambda: self.client.get_run(self.run_id))
         return int(run.data.tags.get("hisf.attempts", "0")) + 1
 
+    def logged_steps(self, key: str) -> set[int]:
+        return {m.step for m in _retry(lambda: self.client.get_metric_history(self.run_id, key))}
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
         ms = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]

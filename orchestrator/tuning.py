@@ -148,11 +148,27 @@ def tune_trainable(config: dict) -> None:
     final = _numbers(final or bridge.last)
     run.log_metrics(final, step=int(final.get("epoch", trial.config.train.epochs)))
     run.log_artifacts(bridge.artifacts)
+    if attempt > 1:
+        _backfill_epochs(run, bridge.artifacts.get("metrics"))
     overhead = time.perf_counter() - started - engine_seconds
     run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
     run.finish(status)
     tune.report({**final, STATUS_KEY: status, FINAL_KEY: True, "engine_seconds": engine_seconds,
                  "orchestration_seconds": overhead})
+
+
+def _backfill_epochs(run, metrics_json: str | None) -> None:
+    """A kill between the engine's checkpoint and our epoch log loses that epoch's metrics; the engine's
+    metrics.json holds every epoch, so log the ones the run is missing."""
+    import json
+
+    if not metrics_json or not Path(metrics_json).is_file():
+        return
+    epochs = json.loads(Path(metrics_json).read_text()).get("epochs", [])
+    logged = run.logged_steps("train/loss")
+    for m in epochs:
+        if "epoch" in m and int(m["epoch"]) not in logged:
+            run.log_metrics(m, step=int(m["epoch"]))
 
 
 def _run_engine(trial: Trial, bridge: _Bridge) -> dict:
