@@ -1,0 +1,44 @@
+"""`hisf-bench report SPEC`: the paper's tables, figures and Optuna study reports from tracked runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .build import DEFAULT_UI_URL, Report, build_report, default_storage, default_tracking_uri
+from .plan import ReportError, ReportPlan, load_plan, plan_from_dict
+
+__all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_plan", "plan_from_dict"]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hisf-bench report", description=__doc__.split(":", 1)[1].strip())
+    parser.add_argument("spec", help="experiment spec (experiments/*.yaml)")
+    parser.add_argument("--workdir", default="hisf-bench",
+                        help="the run commands' --workdir, where the default stores are (default: ./hisf-bench)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
+    parser.add_argument("--storage", "--optuna-storage", dest="storage", default=None,
+                        help="Optuna storage URL (default: sqlite:///<workdir>/optuna.db)")
+    parser.add_argument("--out", default=None, help="report folder (default: <workdir>/reports/<spec name>)")
+    parser.add_argument("--ui-url", default=DEFAULT_UI_URL, help=f"MLflow UI address for links (default {DEFAULT_UI_URL})")
+    args = parser.parse_args(argv)
+    try:
+        plan = load_plan(args.spec)
+        out = Path(args.out) if args.out else Path(args.workdir) / "reports" / plan.name
+        tracking_uri = args.tracking_uri or default_tracking_uri(args.workdir)
+        storage = args.storage or default_storage(args.workdir)
+        report = build_report(plan, out, tracking_uri, storage, args.ui_url)
+    except (ReportError, ValueError) as e:
+        print(f"hisf-bench report: {e}", file=sys.stderr)
+        return 2
+    from .index import missing_summary
+
+    done, total, notes = missing_summary(report.table)
+    print(f"report: {report.index.resolve()}  ({done}/{total} seeded runs finished"
+          + (f", {len(notes)} cell(s) incomplete" if notes else "") + ")")
+    print(f"  open it:         xdg-open {report.index.resolve()}  (or file://{report.index.resolve()})")
+    print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}  ->  {args.ui_url}")
+    print(f"  Optuna dashboard: optuna-dashboard {storage}  (pip install optuna-dashboard)")
+    return 0
