@@ -78,8 +78,9 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test"))
     train_classes = "base" if cfg.protocol == "base2new" else "all"
     train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
-    # protocols.md: validation gets min(K, 4) per class, drawn the same way (never the test split).
-    val = ds.select("val", shots=min(dc.shots, 4), seed=cfg.seed, classes=train_classes)
+    # protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
+    # RNG (CoOp); `select("val", shots=K)` does both, so K goes in, not min(K, 4).
+    val = ds.select("val", shots=dc.shots, seed=cfg.seed, classes=train_classes)
     global_batch = tc.batch_size * env.world_size
     if tc.epochs > 0 and len(train) < global_batch:
         raise ConfigError(f"train.batch_size: {tc.batch_size} per rank x {env.world_size} rank(s) = {global_batch} "

@@ -1,0 +1,30 @@
+"""The engine's protocol subsets: validation is CoOp's draw (min(K, 4) per class after the K-shot train draw)."""
+
+from __future__ import annotations
+
+import torch
+
+from data_shards import open_dataset
+from data_shards.cli import main as data_main
+from engine_helpers import tiny_trial
+from hisf.distributed import DistEnv
+from hisf.trial_data import open_trial_data
+
+
+def test_validation_continues_the_k_shot_draw_like_coop(tmp_path):
+    raw, root = tmp_path / "raw", tmp_path / "shards"
+    # 8 val images per class so the 4 drawn depend on where the seeded RNG stands after the train draw.
+    assert data_main(["demo", "--out", str(raw), "--classes", "4", "--train", "12", "--val", "8", "--test", "2",
+                      "--size", "24"]) == 0
+    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
+                      "--image-size", "16", "--quiet"]) == 0
+    ds = open_dataset(root / "demo")
+    for shots, seed in ((8, 1), (8, 2), (16, 3)):
+        cfg = tiny_trial(root, tmp_path / "out", seed=seed, data={"shots": shots})
+        data = open_trial_data(cfg, DistEnv(0, 1, 0, torch.device("cpu"), False))
+        expected = ds.select("val", shots=shots, seed=seed, classes="base")
+        assert data.val.keys == expected.keys
+        assert len(data.val) == 4 * len(data.val.classnames)
+        assert data.train.keys == ds.select("train", shots=shots, seed=seed, classes="base").keys
+    # The K-shot draw before it matters: drawing val as if K were 4 picks other images for some seed.
+    assert any(ds.select("val", shots=8, seed=s).keys != ds.select("val", shots=4, seed=s).keys for s in (1, 2, 3))
