@@ -77,7 +77,11 @@ class BuiltDataset:
         self.classnames: tuple[str, ...] = tuple(self.info["classnames"])
         self.template: str = self.info["template"]
         self.templates: tuple[str, ...] = tuple(self.info.get("templates") or (self.template,))
-        self.splits: tuple[str, ...] = tuple(s for s in ("train", "val", "test") if self.info["splits"].get(s, {}).get("count"))
+        built = tuple(s for s in ("train", "val", "test") if self.info["splits"].get(s, {}).get("count"))
+        # A source without a val split (ImageNet, some folders) gets validation from the train items the
+        # K-shot draw did not pick: never the test split, and the K-shot draw still sees the whole train list.
+        self.val_from_train = "train" in built and "val" not in built
+        self.splits: tuple[str, ...] = tuple(s for s in ("train", "val", "test") if s in built or (s == "val" and self.val_from_train))
         self._check()
         self._columns = {c: self.manifest.column(c).to_pylist() for c in ("key", "split", "shard", "checksum")}
         self._labels = self.manifest.column("label").to_numpy()
@@ -131,6 +135,10 @@ class BuiltDataset:
         if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
             raise DataError(f"shots={shots!r}: expected None or an integer K >= 1")
         keep = base_novel_classes(len(self.classnames), classes)
+        from_train = split == "val" and self.val_from_train
+        if from_train and shots is None:
+            raise DataError(f"{self.path}: no val split was built; validation is drawn from the train items a "
+                            "K-shot draw leaves, so select('val') needs shots=K")
         idx = [i for i, s in enumerate(self._columns["split"]) if s == split]
         if shots is not None:
             rng = random.Random(seed)
@@ -139,6 +147,9 @@ class BuiltDataset:
             if split == "train":
                 idx = [train_idx[j] for j in picked]
             else:
+                if from_train:
+                    taken = {train_idx[j] for j in picked}
+                    idx = [i for i in train_idx if i not in taken]
                 if split == "val":
                     shots = min(shots, 4)
                 picked = fewshot_indices([int(self._labels[i]) for i in idx], shots, rng)

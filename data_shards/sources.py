@@ -170,21 +170,6 @@ def read_class_folders(split_dir: Path, split: str, classes: list[str], names: l
     return recs
 
 
-def carve_val(train: list[Record], fraction: float, cap: int, seed: str) -> tuple[list[Record], list[Record]]:
-    """Hold out a seeded part of each class's train items as validation, for layouts that have none
-    (validation must never be the test split, protocols.md)."""
-    by_label: dict[int, list[int]] = {}
-    for i, r in enumerate(train):
-        by_label.setdefault(r.label, []).append(i)
-    val_idx = set()
-    for label, idx in by_label.items():
-        n_val = min(cap, round(fraction * len(idx))) if len(idx) >= 3 else 0
-        val_idx.update(random.Random(f"{seed}:{label}").sample(idx, n_val))
-    keep = [r for i, r in enumerate(train) if i not in val_idx]
-    val = [Record("val", r.path, r.label, r.classname, r.src, r.offset, r.size) for i, r in enumerate(train) if i in val_idx]
-    return keep, val
-
-
 def read_imagenet(dataset_dir: Path) -> tuple[tuple[str, ...], dict[str, list[Record]]]:
     """ImageNet: images/{train,val}/<wnid>/ with classnames.txt; train feeds few-shot, val is the test split."""
     image_dir = require_dir(dataset_dir / "images", "ImageNet image")
@@ -201,10 +186,11 @@ def read_imagenet(dataset_dir: Path) -> tuple[tuple[str, ...], dict[str, list[Re
     if missing:
         raise DataError(f"{dataset_dir / 'classnames.txt'}: lacks class folder(s) {missing[:5]} of {train_dir}")
     names = [table[w] for w in wnids]
+    # No val split is built: validation is drawn at selection time from the train items the K-shot draw
+    # left (data_shards.dataset), so the K-shot draw itself sees CoOp's whole train list.
     train = read_class_folders(train_dir, "train", wnids, names)
-    train, val = carve_val(train, 0.2, 50, "imagenet")
     test = read_class_folders(val_dir, "test", wnids, names)
-    return tuple(names), {"train": train, "val": val, "test": test}
+    return tuple(names), {"train": train, "test": test}
 
 
 def read_imagenet_variant(image_dir: Path, data_root: Path, numbered: bool) -> tuple[tuple[str, ...], dict[str, list[Record]]]:
@@ -240,8 +226,6 @@ def read_image_folder(root: Path) -> tuple[tuple[str, ...], dict[str, list[Recor
         classes = sorted({p.name for d in split_dirs.values() for p in d.iterdir() if p.is_dir()})
         names = [c.replace("_", " ") for c in classes]
         splits = {s: read_class_folders(d, s, classes, names) for s, d in split_dirs.items()}
-        if "val" not in splits and "train" in splits:
-            splits["train"], splits["val"] = carve_val(splits["train"], 0.2, 10**9, root.name)
     else:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
@@ -315,6 +299,4 @@ def read_clip_benchmark(root: Path) -> tuple[tuple[str, ...], dict[str, list[Rec
         splits[aliases[d.name]] = _clip_benchmark_split(d, aliases[d.name], classnames)
     if not splits:
         raise DataError(f"{root}: no split folder with nshards.txt found (expected e.g. test/nshards.txt)")
-    if "train" in splits and "val" not in splits:
-        splits["train"], splits["val"] = carve_val(splits["train"], 0.2, 10**9, root.name)
     return tuple(classnames), splits, templates

@@ -121,12 +121,24 @@ def test_imagenet_train_val_with_classnames(tmp_path):
     assert ds.classnames == ("tench", "goldfish", "great white shark")
     rows = ds.manifest.to_pylist()
     labels = {w: i for i, w in enumerate(sorted(WNIDS))}
-    # ImageNet's val folder is the test split; validation is held out of train (20% per class, never test).
+    # ImageNet's val folder is the test split; every train image stays in train (CoOp's K-shot pool) and no
+    # val split is built: validation comes from the train items a K-shot draw leaves (never test).
     test = Counter((r["path"], r["label"]) for r in rows if r["split"] == "test")
     assert test == Counter((rel, labels[rel.split("/")[0]]) for rel, _ in files["val"])
-    tv = [(r["path"], r["label"]) for r in rows if r["split"] in ("train", "val")]
-    assert Counter(tv) == Counter((rel, labels[rel.split("/")[0]]) for rel, _ in files["train"])
-    assert Counter(y for r in rows if r["split"] == "val" for y in [r["label"]]) == {0: 1, 1: 1, 2: 1}
+    train = [(r["path"], r["label"]) for r in rows if r["split"] == "train"]
+    assert Counter(train) == Counter((rel, labels[rel.split("/")[0]]) for rel, _ in files["train"])
+    assert not any(r["split"] == "val" for r in rows)
+    assert ds.val_from_train and "val" in ds.splits
+    for shots, seed in ((2, 1), (2, 2), (4, 3)):
+        shot = ds.select("train", shots=shots, seed=seed)
+        val = ds.select("val", shots=shots, seed=seed)
+        assert not set(shot.keys) & set(val.keys)
+        assert set(val.keys) <= {r["key"] for r in rows if r["split"] == "train"}
+        # min(K, 4) per class, capped by what the train draw left (6 per class here).
+        assert Counter(val.labels.tolist()) == {y: min(shots, 4, 6 - shots) for y in range(3)}
+        assert val.keys == ds.select("val", shots=shots, seed=seed).keys
+    with pytest.raises(DataError, match="needs shots=K"):
+        ds.select("val")
     for r in rows:
         assert r["classname"] == WNIDS[sorted(WNIDS)[r["label"]]]
 
@@ -186,9 +198,11 @@ def test_image_folder_with_split_folders(tmp_path):
     ds = open_dataset(tmp_path / "out")
     rows = ds.manifest.to_pylist()
     assert Counter((r["path"], r["label"]) for r in rows if r["split"] == "test") == Counter((p, y) for p, y, _ in expected["test"])
-    train_val = Counter((r["path"], r["label"]) for r in rows if r["split"] in ("train", "val"))
-    assert train_val == Counter((p, y) for p, y, _ in expected["train"])
-    assert ds.counts()["val"] == {"a": 1, "b": 1}
+    train = Counter((r["path"], r["label"]) for r in rows if r["split"] == "train")
+    assert train == Counter((p, y) for p, y, _ in expected["train"])
+    # No val folder: validation comes from the train items the K-shot draw leaves.
+    assert "val" not in ds.counts() and ds.val_from_train
+    assert Counter(ds.select("val", shots=2, seed=1).labels.tolist()) == {0: 2, 1: 2}
 
 
 def test_clip_benchmark_webdataset_layout(tmp_path):
