@@ -151,6 +151,9 @@ class TrialConfig:
     output_dir: str = "runs/trial"
     # `auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.
     device: str = "auto"
+    # False for search-stage trials: the trial never opens a test split (protocols.md: the test split never
+    # feeds a search); final metrics are then the validation ones only.
+    evaluate_test: bool = True
 
     def validate(self) -> "TrialConfig":
         _check_choice(self.protocol, PROTOCOLS, "protocol")

@@ -75,7 +75,7 @@ def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
 def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     """Open the source (and target) datasets and select the protocol's subsets; every error is raised here."""
     dc, tc = cfg.data, cfg.train
-    ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test"))
+    ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test") if cfg.evaluate_test else ("train", "val"))
     train_classes = "base" if cfg.protocol == "base2new" else "all"
     train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
     # protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
@@ -88,12 +88,14 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
                           f"{train_classes} classes): not one full batch; lower the batch size or the world size")
     if len(val) == 0:
         raise ConfigError(f"data.dataset: {dc.dataset!r} has an empty validation split for its {train_classes} classes")
-    if cfg.protocol == "base2new":
+    if not cfg.evaluate_test:
+        evals = []
+    elif cfg.protocol == "base2new":
         evals = [EvalSet("base_acc", ds.select("test", shots=None, seed=cfg.seed, classes="base"), ds.template),
                  EvalSet("novel_acc", ds.select("test", shots=None, seed=cfg.seed, classes="novel"), ds.template)]
     else:
         evals = [EvalSet("acc", ds.select("test", shots=None, seed=cfg.seed, classes="all"), ds.template)]
-    for i, key in enumerate(dc.targets):
+    for i, key in enumerate(dc.targets if cfg.evaluate_test else ()):
         target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
         evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
                              target.template))

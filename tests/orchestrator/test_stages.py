@@ -47,6 +47,7 @@ def test_run_search_then_final(tmp_path, demo_root):
         run = by_id[t.user_attrs["mlflow_run_id"]]
         assert run.data.tags["optuna.trial_number"] == str(t.number)
         assert run.data.metrics["val_acc"] == pytest.approx(t.value)
+        assert not {"base_acc", "novel_acc", "hm"} & set(run.data.metrics)  # no test-split numbers in a search
         assert float(run.data.params["method.lambda_le"]) == pytest.approx(t.params["method.lambda_le"])
     best = study.best_params
     for r in final_runs:

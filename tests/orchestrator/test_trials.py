@@ -69,6 +69,9 @@ def test_search_trial_carries_study_and_values(tmp_path):
     assert t.trial_id == "search-hisf-demo-t3"
     assert t.seed == spec.search.seed == t.config.seed
     assert t.config.method.lambda_le == 0.5 and t.config.method.lambda_sa == 0.0
+    # The test split never feeds a search: search trials do not evaluate on it; final trials do.
+    assert t.config.evaluate_test is False
+    assert all(f.config.evaluate_test for f in expand_final(spec, tmp_path, {(g.row, g.dataset, g.point): {}}))
     assert (t.study, t.optuna_number, t.optuna_trial_id) == ("demo:HISF:demo:t1", 3, 17)
     back = type(t).from_payload(t.payload())
     assert back == t

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from data_shards import open_dataset
 from data_shards.cli import main as data_main
 from engine_helpers import tiny_trial
+from hisf.config import ConfigError
 from hisf.distributed import DistEnv
+from hisf.engine import run_trial
 from hisf.trial_data import open_trial_data
 
 
@@ -28,3 +31,18 @@ def test_validation_continues_the_k_shot_draw_like_coop(tmp_path):
         assert data.train.keys == ds.select("train", shots=shots, seed=seed, classes="base").keys
     # The K-shot draw before it matters: drawing val as if K were 4 picks other images for some seed.
     assert any(ds.select("val", shots=8, seed=s).keys != ds.select("val", shots=4, seed=s).keys for s in (1, 2, 3))
+
+
+def test_search_trials_never_open_the_test_split(tmp_path):
+    raw, root = tmp_path / "raw", tmp_path / "shards"
+    # A dataset built with no test split at all: a trial that must not read test still runs on it.
+    assert data_main(["demo", "--out", str(raw), "--classes", "4", "--train", "6", "--val", "2", "--test", "0",
+                      "--size", "24"]) == 0
+    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
+                      "--image-size", "16", "--quiet"]) == 0
+    assert "test" not in open_dataset(root / "demo").splits
+    with pytest.raises(ConfigError, match="no 'test' split"):
+        run_trial(tiny_trial(root, tmp_path / "a", train={"epochs": 1}))
+    result = run_trial(tiny_trial(root, tmp_path / "b", train={"epochs": 1}, evaluate_test=False))
+    assert 0.0 <= result["val_acc"] <= 100.0
+    assert not {"base_acc", "novel_acc", "hm", "acc"} & set(result)
