@@ -106,20 +106,23 @@ def train_step(
     all_reduce_grads(list(params), env)
     if env.distributed:
         terms = all_reduce_sum(terms, env) / env.world_size
-    values = terms.tolist()
-    finite = all(math.isfinite(v) for v in values)
     if scaler is not None:
-        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together.
-        scale = scaler.get_scale()
+        # Unscaled in place now (scaler.step then doesn't again), so the check below is the scaler's found_inf.
+        scaler.unscale_(optimizer)
+    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    grads_finite = torch.stack(grads).all() if grads else torch.ones((), dtype=torch.bool, device=terms.device)
+    # The step's one host sync: the logged losses and the NaN guard need the values, and the skip decision
+    # needs the flag; everything before it (forward, backward, grad sync) is queued without waiting.
+    *values, grads_ok = torch.cat([terms, grads_finite.float()[None]]).tolist()
+    finite = all(math.isfinite(v) for v in values)
+    skipped = not (finite and grads_ok)
+    if scaler is not None:
+        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together, exactly when a
+        # grad is non-finite (the flag above); its own found_inf read is no stall, the device is idle by now.
         scaler.step(optimizer)
         scaler.update()
-        skipped = scaler.get_scale() < scale or not finite
-    else:
-        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-        grads_finite = bool(torch.stack(grads).all()) if grads else True
-        skipped = not (finite and grads_finite)
-        if not skipped:
-            optimizer.step()
+    elif not skipped:
+        optimizer.step()
     return StepResult(dict(zip(LOSS_TERMS, values)), finite, skipped)
 
 
