@@ -126,6 +126,15 @@ def train_step(
     return StepResult(dict(zip(LOSS_TERMS, values)), finite, skipped)
 
 
+def compile_losses(model: torch.nn.Module, mode: str = "default") -> None:
+    """Replace `model.forward_losses` by its torch.compile'd self (the model is already on the trial's device).
+
+    forward_losses has no host sync and no graph break (class-set constants are computed in set_classnames),
+    so the forward and its backward are captured whole; evaluation's `model(images)` stays eager.
+    """
+    model.forward_losses = torch.compile(model.forward_losses, mode=mode)
+
+
 class NanGuard:
     """Counts consecutive non-finite losses; stops the trial before it trains on NaNs for long."""
 
@@ -243,6 +252,8 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
     data.bind(backbone, cfg)
+    if tc.compile:
+        compile_losses(model, tc.compile_mode)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     epochs = tc.epochs if n_trainable else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
