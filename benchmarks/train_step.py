@@ -2,7 +2,8 @@
 
 Usage (GPU, ViT-B/16 size with random weights):
     python benchmarks/train_step.py                      # batch 4 and 32 x 50/500/1000 classes
-    python benchmarks/train_step.py --compile            # torch.compile the loss computation
+    python benchmarks/train_step.py --compile            # torch.compile the loss computation (train.compile)
+    python benchmarks/train_step.py --compile reduce-overhead   # ... and CUDA graphs
 CPU smoke run (tiny model, what CI exercises):
     python benchmarks/train_step.py --tiny
 
@@ -31,7 +32,7 @@ from benchmarks.maple_reference import ReferenceMaPLe  # noqa: E402
 from hisf.backbone import load_backbone  # noqa: E402
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
 from hisf.distributed import DistEnv  # noqa: E402
-from hisf.engine import Precision, resolve_precision, seed_everything, train_step  # noqa: E402
+from hisf.engine import Precision, compile_losses, resolve_precision, seed_everything, train_step  # noqa: E402
 from hisf.maple_checkpoint import maple_key_map  # noqa: E402
 from hisf.methods import build_method  # noqa: E402
 from hisf.optim import build_optimizer  # noqa: E402
@@ -46,7 +47,7 @@ def _heads(block) -> int:
     return block.attn.num_heads
 
 
-def build_ours(method: str, backbone, n_classes: int, device: torch.device, compile_: bool, truncate: bool = True):
+def build_ours(method: str, backbone, n_classes: int, device: torch.device, compile_: str | None, truncate: bool = True):
     # MaPLe's depth 9, capped by the model's layers (hisf-tiny has 3).
     depth = min(9, backbone.text_layers, backbone.vision_layers)
     model = build_method(MethodConfig(name=method, depth=depth), backbone, classnames(n_classes))
@@ -55,7 +56,7 @@ def build_ours(method: str, backbone, n_classes: int, device: torch.device, comp
     opt = build_optimizer(TrainConfig(preset="paper", lr=1e-3), model.param_groups())
     params = [p for g in opt.param_groups for p in g["params"]]
     if compile_:
-        model.forward_losses = torch.compile(model.forward_losses)
+        compile_losses(model, compile_)  # what train.compile does in a trial
     return model, opt, params
 
 
@@ -106,7 +107,7 @@ def timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[float, flo
 def loss_check(backbone_fp32, n_classes: int, batch: int, device: torch.device, image_size: int) -> dict[str, float]:
     """First-step losses on one batch: our maple (fast text path), our eager fp32 path, MaPLe's reference (fp32)."""
     seed_everything(0)
-    model, _, _ = build_ours("maple", backbone_fp32, n_classes, device, compile_=False, truncate=True)
+    model, _, _ = build_ours("maple", backbone_fp32, n_classes, device, compile_=None, truncate=True)
     images = torch.randn(batch, 3, image_size, image_size, device=device)
     labels = torch.randint(0, n_classes, (batch,), device=device)
     with torch.no_grad():
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", nargs="+", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile our loss computation")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile our loss computation (train.compile), optionally with a mode")
     p.add_argument("--no-reference", action="store_true", help="skip MaPLe's reference formulation")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args(argv)
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             ref_ms = None
             if not args.no_reference:
                 seed_everything(0)
-                maple, _, _ = build_ours("maple", backbone, c, device, compile_=False)
+                maple, _, _ = build_ours("maple", backbone, c, device, compile_=None)
                 ref, ref_opt = build_reference(maple, backbone, c, device, half=cuda)
                 del maple
                 ref_ms, peak = timed(lambda: reference_step(ref, ref_opt, images, labels), warmup, steps, device)

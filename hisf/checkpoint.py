@@ -19,7 +19,8 @@ PROMPTS_FILE = "prompts.pt"
 FORMAT_VERSION = 1
 
 # Keys that may change between a killed run and its restart without changing what is computed.
-_RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size")
+_RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size",
+                 "train.compile", "train.compile_mode")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

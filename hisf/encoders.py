@@ -22,7 +22,10 @@ def _blocks(transformer, x: torch.Tensor, attn_mask, step) -> torch.Tensor:
 
 
 def text_length(backbone: Backbone, token_ids: torch.Tensor) -> int:
-    """Token positions the text encoder must run: up to the last [EOS] (causal mask, so later ones don't matter)."""
+    """Token positions the text encoder must run: up to the last [EOS] (causal mask, so later ones don't matter).
+
+    Reads the ids on the host: call it once per class set (PromptModel.set_classnames), not per step.
+    """
     if backbone.model.text_pool_type != "argmax":
         return token_ids.shape[1]
     return int(token_ids.argmax(dim=-1).max().item()) + 1
@@ -34,18 +37,22 @@ def encode_text(
     token_embeds: torch.Tensor | None = None,
     prompts: Mapping[int, torch.Tensor] | None = None,
     truncate: bool = True,
+    length: int | None = None,
 ) -> torch.Tensor:
     """Text features [N, embed_dim] in float32 (not normalised).
 
     `token_embeds` [N, L, W] replaces the token-embedding lookup (label embeddings placed by the caller);
     `prompts[l]` [n_ctx, W] (or [N, n_ctx, W]) takes positions 1..n_ctx before block l (method.md): at layer 0
     in place of the token embeddings, before the positional embedding is added, as MaPLe does.
+    `length` (from `text_length`, precomputed) runs only the first `length` positions without reading the
+    ids on the host, so a compiled or CUDA-graphed step has no sync; without it, `truncate` computes it here.
     """
     model = backbone.model
     dtype = backbone.dtype
     prompts = prompts or {}
     n = token_ids.shape[0]
-    length = text_length(backbone, token_ids) if truncate else token_ids.shape[1]
+    if length is None:
+        length = text_length(backbone, token_ids) if truncate else token_ids.shape[1]
     ids = token_ids[:, :length]
     x = model.token_embedding(ids) if token_embeds is None else token_embeds[:, :length]
     x = x.to(dtype)

@@ -106,21 +106,33 @@ def train_step(
     all_reduce_grads(list(params), env)
     if env.distributed:
         terms = all_reduce_sum(terms, env) / env.world_size
-    values = terms.tolist()
-    finite = all(math.isfinite(v) for v in values)
     if scaler is not None:
-        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together.
-        scale = scaler.get_scale()
+        # Unscaled in place now (scaler.step then doesn't again), so the check below is the scaler's found_inf.
+        scaler.unscale_(optimizer)
+    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    grads_finite = torch.stack(grads).all() if grads else torch.ones((), dtype=torch.bool, device=terms.device)
+    # The step's one host sync: the logged losses and the NaN guard need the values, and the skip decision
+    # needs the flag; everything before it (forward, backward, grad sync) is queued without waiting.
+    *values, grads_ok = torch.cat([terms, grads_finite.float()[None]]).tolist()
+    finite = all(math.isfinite(v) for v in values)
+    skipped = not (finite and grads_ok)
+    if scaler is not None:
+        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together, exactly when a
+        # grad is non-finite (the flag above); its own found_inf read is no stall, the device is idle by now.
         scaler.step(optimizer)
         scaler.update()
-        skipped = scaler.get_scale() < scale or not finite
-    else:
-        grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-        grads_finite = bool(torch.stack(grads).all()) if grads else True
-        skipped = not (finite and grads_finite)
-        if not skipped:
-            optimizer.step()
+    elif not skipped:
+        optimizer.step()
     return StepResult(dict(zip(LOSS_TERMS, values)), finite, skipped)
+
+
+def compile_losses(model: torch.nn.Module, mode: str = "default") -> None:
+    """Replace `model.forward_losses` by its torch.compile'd self (the model is already on the trial's device).
+
+    forward_losses has no host sync and no graph break (class-set constants are computed in set_classnames),
+    so the forward and its backward are captured whole; evaluation's `model(images)` stays eager.
+    """
+    model.forward_losses = torch.compile(model.forward_losses, mode=mode)
 
 
 class NanGuard:
@@ -240,6 +252,8 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
     data.bind(backbone, cfg)
+    if tc.compile:
+        compile_losses(model, tc.compile_mode)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     epochs = tc.epochs if n_trainable else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None

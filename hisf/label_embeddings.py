@@ -24,6 +24,11 @@ class LabelEmbeddings(nn.Module):
         self.classnames: tuple[str, ...] = ()
         self.lengths: tuple[int, ...] = ()
         self.table = nn.Parameter(torch.zeros(0, backbone.text_width), requires_grad=learnable)
+        # Row -> class, row -> offset within its class name, tokens per class: fixed per class set, built on
+        # the host once so means()/place() have no data-dependent shapes (no sync, no graph break).
+        self.register_buffer("row_class", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("row_offset", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("counts", torch.zeros(0, dtype=torch.long), persistent=False)
         self._store: dict[str, torch.Tensor] = {}
 
     def set_classnames(self, names: Sequence[str]) -> None:
@@ -41,6 +46,12 @@ class LabelEmbeddings(nn.Module):
             lengths.append(e.shape[0])
         self.classnames, self.lengths = names, tuple(lengths)
         self.table = nn.Parameter(torch.cat(rows).float(), requires_grad=self.learnable)
+        counts = torch.tensor(lengths, dtype=torch.long)
+        row_class = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        device = self.table.device
+        self.counts, self.row_class = counts.to(device), row_class.to(device)
+        self.row_offset = (torch.arange(row_class.shape[0]) - starts[row_class]).to(device)
 
     @torch.no_grad()
     def remember(self) -> None:
@@ -53,18 +64,10 @@ class LabelEmbeddings(nn.Module):
 
     def means(self) -> torch.Tensor:
         """Ē [C, W]: ē_c = mean over the m_c tokens of E_c."""
-        index = torch.repeat_interleave(
-            torch.arange(len(self.lengths), device=self.table.device),
-            torch.tensor(self.lengths, device=self.table.device),
-        )
         sums = torch.zeros(len(self.lengths), self.table.shape[1], device=self.table.device, dtype=self.table.dtype)
-        sums = sums.index_add(0, index, self.table)
-        return sums / torch.tensor(self.lengths, device=self.table.device, dtype=self.table.dtype)[:, None]
+        sums = sums.index_add(0, self.row_class, self.table)
+        return sums / self.counts.to(self.table.dtype)[:, None]
 
     def place(self, token_embeds: torch.Tensor, name_start: int) -> torch.Tensor:
         """Token embeddings [C, L, W] with each class's name positions replaced by E_c."""
-        lengths = torch.tensor(self.lengths, device=token_embeds.device)
-        cls = torch.repeat_interleave(torch.arange(len(self.lengths), device=token_embeds.device), lengths)
-        starts = torch.cumsum(lengths, 0) - lengths
-        pos = name_start + torch.arange(cls.shape[0], device=token_embeds.device) - starts[cls]
-        return token_embeds.index_put((cls, pos), self.table.to(token_embeds.dtype))
+        return token_embeds.index_put((self.row_class, name_start + self.row_offset), self.table.to(token_embeds.dtype))

@@ -10,7 +10,7 @@ from torch import nn
 
 from hisf.backbone import Backbone
 from hisf.config import ConfigError, MethodConfig
-from hisf.encoders import encode_image, encode_text
+from hisf.encoders import encode_image, encode_text, text_length
 from hisf.fusion import SemanticFusion
 from hisf.label_embeddings import LabelEmbeddings
 from hisf.losses import cls_loss, label_embedding_loss, semantic_alignment_loss, total_loss
@@ -64,6 +64,7 @@ class PromptModel(nn.Module):
         self.template = DEFAULT_TEMPLATE
         self.register_buffer("token_ids", torch.zeros(0, backbone.context_length, dtype=torch.long), persistent=False)
         self.name_start = 0
+        self.text_len = backbone.context_length  # positions up to the last [EOS], set with the class set
         self._classes_version = 0
         self._cache: tuple | None = None
 
@@ -81,11 +82,14 @@ class PromptModel(nn.Module):
             too_long = [t for t in texts if len(self.backbone.bpe(t)) + 2 > self.backbone.context_length]
             if too_long:
                 raise PromptError(f"classnames: prompt {too_long[0]!r} exceeds context length {self.backbone.context_length}")
-            self.token_ids = self.backbone.tokenize(texts).to(device)
+            ids = self.backbone.tokenize(texts)
         else:
             texts = tokenize_classes(self.backbone, names, self.prefix, self.n_ctx)
-            self.token_ids = texts.ids.to(device)
+            ids = texts.ids
             self.name_start = texts.name_start
+        # Read on the host once per class set, so the step itself never syncs (issue 2 item 8, issue 4).
+        self.text_len = text_length(self.backbone, ids)
+        self.token_ids = ids.to(device)
         if self.label_embeddings is not None:
             self.label_embeddings.set_classnames(names)
         self.classnames = names
@@ -106,11 +110,13 @@ class PromptModel(nn.Module):
         return text, vision, finals, means
 
     def _text_features(self, text_prompts: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        # Name positions lie before [EOS], so placing E after truncation gives the same tokens.
+        length = self.text_len if self.truncate_text else self.token_ids.shape[1]
+        ids = self.token_ids[:, :length]
         embeds = None
         if self.label_embeddings is not None:
-            embeds = self.clip.token_embedding(self.token_ids)
-            embeds = self.label_embeddings.place(embeds, self.name_start)
-        feats = encode_text(self.backbone, self.token_ids, embeds, text_prompts, truncate=self.truncate_text)
+            embeds = self.label_embeddings.place(self.clip.token_embedding(ids), self.name_start)
+        feats = encode_text(self.backbone, ids, embeds, text_prompts, length=length)
         return F.normalize(feats, dim=-1)
 
     def _cache_key(self) -> tuple:
@@ -127,7 +133,10 @@ class PromptModel(nn.Module):
         else:
             text, vision, finals, means = self.class_prompts()
             text_feats = self._text_features(text)
-            self._cache = (self._cache_key(), text_feats, vision, finals, means) if use_cache else None
+            if use_cache:
+                self._cache = (self._cache_key(), text_feats, vision, finals, means)
+            elif self._cache is not None:  # no attribute write in the training step (a compiled graph stays pure)
+                self._cache = None
         image_feats = F.normalize(encode_image(self.backbone, images, vision), dim=-1)
         return image_feats, text_feats, finals, means
 
@@ -138,7 +147,10 @@ class PromptModel(nn.Module):
 
     def forward_losses(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """{loss, loss_cls, loss_le, loss_sa, logits}; baselines (zeroshot, coop, maple) train on L_cls only."""
-        if labels.min() < 0 or labels.max() >= len(self.classnames):
+        # Checked only where reading the values costs no device sync (the data layer checks every label
+        # on load); on a GPU an out-of-range label still fails in cross_entropy.
+        if labels.device.type == "cpu" and not torch.compiler.is_compiling() and (
+                labels.min() < 0 or labels.max() >= len(self.classnames)):
             raise ValueError(f"labels: expected values in 0..{len(self.classnames) - 1}, got {labels.min()}..{labels.max()}")
         image_feats, text_feats, finals, means = self._encode(images)
         logits = self.backbone.logit_scale * image_feats @ text_feats.t()

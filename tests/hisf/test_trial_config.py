@@ -28,6 +28,8 @@ def test_from_dict_fills_defaults_and_coerces_types():
         ({"method": {"lambda_sa": -0.1}}, "method.lambda_sa"),
         ({"protocol": "cross_dataset"}, "data.targets"),
         ({"seed": True}, "seed"),
+        ({"train": {"compile": "yes"}}, "train.compile"),
+        ({"train": {"compile_mode": "fast"}}, "train.compile_mode"),
         ({"bogus": 1}, "bogus"),
     ],
 )
