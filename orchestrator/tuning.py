@@ -267,6 +267,12 @@ def _ddp_worker(loop_config: dict) -> None:
         run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
                        trial_tags(trial, ctx), trial.config.flatten())
         bridge = _Bridge(trial, run, ctx, report_to_tune=False)
+        # Worker-group starts of this trial, FailureConfig restarts included (hisf.attempts counts Tune's).
+        from ray.util.placement_group import get_current_placement_group
+
+        pg = get_current_placement_group()
+        run.set_tags({"hisf.train_attempts": int(run.tags().get("hisf.train_attempts", "0")) + 1,
+                      "hisf.placement_group": pg.id.hex() if pg is not None else ""})
         if resumed_epochs is not None:
             run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=resumed_epochs)
     callbacks = [bridge, _TrainReport(bridge)] if bridge is not None else [_TrainReport(None)]
@@ -286,6 +292,29 @@ def _ddp_worker(loop_config: dict) -> None:
         run.log_artifacts(bridge.artifacts)
 
 
+def _remove_stale_placement_group(run) -> None:
+    """Free the workers' placement group a dead earlier attempt of this trial left behind.
+
+    When the Tune trial's process dies, its TorchTrainer controller dies with it; Ray Train's detached
+    PlacementGroupCleaner then asks the State API, which needs the dashboard (not running in the embedded
+    local cluster), so the group and its CPUs/GPUs stay reserved and the retry could never start its workers.
+    Only this trial's previous attempt used that group, and that attempt is over once Tune retries.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg_hex = run.tags().get("hisf.placement_group")
+    if not pg_hex:
+        return
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
+    try:
+        state = placement_group_table(pg).get("state")
+    except Exception:  # an id from an earlier Ray cluster (`--resume` after a restart): nothing to free
+        return
+    if state not in (None, "REMOVED"):
+        remove_placement_group(pg)
+
+
 def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> str:
     """Run the DDP workers; returns the trial's status (finished or pruned); raises a worker's ConfigError."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -294,6 +323,7 @@ def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> str:
 
     from hisf.config import ConfigError
 
+    _remove_stale_placement_group(run)
     gpus = float(ctx.get("gpus_per_trial", 0))
     trainer = TorchTrainer(
         _ddp_worker,
