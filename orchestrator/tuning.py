@@ -225,7 +225,8 @@ def _restore_train_checkpoint(trial: Trial) -> int | None:
     """Copy Ray Train's latest checkpoint into this node's engine checkpoint folder (every rank: without
     shared storage, other nodes' folders are empty or stale) and return the epochs it holds.
 
-    Ray's copy wins over a newer local one so that all ranks resume from the same epoch.
+    Ray's copy wins over a newer local one, and with none a local one is dropped, so that all ranks start
+    from the same epoch (a node without shared storage has no local copy to agree with).
     """
     import ray.train
     import torch
@@ -233,9 +234,10 @@ def _restore_train_checkpoint(trial: Trial) -> int | None:
     from hisf.checkpoint import checkpoint_path
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
     dest = checkpoint_path(trial.config.output_dir)
+    if ckpt is None:
+        dest.unlink(missing_ok=True)
+        return None
     dest.parent.mkdir(parents=True, exist_ok=True)
     with ckpt.as_directory() as src:
         for f in sorted(Path(src).iterdir()):
