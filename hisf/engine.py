@@ -39,7 +39,11 @@ class NonFiniteLossError(RuntimeError):
 
 
 class TrialCallback:
-    """Listener interface; every method is optional and called on rank 0 only."""
+    """Listener interface; every method is optional and called on rank 0 only, unless the callback sets
+    `all_ranks = True` (then on every rank, with the same epochs and metrics; e.g. Ray Train's
+    `ray.train.report`, which every worker must call the same number of times)."""
+
+    all_ranks: bool = False
 
     def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None: ...
 
@@ -244,7 +248,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     from hisf.backbone import load_backbone
     from hisf.methods import build_method
 
-    callbacks = callbacks if env.is_main else []
+    callbacks = [cb for cb in callbacks if env.is_main or getattr(cb, "all_ranks", False)]
     out_dir, tc = Path(cfg.output_dir), cfg.train
     precision = resolve_precision(tc.precision, env.device)
     data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
@@ -340,6 +344,7 @@ def _finish(cfg: TrialConfig, data: TrialData, model, precision: Precision, env:
         ckpt.atomic_write_text(json.dumps({"final": result, "epochs": c.history}, indent=2), artifacts["metrics"])
         log.info("trial done in %.1fs train + %.1fs eval: %s", c.train_seconds, eval_seconds,
                  " ".join(f"{k} {v:.4g}" for k, v in final.items()))
-        _call(callbacks, "on_trial_end", dict(result), dict(artifacts))
+    # Artifacts are written on rank 0 only: other ranks' all_ranks callbacks get an empty dict.
+    _call(callbacks, "on_trial_end", dict(result), dict(artifacts))
     barrier(env)
     return result

@@ -100,11 +100,20 @@ def _run(command: str, spec, opts) -> int:
         else:
             results.append(runner.run_sweep(spec, opts))
     for r in results:
+        for tid, res in sorted(r.results.items()):
+            if res.get("hisf_status") == "failed":
+                print(f"[{r.stage}] trial {tid} failed: {_last_line(res.get('error')) or 'see its MLflow run'}", file=opts.out)
         print(f"[{r.stage}] done in {r.wall_seconds:.1f}s: {r.trials} trials "
               f"({', '.join(f'{v} {k}' for k, v in sorted(r.statuses.items()))}; {r.skipped} skipped as finished)",
               file=opts.out)
     print_where(spec, opts)
     return 0 if all(r.statuses.get("failed", 0) == 0 for r in results) else 1
+
+
+def _last_line(text: str | None) -> str:
+    """A Tune error is a whole traceback: its last line names the exception."""
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1][:1000] if lines else ""
 
 
 if __name__ == "__main__":

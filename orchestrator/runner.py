@@ -270,7 +270,8 @@ def _collect(grid) -> dict[str, dict]:
         status = m.get("hisf_status") if m.get("hisf_final") else "failed"
         if res.error is not None:
             status = "failed"
-        out[tid] = {**m, "trial_id": tid, "hisf_status": status, "error": str(res.error) if res.error else None}
+        error = str(res.error) if res.error else m.get("hisf_error")
+        out[tid] = {**m, "trial_id": tid, "hisf_status": status, "error": error}
     return out
 
 

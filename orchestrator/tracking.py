@@ -135,6 +135,9 @@ class TrialRun:
         run = _retry(lambda: self.client.get_run(self.run_id))
         return int(run.data.tags.get("hisf.attempts", "0")) + 1
 
+    def tags(self) -> dict[str, str]:
+        return dict(_retry(lambda: self.client.get_run(self.run_id)).data.tags)
+
     def latest_metrics(self) -> dict[str, float]:
         return dict(_retry(lambda: self.client.get_run(self.run_id)).data.metrics)
 

@@ -3,7 +3,10 @@
 A one-device trial runs `hisf.engine.run_trial` inside the Tune function; each epoch's metrics go to Tune
 and MLflow, and the engine's epoch checkpoint directory is the Tune checkpoint, so a retried trial
 (`max_failures`) continues from `tune.get_checkpoint()`. A multi-worker trial builds a Ray Train V2
-`TorchTrainer` inside the same function with `TuneReportCallback` (architecture.md).
+`TorchTrainer` inside the same function with `TuneReportCallback` (architecture.md): every worker calls
+`ray.train.report` each epoch (rank 0 with the engine's checkpoint), so Tune gets per-epoch metrics and a
+worker failure, or a Tune retry, resumes from `ray.train.get_checkpoint()`. A `ConfigError` fails the trial
+at once: a bad config fails the same way on every retry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from orchestrator.trials import Trial
 # Keys of the Tune result that are ours (the rest are the engine's metric names).
 STATUS_KEY = "hisf_status"
 FINAL_KEY = "hisf_final"
+ERROR_KEY = "hisf_error"
 
 
 class _Bridge:
@@ -125,7 +129,8 @@ def tune_trainable(config: dict) -> None:
                    trial_tags(trial, ctx), trial.config.flatten())
     resumed_epochs = _restore_checkpoint(trial)
     attempt = run.next_attempt()
-    run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt})
+    run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt,
+                  "hisf.status": "running"})
     if resumed_epochs is not None:
         run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=attempt)
     Path(trial.config.output_dir).mkdir(parents=True, exist_ok=True)
@@ -134,18 +139,26 @@ def tune_trainable(config: dict) -> None:
     workers = int(ctx.get("workers_per_trial", 1))
     bridge = _Bridge(trial, run, ctx, report_to_tune=workers == 1)
     t0 = time.perf_counter()
+    from hisf.config import ConfigError
+
     try:
         if workers > 1:
-            final, bridge.artifacts = _fit_ddp(trial, ctx, config)
+            status = _fit_ddp(trial, ctx, config, run)
             final = run.latest_metrics()
         else:
             final = _run_engine(trial, bridge)
+            status = "pruned" if bridge.pruned else "finished"
+    except ConfigError as e:
+        # Returning (not raising) ends the Tune trial without the max_failures retries.
+        message = f"bad trial config (not retried): {e}"
+        run.fail(message)
+        tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: message})
+        return
     except Exception as e:
         run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
     # The engine's own time excludes what our callback spent tracking and reporting inside it.
     engine_seconds = time.perf_counter() - t0 - bridge.track_seconds
-    status = "pruned" if bridge.pruned else "finished"
     final = _numbers(final or bridge.last)
     if workers == 1:
         # Epoch metrics are already logged per step; log only what the final evaluation adds or changes.
@@ -187,39 +200,132 @@ def _run_engine(trial: Trial, bridge: _Bridge) -> dict:
         return dict(bridge.last)
 
 
+class _TrainReport:
+    """Ray Train V2 needs every worker to call `ray.train.report` each time: this engine callback runs on all
+    ranks (`all_ranks`), rank 0 attaching the engine's epoch checkpoint; rank 0's metrics reach Tune."""
+
+    all_ranks = True
+
+    def __init__(self, bridge: _Bridge | None):
+        self.bridge = bridge  # rank 0's, which runs first and knows whether Optuna pruned this epoch
+
+    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
+        import ray.train
+
+        ckpt, status = None, "running"
+        if self.bridge is not None:
+            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if Path(checkpoint_dir).is_dir() else None
+            status = "pruned" if self.bridge.pruned else status
+        # The engine's folder stays where it is: it is the engine's own resume point on this node.
+        ray.train.report({**_numbers(metrics), STATUS_KEY: status, FINAL_KEY: False}, checkpoint=ckpt,
+                         delete_local_checkpoint_after_upload=False)
+
+
+def _restore_train_checkpoint(trial: Trial) -> int | None:
+    """Copy Ray Train's latest checkpoint into this node's engine checkpoint folder (every rank: without
+    shared storage, other nodes' folders are empty or stale) and return the epochs it holds.
+
+    Ray's copy wins over a newer local one, and with none a local one is dropped, so that all ranks start
+    from the same epoch (a node without shared storage has no local copy to agree with).
+    """
+    import ray.train
+    import torch
+
+    from hisf.checkpoint import checkpoint_path
+
+    ckpt = ray.train.get_checkpoint()
+    dest = checkpoint_path(trial.config.output_dir)
+    if ckpt is None:
+        dest.unlink(missing_ok=True)
+        return None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with ckpt.as_directory() as src:
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                # Ranks on one node may copy the same file at once: each renames its own whole copy into place.
+                tmp = dest.parent / f".{f.name}.{os.getpid()}.restore"
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, dest.parent / f.name)
+    return int(torch.load(dest, map_location="cpu", weights_only=True)["epoch"]) if dest.is_file() else None
+
+
 def _ddp_worker(loop_config: dict) -> None:
     """One Ray Train worker: TorchTrainer has set up the process group; rank 0 tracks to MLflow."""
     import ray.train
 
+    from hisf.config import ConfigError
+    from hisf.engine import run_trial
     from orchestrator.tracking import TrialRun
 
     trial = Trial.from_payload(loop_config["trial"])
     ctx = loop_config["ctx"]
     rank = ray.train.get_context().get_world_rank()
-    bridge = None
+    Path(trial.config.output_dir).mkdir(parents=True, exist_ok=True)
+    # Lets an operator (or the fault-injection test) find each DDP worker's process.
+    (Path(trial.config.output_dir) / f"worker.rank{rank}.pid").write_text(str(os.getpid()))
+    resumed_epochs = _restore_train_checkpoint(trial)
+    bridge = run = None
     if rank == 0:
         run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
                        trial_tags(trial, ctx), trial.config.flatten())
         bridge = _Bridge(trial, run, ctx, report_to_tune=False)
-    from hisf.engine import run_trial
+        # Worker-group starts of this trial, FailureConfig restarts included (hisf.attempts counts Tune's).
+        from ray.util.placement_group import get_current_placement_group
 
-    final = run_trial(trial.config, callbacks=[bridge] if bridge else [], resume=True)
+        pg = get_current_placement_group()
+        run.set_tags({"hisf.train_attempts": int(run.tags().get("hisf.train_attempts", "0")) + 1,
+                      "hisf.placement_group": pg.id.hex() if pg is not None else ""})
+        if resumed_epochs is not None:
+            run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=resumed_epochs)
+    callbacks = [bridge, _TrainReport(bridge)] if bridge is not None else [_TrainReport(None)]
+    try:
+        final = run_trial(trial.config, callbacks=callbacks, resume=True)
+    except ConfigError as e:
+        # Raising would make FailureConfig retry what fails the same way each time: every rank returns, and
+        # rank 0 leaves the error on the run for tune_trainable (the driver-side process) to act on.
+        if run is not None:
+            run.fail(str(e))
+        return
     if bridge is not None:
-        # Rank 0 holds the final metrics and wrote the artifacts on its node: it logs them itself (Train V2
-        # results only keep metrics reported with a checkpoint).
+        # Rank 0 holds the final metrics and wrote the artifacts on its node: it logs them itself.
         last = _numbers(bridge.last)
         run.log_metrics({k: v for k, v in _numbers(final or {}).items() if last.get(k) != v},
                         step=int((final or {}).get("epoch", 0)))
         run.log_artifacts(bridge.artifacts)
-    # Train V2: every worker calls report the same number of times; rank 0's metrics reach Tune.
-    ray.train.report(_numbers(final or {}))
 
 
-def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _remove_stale_placement_group(run) -> None:
+    """Free the workers' placement group a dead earlier attempt of this trial left behind.
+
+    When the Tune trial's process dies, its TorchTrainer controller dies with it; Ray Train's detached
+    PlacementGroupCleaner then asks the State API, which needs the dashboard (not running in the embedded
+    local cluster), so the group and its CPUs/GPUs stay reserved and the retry could never start its workers.
+    Only this trial's previous attempt used that group, and that attempt is over once Tune retries.
+    """
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    pg_hex = run.tags().get("hisf.placement_group")
+    if not pg_hex:
+        return
+    pg = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_hex)))
+    try:
+        state = placement_group_table(pg).get("state")
+    except Exception:  # an id from an earlier Ray cluster (`--resume` after a restart): nothing to free
+        return
+    if state not in (None, "REMOVED"):
+        remove_placement_group(pg)
+
+
+def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> str:
+    """Run the DDP workers; returns the trial's status (finished or pruned); raises a worker's ConfigError."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from hisf.config import ConfigError
+
+    _remove_stale_placement_group(run)
     gpus = float(ctx.get("gpus_per_trial", 0))
     trainer = TorchTrainer(
         _ddp_worker,
@@ -228,12 +334,18 @@ def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict) -> dict:
             num_workers=int(ctx["workers_per_trial"]), use_gpu=gpus > 0,
             resources_per_worker={"CPU": float(ctx.get("cpus_per_trial", 1)), **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(
-            name=f"{trial.trial_id}-ddp", storage_path=ctx["storage_path"],
+            # Same name on a Tune retry or `--resume` (same stage run): Train V2 restores its checkpoint
+            # snapshot from storage_path, so get_checkpoint() resumes; a fresh stage starts a fresh run.
+            name=f"{trial.trial_id}-ddp-{ctx['parent_run_id'][:8]}", storage_path=ctx["storage_path"],
             failure_config=FailureConfig(max_failures=int(ctx.get("max_failures", 0))),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()]),
     )
-    trainer.fit()
-    return {}, {}
+    result = trainer.fit()
+    tags = run.tags()
+    if tags.get("hisf.status") == "failed":
+        raise ConfigError(tags.get("hisf.error", "a DDP worker reported a bad trial config"))
+    return "pruned" if (result.metrics or {}).get(STATUS_KEY) == "pruned" else "finished"
 
 
 def _numbers(d: Mapping[str, Any]) -> dict[str, float]:

@@ -1,5 +1,8 @@
 """A `workers_per_trial: 2` trial runs DDP (gloo) through Ray Train V2's TorchTrainer inside the Tune trial."""
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -37,3 +40,20 @@ def test_two_worker_trial_equals_one_process_with_double_batch(tmp_path, demo_ro
     assert run.data.metrics["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-4)
     for k in ("base_acc", "novel_acc", "val_acc"):
         assert run.data.metrics[k] == pytest.approx(ref[k], abs=1e-6), k
+
+    # Every rank reports each epoch to Ray Train; rank 0's numbers reach the Tune trial, one row per epoch.
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    (exp_dir,) = (tmp_path / "hisf-bench" / "ray_results").glob("ddp-sweep-*")
+    (result,) = ResultGrid(ExperimentAnalysis(str(exp_dir)))
+    df = result.metrics_dataframe
+    epochs_df = df[df["hisf_final"] == False]  # noqa: E712 (a pandas mask)
+    assert list(epochs_df["epoch"]) == list(range(epochs))
+    assert list(epochs_df["hisf_status"]) == ["running"] * epochs
+    ref_epochs = json.loads(Path(ref_path := tmp_path / "single" / "metrics.json").read_text())["epochs"]
+    assert len(ref_epochs) == epochs, ref_path
+    for row, ref_epoch in zip(epochs_df.to_dict("records"), ref_epochs):
+        assert row["val_acc"] == pytest.approx(ref_epoch["val_acc"], abs=1e-6)
+        assert row["train/loss"] == pytest.approx(ref_epoch["train/loss"], rel=1e-4)
+    assert df["hisf_final"].tolist().count(True) == 1 and result.metrics["hisf_status"] == "finished"
+    assert result.metrics["base_acc"] == pytest.approx(ref["base_acc"], abs=1e-6)
