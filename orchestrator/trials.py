@@ -9,7 +9,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from hisf.config import TrialConfig, replace_path
 
@@ -65,6 +65,15 @@ class SearchGroup:
 def grid_points(spec: ExperimentSpec) -> list[tuple[tuple[str, Any], ...]]:
     keys = [k for k, _ in spec.grid]
     return [tuple(zip(keys, values)) for values in itertools.product(*(v for _, v in spec.grid))] or [()]
+
+
+def _cells(spec: ExperimentSpec, rows) -> Iterator[tuple[RowSpec, str, tuple[tuple[str, Any], ...]]]:
+    """(row, dataset, grid point without its `seed` axis) for rows × datasets × grid: the search and final
+    stages choose their seeds themselves."""
+    for row in rows:
+        for dataset in spec.data.datasets:
+            for point in grid_points(spec):
+                yield row, dataset, tuple(p for p in point if p[0] != "seed")
 
 
 def trial_id(stage: str, row: str, dataset: str, point, seed: int | None = None, number: int | None = None) -> str:
@@ -123,13 +132,10 @@ def search_groups(spec: ExperimentSpec, tag: str = "") -> list[SearchGroup]:
     if not spec.searched_rows:
         raise SpecError(f"{spec.path}: rows: no row has `search: true`")
     groups = []
-    for row in spec.searched_rows:
-        for dataset in spec.data.datasets:
-            for point in grid_points(spec):
-                pt = tuple(p for p in point if p[0] != "seed")
-                name = ":".join([spec.name, row.name, dataset] + [f"{k}={_short(v)}" for k, v in pt] + ([tag] if tag else []))
-                cfg = build_config(spec, row, dataset, pt, spec.search.seed, None, "")
-                groups.append(SearchGroup(row.name, dataset, pt, name, cfg))
+    for row, dataset, pt in _cells(spec, spec.searched_rows):
+        name = ":".join([spec.name, row.name, dataset] + [f"{k}={_short(v)}" for k, v in pt] + ([tag] if tag else []))
+        cfg = build_config(spec, row, dataset, pt, spec.search.seed, None, "")
+        groups.append(SearchGroup(row.name, dataset, pt, name, cfg))
     return groups
 
 
@@ -153,20 +159,17 @@ def expand_final(spec: ExperimentSpec, workdir: str | Path, best: Mapping[tuple,
     if spec.final is None:
         raise SpecError(f"{spec.path}: final: the spec has no `final:` section (seeds)")
     out = []
-    for row in spec.rows:
-        for dataset in spec.data.datasets:
-            for point in grid_points(spec):
-                pt = tuple(p for p in point if p[0] != "seed")
-                values = None
-                if row.search:
-                    if (row.name, dataset, pt) not in best:
-                        raise SpecError(f"{spec.path}: final: no finished search study for row {row.name!r} on "
-                                        f"{dataset!r}; run `hisf-bench search {spec.path}` first")
-                    values = best[(row.name, dataset, pt)]
-                for seed in spec.final.seeds:
-                    tid = trial_id("final", row.name, dataset, pt, seed)
-                    cfg = build_config(spec, row, dataset, pt, seed, values, trial_dir(workdir, spec, tid))
-                    out.append(Trial(tid, "final", row.name, dataset, seed, pt + tuple(sorted((values or {}).items())), cfg))
+    for row, dataset, pt in _cells(spec, spec.rows):
+        values = None
+        if row.search:
+            if (row.name, dataset, pt) not in best:
+                raise SpecError(f"{spec.path}: final: no finished search study for row {row.name!r} on "
+                                f"{dataset!r}; run `hisf-bench search {spec.path}` first")
+            values = best[(row.name, dataset, pt)]
+        for seed in spec.final.seeds:
+            tid = trial_id("final", row.name, dataset, pt, seed)
+            cfg = build_config(spec, row, dataset, pt, seed, values, trial_dir(workdir, spec, tid))
+            out.append(Trial(tid, "final", row.name, dataset, seed, pt + tuple(sorted((values or {}).items())), cfg))
     return _unique(out)
 
 
