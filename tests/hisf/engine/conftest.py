@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import TinyPromptModel
+from engine_helpers import TinyPromptModel, build_demo
 
 
 @pytest.fixture
@@ -22,12 +22,4 @@ def tiny_batch():
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """Demo images written as real PNG files in CoOp's layout, built into shards at ROOT/demo (6 classes)."""
-    from data_shards.cli import main as data_main
-
-    raw = tmp_path_factory.mktemp("demo_raw")
-    root = tmp_path_factory.mktemp("demo_shards")
-    assert data_main(["demo", "--out", str(raw), "--classes", "6", "--train", "8", "--val", "4", "--test", "6",
-                      "--size", "40"]) == 0
-    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
-                      "--image-size", "32", "--quiet"]) == 0
-    return root
+    return build_demo(tmp_path_factory.mktemp("demo"), classes=6, train=8, val=4, test=6, size=40, image_size=32)

@@ -100,3 +100,15 @@ def tiny_trial(root, out, **sections):
 def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
 
+
+def build_demo(base, classes: int, train: int, val: int, test: int, size: int = 24, image_size: int = 16):
+    """Demo images written as real PNG files in CoOp's layout under base/raw, built into shards at
+    base/shards/demo; returns the shards root (the trial's data.root)."""
+    from data_shards.cli import main as data_main
+
+    raw, root = base / "raw", base / "shards"
+    assert data_main(["demo", "--out", str(raw), "--classes", str(classes), "--train", str(train), "--val", str(val),
+                      "--test", str(test), "--size", str(size)]) == 0
+    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
+                      "--image-size", str(image_size), "--quiet"]) == 0
+    return root

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from data_shards import open_dataset
-from data_shards.cli import main as data_main
-from engine_helpers import tiny_trial
+from engine_helpers import build_demo, tiny_trial
 from hisf.config import ConfigError
 from hisf.distributed import DistEnv
 from hisf.engine import run_trial
@@ -15,12 +14,8 @@ from hisf.trial_data import open_trial_data
 
 
 def test_validation_continues_the_k_shot_draw_like_coop(tmp_path):
-    raw, root = tmp_path / "raw", tmp_path / "shards"
     # 8 val images per class so the 4 drawn depend on where the seeded RNG stands after the train draw.
-    assert data_main(["demo", "--out", str(raw), "--classes", "4", "--train", "12", "--val", "8", "--test", "2",
-                      "--size", "24"]) == 0
-    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
-                      "--image-size", "16", "--quiet"]) == 0
+    root = build_demo(tmp_path, classes=4, train=12, val=8, test=2)
     ds = open_dataset(root / "demo")
     for shots, seed in ((8, 1), (8, 2), (16, 3)):
         cfg = tiny_trial(root, tmp_path / "out", seed=seed, data={"shots": shots})
@@ -34,12 +29,8 @@ def test_validation_continues_the_k_shot_draw_like_coop(tmp_path):
 
 
 def test_search_trials_never_open_the_test_split(tmp_path):
-    raw, root = tmp_path / "raw", tmp_path / "shards"
     # A dataset built with no test split at all: a trial that must not read test still runs on it.
-    assert data_main(["demo", "--out", str(raw), "--classes", "4", "--train", "6", "--val", "2", "--test", "0",
-                      "--size", "24"]) == 0
-    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
-                      "--image-size", "16", "--quiet"]) == 0
+    root = build_demo(tmp_path, classes=4, train=6, val=2, test=0)
     assert "test" not in open_dataset(root / "demo").splits
     with pytest.raises(ConfigError, match="no 'test' split"):
         run_trial(tiny_trial(root, tmp_path / "a", train={"epochs": 1}))
