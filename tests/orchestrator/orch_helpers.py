@@ -139,3 +139,33 @@ def stop_group(proc: subprocess.Popen, marker: str | None = None, grace: float =
         pass
     if marker:
         kill_pids(pids_with(marker))
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch of the engine's checkpoint at `path`; 0 while it is absent or being written."""
+    import torch
+
+    try:
+        return int(torch.load(path, weights_only=True, map_location="cpu")["epoch"])
+    except Exception:  # being written (atomic rename) or not there yet
+        return 0
+
+
+def sweep_and_kill(spec_path: Path, cwd: Path, ready, what: str, pid_file: Path, state: Path,
+                   ready_timeout: float, run_timeout: float) -> tuple[int, str, int]:
+    """Run `hisf-bench sweep SPEC` as a driver process, SIGKILL the pid written in `pid_file` once `ready()`
+    holds, and wait for the driver; returns (its exit code, its output, the checkpoint epoch at the kill)."""
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path)], cwd=cwd,
+                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        wait_for(ready, ready_timeout, 0.02, what)
+        killed_at = checkpoint_epoch(state)
+        os.kill(int(Path(pid_file).read_text()), signal.SIGKILL)
+        out, _ = driver.communicate(timeout=run_timeout)
+    finally:
+        leftover = descendants(driver.pid)
+        if driver.poll() is None:
+            driver.kill()
+        kill_pids(leftover)
+    return driver.returncode, out, killed_at

@@ -1,7 +1,6 @@
 """Fault tolerance with real processes: a killed trial worker retries from its checkpoint; a killed driver resumes."""
 
 import contextlib
-import os
 import sqlite3
 import signal
 import subprocess
@@ -16,18 +15,10 @@ from hisf.engine import run_trial
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
 
-from orch_helpers import cli_env, descendants, kill_pids, mlflow_children, run_cli, wait_for, write_spec
+from orch_helpers import (checkpoint_epoch, cli_env, descendants, kill_pids, mlflow_children, run_cli,
+                          sweep_and_kill, wait_for, write_spec)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def _state_epochs(path: Path) -> int:
-    import torch
-
-    try:
-        return int(torch.load(path, weights_only=True, map_location="cpu")["epoch"])
-    except Exception:  # being written (atomic rename) or not there yet
-        return 0
 
 
 def test_killed_worker_retries_from_checkpoint_with_same_metrics(tmp_path, demo_root):
@@ -37,22 +28,10 @@ def test_killed_worker_retries_from_checkpoint_with_same_metrics(tmp_path, demo_
     (trial,) = expand_sweep(load_spec(spec_path), tmp_path / "hisf-bench")
     state = Path(trial.config.output_dir) / "checkpoint" / "state.pt"
     pid_file = Path(trial.config.output_dir) / "worker.pid"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path)], cwd=tmp_path,
-                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        wait_for(lambda: state.is_file() and pid_file.is_file() and _state_epochs(state) >= 2, 180, 0.02,
-                 "the trial's second epoch checkpoint")
-        killed_at = _state_epochs(state)
-        worker = int(pid_file.read_text())
-        os.kill(worker, signal.SIGKILL)
-        out, _ = driver.communicate(timeout=240)
-    finally:
-        leftover = descendants(driver.pid)
-        if driver.poll() is None:
-            driver.kill()
-        kill_pids(leftover)
-    assert driver.returncode == 0, out[-4000:]
+    code, out, killed_at = sweep_and_kill(
+        spec_path, tmp_path, lambda: state.is_file() and pid_file.is_file() and checkpoint_epoch(state) >= 2,
+        "the trial's second epoch checkpoint", pid_file, state, ready_timeout=180, run_timeout=240)
+    assert code == 0, out[-4000:]
     assert 2 <= killed_at < epochs
 
     uri = f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}"

@@ -2,10 +2,6 @@
 Ray Train's checkpoint with the metrics of an unkilled run; a ConfigError in a trial fails it without retries."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ from hisf.engine import run_trial
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
 
-from orch_helpers import cli_env, descendants, kill_pids, mlflow_children, run_cli, wait_for, write_spec
+from orch_helpers import mlflow_children, run_cli, sweep_and_kill, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -30,15 +26,6 @@ def _ddp_spec(path: Path, demo_root: Path, name: str, epochs: int, workers: int 
     raw["base"]["train"].update(train)
     spec_path.write_text(yaml.safe_dump(raw))
     return spec_path
-
-
-def _state_epochs(path: Path) -> int:
-    import torch
-
-    try:
-        return int(torch.load(path, weights_only=True, map_location="cpu")["epoch"])
-    except Exception:  # being written (atomic rename) or not there yet
-        return 0
 
 
 def _train_checkpointed(workdir: Path) -> bool:
@@ -58,22 +45,11 @@ def _kill_mid_run(tmp_path: Path, demo_root: Path, name: str, pid_file: str, epo
     (trial,) = expand_sweep(load_spec(spec_path), tmp_path / "hisf-bench")
     out_dir = Path(trial.config.output_dir)
     state = out_dir / "checkpoint" / "state.pt"
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path)], cwd=tmp_path,
-                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
-    try:
-        # The controller registers a reported checkpoint a moment after the report: wait for its snapshot.
-        wait_for(lambda: _train_checkpointed(tmp_path) and (out_dir / pid_file).is_file(), 150, 0.02,
-                 "Ray Train's first registered checkpoint")
-        killed_at = _state_epochs(state)
-        os.kill(int((out_dir / pid_file).read_text()), signal.SIGKILL)
-        out, _ = driver.communicate(timeout=150)
-    finally:
-        leftover = descendants(driver.pid)
-        if driver.poll() is None:
-            driver.kill()
-        kill_pids(leftover)
-    assert driver.returncode == 0, out[-4000:]
+    # The controller registers a reported checkpoint a moment after the report: wait for its snapshot.
+    code, out, killed_at = sweep_and_kill(
+        spec_path, tmp_path, lambda: _train_checkpointed(tmp_path) and (out_dir / pid_file).is_file(),
+        "Ray Train's first registered checkpoint", out_dir / pid_file, state, ready_timeout=150, run_timeout=150)
+    assert code == 0, out[-4000:]
     assert 1 <= killed_at < epochs
 
     uri = f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}"
