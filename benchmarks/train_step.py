@@ -29,13 +29,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.maple_reference import ReferenceMaPLe  # noqa: E402
-from hisf.backbone import load_backbone  # noqa: E402
+from hisf.model.backbone import load_backbone  # noqa: E402
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
-from hisf.distributed import DistEnv  # noqa: E402
+from hisf.engine.distributed import DistEnv  # noqa: E402
 from hisf.engine import Precision, compile_losses, resolve_precision, seed_everything, train_step  # noqa: E402
-from hisf.maple_checkpoint import maple_key_map  # noqa: E402
-from hisf.methods import build_method  # noqa: E402
-from hisf.optim import build_optimizer  # noqa: E402
+from hisf.model.maple_checkpoint import maple_key_map  # noqa: E402
+from hisf.model.methods import build_method  # noqa: E402
+from hisf.engine.optim import build_optimizer  # noqa: E402
 
 
 def classnames(n: int) -> list[str]:

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    # open_clip architecture name (`ViT-B-16`) or one of ours under hisf/model_configs (`hisf-tiny`).
+    # open_clip architecture name (`ViT-B-16`) or one of ours under hisf/model/model_configs (`hisf-tiny`).
     name: str = "ViT-B-16"
     # open_clip pretrained tag (`openai`), a local checkpoint file, or None for random weights.
     pretrained: str | None = "openai"
@@ -111,7 +111,7 @@ class TrainConfig:
     epochs: int = 5
     # Per-rank batch size (the paper's 4).
     batch_size: int = 4
-    # None means the preset's value (method.md): paper lr 0.0035 SGD; adamw see hisf/optim.py.
+    # None means the preset's value (method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py.
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9

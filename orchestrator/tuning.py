@@ -231,7 +231,7 @@ def _restore_train_checkpoint(trial: Trial) -> int | None:
     import ray.train
     import torch
 
-    from hisf.checkpoint import checkpoint_path
+    from hisf.engine.checkpoint import checkpoint_path
 
     ckpt = ray.train.get_checkpoint()
     dest = checkpoint_path(trial.config.output_dir)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hisf.backbone import MODEL_CONFIG_DIR, load_backbone
+from hisf.model.backbone import MODEL_CONFIG_DIR, load_backbone
 from hisf.config import BackboneConfig
 
 torch.set_num_threads(1)

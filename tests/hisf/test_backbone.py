@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hisf.backbone import BackboneError, load_backbone
+from hisf.model.backbone import BackboneError, load_backbone
 from hisf.config import BackboneConfig, ConfigError
-from hisf.encoders import encode_image, encode_text, text_length
+from hisf.model.encoders import encode_image, encode_text, text_length
 
 
 def test_encoders_equal_open_clip(backbone, images):

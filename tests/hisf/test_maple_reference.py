@@ -7,8 +7,8 @@ import torch
 
 from benchmarks.maple_reference import ReferenceMaPLe, reference_from_backbone
 from hisf.config import MethodConfig
-from hisf.maple_checkpoint import MapleCheckpointError, import_maple_prompts
-from hisf.methods import build_method
+from hisf.model.maple_checkpoint import MapleCheckpointError, import_maple_prompts
+from hisf.model.methods import build_method
 
 
 def maple_checkpoint(depth: int, n_ctx: int, tw: int, vw: int, n_cls: int, seed: int = 3) -> dict:

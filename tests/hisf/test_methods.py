@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from hisf.config import BackboneConfig, ConfigError, MethodConfig
-from hisf.backbone import load_backbone
-from hisf.methods import build_method
-from hisf.prompts import PromptError
+from hisf.model.backbone import load_backbone
+from hisf.model.methods import build_method
+from hisf.model.prompts import PromptError
 
 TINY = dict(depth=2)
 
@@ -170,7 +170,8 @@ def test_eval_cache_follows_parameter_updates(backbone, classes, images):
         model.prompts.shared[0].add_(0.5)
         b = model(images)
     assert (a - b).abs().max() > 1e-4
-    torch.testing.assert_close(b, model(images), atol=1e-6, rtol=0)  # grad-enabled path recomputes
+    # grad-enabled path recomputes; ~1 ulp of a τ-scaled logit apart from the cached no-grad result
+    torch.testing.assert_close(b, model(images), atol=1e-5, rtol=0)
 
 
 def test_fast_path_equals_plain_path(backbone, tiny_ckpt, classes, images, labels):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hisf.encoders import encode_image, encode_text
-from hisf.prompts import prefix_text, tokenize_classes
+from hisf.model.encoders import encode_image, encode_text
+from hisf.model.prompts import prefix_text, tokenize_classes
 
 
 def test_class_text_layout(backbone):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hisf.config import MethodConfig
-from hisf.losses import label_embedding_loss, semantic_alignment_loss, total_loss
-from hisf.methods import build_method
+from hisf.model.losses import label_embedding_loss, semantic_alignment_loss, total_loss
+from hisf.model.methods import build_method
 
 
 def separable_task(n_per_class: int = 6):

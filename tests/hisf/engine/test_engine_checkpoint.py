@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hisf import checkpoint as ckpt
+from hisf.engine import checkpoint as ckpt
 from hisf.config import ConfigError, TrialConfig, replace_path
 
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from engine_helpers import tiny_trial, without_timing
-from hisf.backbone import load_backbone
+from hisf.model.backbone import load_backbone
 from hisf.config import BackboneConfig, MethodConfig
-from hisf.encoders import text_length
+from hisf.model.encoders import text_length
 from hisf.engine import run_trial
-from hisf.methods import build_method
+from hisf.model.methods import build_method
 
 TINY = BackboneConfig(name="hisf-tiny", pretrained=None, precision="fp32")
 

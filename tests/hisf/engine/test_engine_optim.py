@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hisf.config import ConfigError, TrainConfig
-from hisf.optim import build_optimizer, build_param_groups, build_scheduler
+from hisf.engine.optim import build_optimizer, build_param_groups, build_scheduler
 
 
 def test_paper_preset_is_maples_sgd(tiny_model):

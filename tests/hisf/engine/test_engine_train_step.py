@@ -12,9 +12,9 @@ import torch.multiprocessing as mp
 
 from engine_helpers import TinyPromptModel, free_port
 from hisf.config import TrainConfig
-from hisf.distributed import DistEnv, init_from_env, shutdown
+from hisf.engine.distributed import DistEnv, init_from_env, shutdown
 from hisf.engine import NanGuard, NonFiniteLossError, resolve_precision, train_step
-from hisf.optim import build_optimizer
+from hisf.engine.optim import build_optimizer
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from engine_helpers import tiny_trial, without_timing
-from hisf import checkpoint as ckpt
+from hisf.engine import checkpoint as ckpt
 from hisf.config import ConfigError, replace_path
-from hisf.distributed import DistEnv
+from hisf.engine.distributed import DistEnv
 from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial, seed_everything
-from hisf.evaluation import accuracy, harmonic_mean
+from hisf.engine.evaluation import accuracy, harmonic_mean
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
 
@@ -38,8 +38,8 @@ class Recorder(TrialCallback):
 
 def test_base2new_trial_end_to_end(demo_root, tmp_path):
     from data_shards import make_loader, open_dataset
-    from hisf.backbone import load_backbone
-    from hisf.methods import build_method
+    from hisf.model.backbone import load_backbone
+    from hisf.model.methods import build_method
 
     cfg = tiny_trial(demo_root, tmp_path / "run")
     rec = Recorder()

@@ -8,9 +8,9 @@ import torch
 from data_shards import open_dataset
 from engine_helpers import build_demo, tiny_trial
 from hisf.config import ConfigError
-from hisf.distributed import DistEnv
+from hisf.engine.distributed import DistEnv
 from hisf.engine import run_trial
-from hisf.trial_data import open_trial_data
+from hisf.engine.trial_data import open_trial_data
 
 
 def test_validation_continues_the_k_shot_draw_like_coop(tmp_path):

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 
 from hisf.config import ConfigError, TrialConfig
-from hisf.distributed import DistEnv
-from hisf.evaluation import accuracy, harmonic_mean
+from hisf.engine.distributed import DistEnv
+from hisf.engine.evaluation import accuracy, harmonic_mean
 
 
 @dataclass

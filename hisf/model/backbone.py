@@ -83,7 +83,7 @@ def resolve_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
             vits = [m for m in open_clip.list_models() if m.startswith("ViT")]
             raise BackboneError(
                 f"backbone.name: unknown model {cfg.name!r}; expected an open_clip ViT "
-                f"({', '.join(vits[:8])}, ...) or one of hisf/model_configs: {available_model_configs()}"
+                f"({', '.join(vits[:8])}, ...) or one of hisf/model/model_configs: {available_model_configs()}"
             )
         model_cfg = copy.deepcopy(model_cfg)
     for key in ("embed_dim", "vision_cfg", "text_cfg"):

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from hisf.backbone import Backbone
+from hisf.model.backbone import Backbone
 
 MAPLE_TEMPLATE_END = "."
 

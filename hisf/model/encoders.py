@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from open_clip.transformer import text_global_pool
 
-from hisf.backbone import Backbone
+from hisf.model.backbone import Backbone
 
 
 def _blocks(transformer, x: torch.Tensor, attn_mask, step) -> torch.Tensor:

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hisf.backbone import Backbone
+from hisf.model.backbone import Backbone
 from hisf.config import ConfigError, MethodConfig
-from hisf.encoders import encode_image, encode_text, text_length
-from hisf.fusion import SemanticFusion
-from hisf.label_embeddings import LabelEmbeddings
-from hisf.losses import cls_loss, label_embedding_loss, semantic_alignment_loss, total_loss
-from hisf.prompts import (
+from hisf.model.encoders import encode_image, encode_text, text_length
+from hisf.model.fusion import SemanticFusion
+from hisf.model.label_embeddings import LabelEmbeddings
+from hisf.model.losses import cls_loss, label_embedding_loss, semantic_alignment_loss, total_loss
+from hisf.model.prompts import (
     MultiModalPrompts,
     PromptError,
     check_layers,

@@ -7,7 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from hisf.distributed import DistEnv, all_reduce_sum
+from hisf.engine.distributed import DistEnv, all_reduce_sum
 
 
 def harmonic_mean(base: float, novel: float) -> float:

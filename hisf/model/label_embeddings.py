@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from hisf.backbone import Backbone
+from hisf.model.backbone import Backbone
 
 
 class LabelEmbeddings(nn.Module):

@@ -1,0 +1,11 @@
+"""The trial engine: one trial from a frozen TrialConfig to final metrics (DDP, mixed precision, resume).
+
+It imports the model (`hisf.model`), never the reverse, and treats every method alike.
+"""
+
+from hisf.engine.step import (LOSS_TERMS, NanGuard, NonFiniteLossError, Precision, StepResult, compile_losses,
+                              resolve_precision, seed_everything, train_step)
+from hisf.engine.trial import StopTrial, TrialCallback, run_trial
+
+__all__ = ["LOSS_TERMS", "NanGuard", "NonFiniteLossError", "Precision", "StepResult", "StopTrial", "TrialCallback",
+           "compile_losses", "resolve_precision", "run_trial", "seed_everything", "train_step"]

@@ -1,0 +1,1 @@
+"""The model: a frozen open_clip backbone, layer-wise prompt injection, and the prompt methods."""
