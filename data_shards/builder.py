@@ -14,19 +14,21 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_shards.catalogue import get_entry
+from data_shards.catalogue import dataset_name, get_entry
 from data_shards.errors import DataError
-from data_shards.images import encode_stored
+from data_shards.images import check_original, encode_stored
 from data_shards.sources import Record
 
-FORMAT_VERSION = 1
+# 2: rows of images that failed to decode stay in the manifest (flagged `bad`); exact mode; dataset names.
+FORMAT_VERSION = 2
 # Estimated stored bytes per pixel of a q90 JPEG; sets how many samples a size-bounded shard plans for.
 BYTES_PER_PIXEL = 0.35
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
     ("classname", pa.string()), ("path", pa.string()), ("checksum", pa.string()),
-    ("offset", pa.int64()), ("size", pa.int64()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("bad", pa.bool_()),
 ])
+IMAGE_MODES = ("fast", "exact")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,13 @@ class BuildOptions:
     quality: int = 90
     jobs: int = 1
     skip_bad: bool = False
+    # True: keep every original's bytes (no re-encode, no pre-crop); the loaders apply CoOp's transforms to
+    # them, so trials see CoOp's exact pixels. False ("fast"): the re-encoded, size-capped copies above.
+    exact: bool = False
+
+    @property
+    def image_mode(self) -> str:
+        return "exact" if self.exact else "fast"
 
     @property
     def stored_train_size(self) -> int:
@@ -94,8 +103,19 @@ def _task_done(task: ShardTask) -> dict | None:
     return done
 
 
+def _stored_bytes(rec: Record, task: ShardTask) -> tuple[bytes, str]:
+    """What the shard keeps of one record and its member extension: the original (exact) or a re-encode."""
+    raw = rec.read_bytes()
+    if task.mode == "exact":
+        return raw, check_original(raw)
+    return encode_stored(raw, task.mode, task.size, task.quality)[0], "jpg"
+
+
 def run_task(task: ShardTask) -> dict:
-    """Encode one task's records into one or more size-bounded tar shards; returns its manifest rows."""
+    """Write one task's records into one or more size-bounded tar shards; returns its manifest rows.
+
+    With skip_bad, a record that fails to decode keeps its row (flagged `bad`, no shard) so that few-shot
+    draws see the same list as Dassl, which keeps the entry; selections leave it out afterwards."""
     import webdataset as wds
 
     out = Path(task.out)
@@ -112,20 +132,21 @@ def run_task(task: ShardTask) -> dict:
         for row in part_rows:
             row["offset"], row["size"] = offsets[row.pop("member")]
         shards[part_name] = final.stat().st_size
-        rows.extend(part_rows)
         writer, part_rows = None, []
 
     for i, rec in enumerate(task.records):
         key = f"{task.split}{task.first + i:07d}"
+        row = {"key": key, "split": task.split, "label": rec.label, "classname": rec.classname, "path": rec.path}
         try:
-            data, _, _ = encode_stored(rec.read_bytes(), task.mode, task.size, task.quality)
+            data, ext = _stored_bytes(rec, task)
         except DataError:
             raise
         except Exception as e:  # PIL raises many types for broken files
             if not task.skip_bad:
                 raise DataError(f"{rec.path} ({rec.src}): image fails to decode ({type(e).__name__}: {e}); "
                                 "fix or remove it, or build with --skip-bad") from None
-            skipped.append({"path": rec.path, "error": f"{type(e).__name__}: {e}"})
+            skipped.append({"path": rec.path, "split": task.split, "key": key, "error": f"{type(e).__name__}: {e}"})
+            rows.append({**row, "shard": "", "checksum": "", "offset": 0, "size": 0, "bad": True})
             continue
         if writer is not None and written + len(data) + 2048 > task.shard_size:
             close_part()
@@ -135,16 +156,22 @@ def run_task(task: ShardTask) -> dict:
             tmp_path = out / (part_name + ".tmp")
             writer = wds.TarWriter(str(tmp_path), encoder=False, mtime=0.0)
             written = 0
-        writer.write({"__key__": key, "jpg": data, "cls": str(rec.label).encode()})
+        writer.write({"__key__": key, ext: data, "cls": str(rec.label).encode()})
         written += len(data) + 2048
-        part_rows.append({"key": key, "split": task.split, "shard": part_name, "label": rec.label,
-                          "classname": rec.classname, "path": rec.path, "checksum": _sha1(data),
-                          "member": f"{key}.jpg"})
+        rows.append({**row, "shard": part_name, "checksum": _sha1(data), "bad": False, "member": f"{key}.{ext}"})
+        part_rows.append(rows[-1])
     if writer is not None:
         close_part()
     done = {"rows": rows, "skipped": skipped, "shards": shards}
     _write_atomic(out / f"{task.stem}.json", json.dumps(done))
     return done
+
+
+def _mean_source_bytes(recs: list[Record], n: int = 64) -> int:
+    """Mean stored size of an exact build's originals, from an evenly spaced sample of the records."""
+    step = max(1, len(recs) // n)
+    sizes = [r.size if r.offset >= 0 else os.path.getsize(r.src) for r in recs[::step]]
+    return max(1, int(sum(sizes) / max(1, len(sizes))))
 
 
 def plan_tasks(listing, out: Path, opts: BuildOptions) -> list[ShardTask]:
@@ -153,6 +180,8 @@ def plan_tasks(listing, out: Path, opts: BuildOptions) -> list[ShardTask]:
         recs = listing.splits.get(split) or []
         mode, size = ("train", opts.stored_train_size) if split == "train" else ("eval", opts.image_size)
         est = max(1, int(BYTES_PER_PIXEL * size * size * (1.4 if mode == "train" else 1.0)))
+        if opts.exact and recs:
+            mode, est = "exact", _mean_source_bytes(recs)
         per_shard = max(1, opts.shard_size // (est + 2048))
         for t, start in enumerate(range(0, len(recs), per_shard)):
             tasks.append(ShardTask(split, t, start, tuple(recs[start:start + per_shard]), str(out), mode, size,
@@ -160,7 +189,7 @@ def plan_tasks(listing, out: Path, opts: BuildOptions) -> list[ShardTask]:
     return tasks
 
 
-def _fingerprint(key: str, listing, opts: BuildOptions) -> dict:
+def _fingerprint(source: str, name: str, listing, opts: BuildOptions) -> dict:
     h = hashlib.sha1()
     for split in sorted(listing.splits):
         for r in listing.splits[split]:
@@ -168,13 +197,17 @@ def _fingerprint(key: str, listing, opts: BuildOptions) -> dict:
     o = asdict(opts)
     o.pop("jobs")  # neither changes what a finished shard holds, so a resumed build may change them
     o.pop("skip_bad")
-    return {"key": key, "options": o, "records": h.hexdigest(), "format": FORMAT_VERSION}
+    return {"key": name, "source": source, "options": o, "records": h.hexdigest(), "format": FORMAT_VERSION}
 
 
-def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = BuildOptions(), progress: bool = True) -> dict:
-    """Build dataset `key` from `root` into `out`; finished shards of an interrupted build are kept."""
+def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = BuildOptions(), progress: bool = True,
+          name: str | None = None) -> dict:
+    """Build catalogue dataset `key` (or a generic source: imagefolder, clip_benchmark) from `root` into `out`;
+    finished shards of an interrupted build are kept. A generic build is recorded under `name` (default: the
+    out folder's name), which BuiltDataset.key returns and specs name; a catalogue build under its key."""
     opts.validate()
     entry = get_entry(key)
+    name = dataset_name(key, name, out)
     root, out = Path(root), Path(out)
     if not root.exists():
         raise DataError(f"{root}: data root folder not found")
@@ -182,7 +215,7 @@ def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = Buil
     if not any(listing.splits.values()):
         raise DataError(f"{root}: dataset {key!r} lists no images")
     out.mkdir(parents=True, exist_ok=True)
-    fp = _fingerprint(key, listing, opts)
+    fp = _fingerprint(key, name, listing, opts)
     fp_path = out / "build.json"
     if fp_path.is_file() and json.loads(fp_path.read_text()) != fp:
         raise DataError(f"{out}: holds a build of other data or options ({fp_path}); use a fresh --out folder")
@@ -202,7 +235,7 @@ def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = Buil
     _run(tasks, pending, results, opts.jobs, progress, total=sum(len(t.records) for t in tasks))
     rows = [row for i in range(len(tasks)) for row in results[i]["rows"]]
     skipped = [s for i in range(len(tasks)) for s in results[i]["skipped"]]
-    return _finish(key, listing, out, opts, tasks, results, rows, skipped)
+    return _finish(key, name, listing, out, opts, tasks, results, rows, skipped)
 
 
 def _run(tasks, pending, results, jobs, progress, total) -> None:
@@ -232,20 +265,23 @@ def _run(tasks, pending, results, jobs, progress, total) -> None:
         bar.close()
 
 
-def _finish(key, listing, out: Path, opts, tasks, results, rows, skipped) -> dict:
+def _finish(source, name, listing, out: Path, opts, tasks, results, rows, skipped) -> dict:
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     tmp = out / "manifest.parquet.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, out / "manifest.parquet")
     splits = {}
     for i, t in enumerate(tasks):
-        s = splits.setdefault(t.split, {"count": 0, "shards": {}})
+        # count: manifest rows, `bad` ones (failed to decode, kept for the few-shot draw) included.
+        s = splits.setdefault(t.split, {"count": 0, "bad": 0, "shards": {}})
         s["count"] += len(results[i]["rows"])
+        s["bad"] += len(results[i]["skipped"])
         s["shards"].update(results[i]["shards"])
     info = {
-        "format": FORMAT_VERSION, "key": key, "classnames": list(listing.classnames), "template": listing.template,
-        "templates": list(listing.templates or (listing.template,)), "image_size": opts.image_size,
-        "train_size": opts.stored_train_size, "splits": splits, "skipped": skipped,
+        "format": FORMAT_VERSION, "key": name, "source": source, "classnames": list(listing.classnames),
+        "template": listing.template, "templates": list(listing.templates or (listing.template,)),
+        "image_mode": opts.image_mode, "image_size": opts.image_size,
+        "train_size": None if opts.exact else opts.stored_train_size, "splits": splits, "skipped": skipped,
     }
     _write_atomic(out / "info.json", json.dumps(info, indent=1))
     return info

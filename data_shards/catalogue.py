@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,3 +118,31 @@ def get_entry(key: str) -> DatasetEntry:
     if key not in CATALOGUE:
         raise DataError(f"dataset {key!r}: unknown key; expected one of {sorted(CATALOGUE)}")
     return CATALOGUE[key]
+
+
+# Sources that hold any user's data: a built one is named by the user (`--name`, default the --out folder's
+# name), and specs, reports and MLflow tags use that name as they use a catalogue key.
+GENERIC_SOURCES = ("imagefolder", "clip_benchmark")
+# Names become folder names, trial ids, ':'-separated Optuna study names and MLflow tags: keep them plain.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def dataset_name(source: str, name: str | None, out: str | Path) -> str:
+    """The name a build of `source` into `out` is recorded under: a catalogue dataset keeps its key; a
+    generic source takes `name`, or the out folder's name, which must be plain and not a catalogue key."""
+    get_entry(source)
+    if source not in GENERIC_SOURCES:
+        if name is not None and name != source:
+            raise DataError(f"--name {name!r}: catalogue dataset {source!r} is always named {source!r}; "
+                            f"--name names {' / '.join(GENERIC_SOURCES)} builds")
+        return source
+    origin = "--name" if name is not None else f"the --out folder's name ({out}; no --name given)"
+    chosen = name if name is not None else Path(out).resolve().name
+    if not NAME_PATTERN.fullmatch(chosen):
+        raise DataError(f"dataset name {chosen!r} from {origin}: expected 1-64 letters, digits, '_' or '-', "
+                        "starting with a letter or digit; pass --name NAME")
+    if chosen.lower() in CATALOGUE:
+        raise DataError(f"dataset name {chosen!r} from {origin} is a catalogue key, so specs could not tell this "
+                        f"{source} build from the catalogue's {chosen.lower()!r}; pass --name with another name "
+                        f"(e.g. --name my_{chosen.lower()})")
+    return chosen

@@ -21,9 +21,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hisf-bench data")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="convert a dataset on disk into WebDataset shards + manifest.parquet")
-    b.add_argument("--dataset", required=True, help="catalogue key (see `hisf-bench data list`)")
+    b.add_argument("--dataset", required=True, help="catalogue key, or imagefolder / clip_benchmark (see `hisf-bench data list`)")
     b.add_argument("--root", required=True, help="DATA root (CoOp layout), or the dataset folder for imagefolder/clip_benchmark")
-    b.add_argument("--out", required=True, help="output folder, by convention ROOT/<key>")
+    b.add_argument("--out", required=True, help="output folder, by convention ROOT/<name>")
+    b.add_argument("--name", default=None, help="name of an imagefolder / clip_benchmark build, used by specs like a "
+                   "catalogue key (default: the --out folder's name)")
+    b.add_argument("--exact", action="store_true", help="keep the original image files (no re-encode, no pre-crop); "
+                   "loaders apply CoOp's transforms to them: CoOp's exact pixels, slower to load")
     b.add_argument("--image-size", type=int, default=224, help="evaluation size: val/test stored resized + centre-cropped to it")
     b.add_argument("--train-size", type=int, default=None, help="shorter-side cap of stored train images (default 1.5 x image size)")
     b.add_argument("--shard-size", type=_size, default="256M", help="maximum shard size in bytes, K/M/G suffixes allowed")
@@ -44,6 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _info(ds) -> None:
+    """Every split the builder wrote; a val split drawn from train at selection time is said to be so."""
+    source = "" if ds.source == ds.key else f" ({ds.source})"
+    print(f"{ds.key}{source}: {len(ds.classnames)} classes, template {ds.template!r}, {ds.image_mode} images")
+    counts, bad = ds.counts(), ds.counts(bad=True)
+    for split in ds.splits:
+        built = ds.info["splits"].get(split)
+        if built is None:  # only val, when the source has none (ds.val_from_train)
+            print(f"{split}: none built; drawn from the train items a K-shot draw leaves (min(K, 4) per class)")
+            continue
+        c, b = counts.get(split, {}), bad.get(split, {})
+        left = f", {sum(b.values())} left out (failed to decode)" if b else ""
+        print(f"{split}: {sum(c.values())} samples in {len(built['shards'])} shard(s){left}")
+        for name in ds.classnames:
+            print(f"  {c.get(name, 0):7d}  {name}" + (f"  ({b[name]} left out)" if name in b else ""))
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -51,26 +72,20 @@ def main(argv: list[str]) -> int:
             from data_shards.builder import BuildOptions, build
 
             opts = BuildOptions(image_size=args.image_size, train_size=args.train_size, shard_size=args.shard_size,
-                                quality=args.quality, jobs=args.jobs, skip_bad=args.skip_bad)
-            info = build(args.dataset, args.root, args.out, opts, progress=not args.quiet)
+                                quality=args.quality, jobs=args.jobs, skip_bad=args.skip_bad, exact=args.exact)
+            info = build(args.dataset, args.root, args.out, opts, progress=not args.quiet, name=args.name)
             counts = ", ".join(f"{s} {v['count']}" for s, v in info["splits"].items())
-            print(f"built {info['key']} into {args.out}: {len(info['classnames'])} classes, {counts}")
+            print(f"built {info['key']} ({info['source']}, {info['image_mode']} images) into {args.out}: "
+                  f"{len(info['classnames'])} classes, {counts}")
             if info["skipped"]:
-                print(f"skipped {len(info['skipped'])} image(s) that failed to decode:")
+                print(f"{len(info['skipped'])} image(s) failed to decode; they stay in the manifest, flagged, so "
+                      "few-shot draws match Dassl's, and are left out when a selection draws them:")
                 for s in info["skipped"]:
                     print(f"  {s['path']}: {s['error']}")
         elif args.cmd == "info":
             from data_shards.dataset import open_dataset
 
-            ds = open_dataset(args.path)
-            print(f"{ds.key}: {len(ds.classnames)} classes, template {ds.template!r}")
-            counts = ds.counts()
-            for split in ds.splits:
-                c = counts.get(split, {})
-                n_shards = len(ds.info["splits"][split]["shards"])
-                print(f"{split}: {sum(c.values())} samples in {n_shards} shard(s)")
-                for name in ds.classnames:
-                    print(f"  {c.get(name, 0):7d}  {name}")
+            _info(open_dataset(args.path))
         elif args.cmd == "demo":
             from data_shards.demo import write_demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ import pyarrow.parquet as pq
 from data_shards.errors import DataError
 
 CLASS_CHOICES = ("all", "base", "novel")
+
+
+class BadImagesLeftOut(UserWarning):
+    """A selection drew images that failed to decode at build time (`--skip-bad`) and leaves them out."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Subset:
     sizes: np.ndarray
     labels: np.ndarray
     checksums: tuple[str, ...]
+    left_out: int = 0  # drawn items whose image failed to decode at build time (--skip-bad), not loaded
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -40,12 +46,17 @@ class Subset:
         return sorted(set(self.shards))
 
 
-def base_novel_classes(n: int, classes: str) -> list[int]:
-    """Dassl's subsample_classes: labels sorted, base = the first ceil(n/2), novel = the rest."""
+def base_novel_classes(n: int, classes: str, present=None) -> list[int]:
+    """Dassl's subsample_classes: the labels present in the train split, sorted; base = the first
+    ceil(m/2) of those m, novel = the rest; "all" keeps all n labels (Dassl returns the data unchanged).
+    `present` defaults to 0..n-1 (every class has train items, as in every CoOp split file)."""
     if classes not in CLASS_CHOICES:
         raise DataError(f"classes={classes!r}: expected one of {list(CLASS_CHOICES)}")
-    m = math.ceil(n / 2)
-    return list(range(n)) if classes == "all" else list(range(m)) if classes == "base" else list(range(m, n))
+    if classes == "all":
+        return list(range(n))
+    labels = sorted(set(range(n) if present is None else (int(y) for y in present)))
+    m = math.ceil(len(labels) / 2)
+    return labels[:m] if classes == "base" else labels[m:]
 
 
 def fewshot_indices(labels: list[int], shots: int, rng: random.Random) -> list[int]:
@@ -73,7 +84,11 @@ class BuiltDataset:
             raise DataError(f"{man_path}: manifest not found")
         self.info = json.loads(info_path.read_text())
         self.manifest = pq.read_table(man_path)
-        self.key: str = self.info["key"]
+        self.key: str = self.info["key"]  # catalogue key, or the name a generic (imagefolder/clip_benchmark) build got
+        self.source: str = self.info.get("source", self.key)
+        # "exact": shards hold the original files, loaders apply CoOp's transforms to them; "fast": re-encoded
+        # copies (train shorter side capped, test pre-cropped). Builds before format 2 are fast.
+        self.image_mode: str = self.info.get("image_mode", "fast")
         self.classnames: tuple[str, ...] = tuple(self.info["classnames"])
         self.template: str = self.info["template"]
         self.templates: tuple[str, ...] = tuple(self.info.get("templates") or (self.template,))
@@ -87,12 +102,18 @@ class BuiltDataset:
         self._labels = self.manifest.column("label").to_numpy()
         self._offsets = self.manifest.column("offset").to_numpy()
         self._sizes = self.manifest.column("size").to_numpy()
+        n_rows = self.manifest.num_rows
+        self._bad = (self.manifest.column("bad").to_numpy(zero_copy_only=False).astype(bool)
+                     if "bad" in self.manifest.column_names else np.zeros(n_rows, dtype=bool))
+        # Dassl's base/novel cut counts the labels of the train list (bad entries too: Dassl keeps them).
+        train_labels = self._labels[np.asarray([s == "train" for s in self._columns["split"]], dtype=bool)] if n_rows else []
+        self._present = sorted(set(int(y) for y in train_labels)) if len(train_labels) else list(range(len(self.classnames)))
 
     def _check(self) -> None:
         """The manifest must match its shards: every listed shard present with its recorded size, and
         every sample's byte range inside its shard."""
         man = self.path / "manifest.parquet"
-        sizes = {}
+        sizes = {"": 0}  # rows flagged `bad` have no shard and an empty byte range
         for split, s in self.info["splits"].items():
             for name, nbytes in s["shards"].items():
                 p = self.path / name
@@ -105,7 +126,7 @@ class BuiltDataset:
             if n != s["count"]:
                 raise DataError(f"{man}: {n} rows for split {split!r}, info.json records {s['count']}")
         for name in pc.unique(self.manifest.column("shard")).to_pylist():
-            if name not in sizes:
+            if name not in sizes or (name == "" and "bad" not in self.manifest.column_names):
                 raise DataError(f"{man}: rows point at shard {name!r} that info.json does not list")
         ends = pc.add(self.manifest.column("offset"), self.manifest.column("size")).to_numpy()
         limits = np.array([sizes[s] for s in self.manifest.column("shard").to_pylist()], dtype=np.int64)
@@ -116,10 +137,12 @@ class BuiltDataset:
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classnames)):
             raise DataError(f"{man}: labels outside 0..{len(self.classnames) - 1}")
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """Samples per split and class name."""
+    def counts(self, bad: bool = False) -> dict[str, dict[str, int]]:
+        """Loadable samples per split and class name (bad=True: those that failed to decode instead)."""
         out: dict[str, dict[str, int]] = {}
-        for split, y in zip(self._columns["split"], self._labels):
+        for split, y, b in zip(self._columns["split"], self._labels, self._bad):
+            if bool(b) != bad:
+                continue
             d = out.setdefault(split, {})
             d[self.classnames[y]] = d.get(self.classnames[y], 0) + 1
         return out
@@ -134,7 +157,7 @@ class BuiltDataset:
             raise DataError(f"{self.path}: split {split!r} not built; available {list(self.splits)}")
         if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
             raise DataError(f"shots={shots!r}: expected None or an integer K >= 1")
-        keep = base_novel_classes(len(self.classnames), classes)
+        keep = base_novel_classes(len(self.classnames), classes, self._present)
         from_train = split == "val" and self.val_from_train
         if from_train and shots is None:
             raise DataError(f"{self.path}: no val split was built; validation is drawn from the train items a "
@@ -156,6 +179,13 @@ class BuiltDataset:
                 idx = [idx[j] for j in picked]
         relabel = {old: new for new, old in enumerate(keep)}
         idx = [i for i in idx if int(self._labels[i]) in relabel]
+        bad = [i for i in idx if self._bad[i]]
+        if bad:
+            # Drawn exactly as Dassl draws (it keeps the entry), then left out: the image cannot be loaded.
+            idx = [i for i in idx if not self._bad[i]]
+            warnings.warn(f"{self.path}: {len(bad)} image(s) of this {split} selection (shots={shots}, seed={seed}, "
+                          f"classes={classes}) failed to decode at build time (--skip-bad) and are left out, e.g. "
+                          f"{self.manifest.column('path')[bad[0]].as_py()}", BadImagesLeftOut, stacklevel=2)
         ia = np.asarray(idx, dtype=np.int64)
         return Subset(
             root=str(self.path), split=split, classnames=tuple(self.classnames[c] for c in keep),
@@ -163,7 +193,7 @@ class BuiltDataset:
             offsets=self._offsets[ia] if len(ia) else np.zeros(0, np.int64),
             sizes=self._sizes[ia] if len(ia) else np.zeros(0, np.int64),
             labels=np.asarray([relabel[int(self._labels[i])] for i in idx], dtype=np.int64),
-            checksums=tuple(self._columns["checksum"][i] for i in idx),
+            checksums=tuple(self._columns["checksum"][i] for i in idx), left_out=len(bad),
         )
 
 

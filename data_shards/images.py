@@ -1,4 +1,4 @@
-"""Image operations shared by the builder and the loaders: bounded re-encoding, CLIP's resize/crop, seeded augmentation."""
+"""Image operations shared by builder and loaders: re-encoding (fast) or checked originals (exact), CLIP's resize/crop, augmentation."""
 
 from __future__ import annotations
 
@@ -57,6 +57,21 @@ def encode_stored(data: bytes, mode: str, size: int, quality: int) -> tuple[byte
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue(), img.size[0], img.size[1]
+
+
+# PIL format -> the tar member extension an original is stored under in exact mode (MPO: camera JPEGs).
+FORMAT_EXTS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
+
+
+def check_original(data: bytes) -> str:
+    """Decode an original fully (as CoOp's loader will, to RGB) to prove it readable; return its extension.
+    Exact mode stores these bytes untouched, so every pixel a trial sees comes from the user's own file."""
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format or ""
+    img.load()
+    if img.mode != "RGB":
+        img.convert("RGB")
+    return FORMAT_EXTS.get(fmt, fmt.lower() or "img")
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:

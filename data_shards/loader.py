@@ -135,11 +135,13 @@ class EvalBatches(IterableDataset):
                 i = wanted.get(sample["__key__"])
                 if i is None:
                     continue
-                if "jpg" not in sample:
-                    raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']} has no jpg member")
-                _check_bytes(sample["jpg"], self.sub.checksums[i], str(sample.get("__url__")), sample["__key__"])
+                # The image member: `jpg` in fast builds, the original's own extension in exact ones.
+                data = next((v for k, v in sample.items() if not k.startswith("__") and k != "cls"), None)
+                if data is None:
+                    raise DataError(f"{sample.get('__url__')}: sample {sample['__key__']} has no image member")
+                _check_bytes(data, self.sub.checksums[i], str(sample.get("__url__")), sample["__key__"])
                 seen += 1
-                yield i, sample["jpg"]
+                yield i, data
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"shards {urls}: unreadable while streaming ({type(e).__name__}: {e})") from None
         if seen != b - a:

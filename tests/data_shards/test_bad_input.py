@@ -12,6 +12,7 @@ import pytest
 from layouts import MEAN, STD, make_image, write_clip_benchmark, write_coop
 from data_shards import DataError, make_loader, open_dataset
 from data_shards.builder import BuildOptions, build
+from data_shards.dataset import BadImagesLeftOut
 
 OPTS = BuildOptions(image_size=16, shard_size=8192)
 
@@ -104,11 +105,18 @@ def test_undecodable_image_errors_or_is_skipped_and_listed(tmp_path, pets, capsy
     printed = capsys.readouterr().out
     assert rc == 0
     assert {p: os.stat(p).st_mtime_ns for p in (out / "train").glob("*.tar")} == finished
-    assert "skipped 1 image(s) that failed to decode" in printed and split["test"][2][0] in printed
+    assert "1 image(s) failed to decode" in printed and split["test"][2][0] in printed
     info = json.loads((out / "info.json").read_text())
     assert [s["path"] for s in info["skipped"]] == [split["test"][2][0]]
-    assert info["splits"]["test"]["count"] == 8
-    assert split["test"][2][0] not in open_dataset(out).manifest.column("path").to_pylist()
+    # The entry stays in the manifest, flagged, so draws match Dassl's; selections leave it out and say so.
+    assert info["splits"]["test"]["count"] == 9 and info["splits"]["test"]["bad"] == 1
+    ds = open_dataset(out)
+    rows = [r for r in ds.manifest.to_pylist() if r["path"] == split["test"][2][0]]
+    assert len(rows) == 1 and rows[0]["bad"] and rows[0]["shard"] == "" and rows[0]["size"] == 0
+    assert sum(ds.counts()["test"].values()) == 8 and sum(ds.counts(bad=True)["test"].values()) == 1
+    with pytest.warns(BadImagesLeftOut, match="1 image\\(s\\) of this test selection .* left out"):
+        sub = ds.select("test")
+    assert len(sub) == 8 and sub.left_out == 1
 
 
 def built(tmp_path, pets) -> Path:

@@ -19,7 +19,7 @@ def test_demo_build_info_round_trip(tmp_path, capsys):
     assert "built demo" in capsys.readouterr().out
     assert main(["data", "info", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "demo: 4 classes, template 'a photo of a {}.'"
+    assert lines[0] == "demo: 4 classes, template 'a photo of a {}.', fast images"
     assert "train: 20 samples in 1 shard(s)" in lines and "test: 12 samples in 1 shard(s)" in lines
     assert lines.count("        5  red circle") == 1 and lines.count("        3  cyan bars") == 0
     assert lines.count("        3  yellow cross") == 1
