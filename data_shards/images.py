@@ -104,7 +104,9 @@ def crop_box(w: int, h: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4
 
 
 def random_resized_crop(img: Image.Image, size: int, rng: random.Random) -> Image.Image:
-    return img.resize((size, size), BICUBIC, box=crop_box(img.size[0], img.size[1], rng))
+    """torchvision's F.resized_crop on a PIL image: crop, then resize the crop. (PIL's resize(box=...) is not
+    the same: its filter reads pixels outside the box at the crop's edges.)"""
+    return img.crop(crop_box(img.size[0], img.size[1], rng)).resize((size, size), BICUBIC)
 
 
 def train_array(data: bytes, size: int, seed: int) -> np.ndarray:

@@ -48,6 +48,10 @@ class _Bridge:
             if ctx.get("pruner", "none") == "none":
                 self._optuna_trial = None
 
+    def on_trial_start(self, data: dict) -> None:
+        # How the dataset's images were built (exact: CoOp's pixels; fast: re-encoded copies).
+        self.run.set_tags({"hisf.image_mode": data["image_mode"]})
+
     def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
         t0 = time.perf_counter()
         self.last = dict(metrics)

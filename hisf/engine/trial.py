@@ -35,6 +35,8 @@ class TrialCallback:
 
     all_ranks: bool = False
 
+    def on_trial_start(self, data: dict) -> None: ...  # TrialData.describe(): image_mode, dataset, ...
+
     def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None: ...
 
     def on_progress(self, step: int, total: int, metrics: dict) -> None: ...
@@ -132,6 +134,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     out_dir, tc = Path(cfg.output_dir), cfg.train
     precision = resolve_precision(tc.precision, env.device)
     data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
+    _call(callbacks, "on_trial_start", data.describe())
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)

@@ -29,9 +29,15 @@ class TrialData:
     train: Any  # K-shot training Subset
     val: Any  # validation Subset of the training classes (min(K, 4) per class)
     evals: list[EvalSet]
+    image_mode: str = "fast"  # the source dataset's build mode: "exact" (CoOp's pixels) or "fast" (re-encoded)
     image_size: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """What the trial's data is, for trackers (TrialCallback.on_trial_start)."""
+        left_out = self.train.left_out + self.val.left_out + sum(ev.subset.left_out for ev in self.evals)
+        return {"image_mode": self.image_mode, "dataset": self.cfg.data.dataset, "bad_images_left_out": left_out}
 
     def bind(self, backbone: Any, cfg: TrialConfig) -> None:
         """Take the image size and normalisation from the backbone (CLIP's mean/std)."""
@@ -60,8 +66,12 @@ def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
 
     path = Path(root) / key
     if not path.is_dir():
+        from data_shards.catalogue import CATALOGUE, GENERIC_SOURCES
+
+        how = (f"--dataset {key} --root DATA" if key in CATALOGUE else
+               f"--dataset {'|'.join(GENERIC_SOURCES)} --root YOUR_FOLDER --name {key}")
         raise ConfigError(f"{field_name}: no built dataset {key!r} at {path} (data.root={root!r}); build it with "
-                          f"`hisf-bench data build --dataset {key} --root DATA --out {path}`")
+                          f"`hisf-bench data build {how} --out {path}`")
     ds = open_dataset(path)
     if ds.key != key:
         raise ConfigError(f"{field_name}: {path} holds dataset {ds.key!r}, expected {key!r}")
@@ -99,7 +109,7 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
         target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
         evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
                              target.template))
-    return TrialData(cfg, env, ds.template, train, val, evals)
+    return TrialData(cfg, env, ds.template, train, val, evals, image_mode=ds.image_mode)
 
 
 def evaluate_protocol(model: torch.nn.Module, data: TrialData, env: DistEnv,

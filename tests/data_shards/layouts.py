@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +71,38 @@ def write_clip_benchmark(root: Path, classes: list[str], per_split: dict[str, li
                     n += 1
 
 
+class _FileList:
+    """What CLIP_benchmark's converter takes: a map-style dataset of (image file path, label) with `.classes`
+    and `.templates` attributes (it writes classnames.txt and the templates file from them)."""
+
+    def __init__(self, items: list[tuple[str, int]], classes: list[str], templates: list[str]):
+        self.items, self.classes, self.templates = items, classes, templates
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def convert_with_clip_benchmark(out: Path, classes: list[str], per_split: dict[str, int], size=(20, 14),
+                                 fmt: str = "png", seed0: int = 0) -> dict[str, list[tuple[Path, int]]]:
+    """A dataset written by LAION CLIP_benchmark's own converter (pip clip_benchmark,
+    `webdataset_builder.convert_dataset`) from image files, `per_split[s]` images per class; returns the
+    source files per split in the converter's sample order (labels cycle over the classes)."""
+    from clip_benchmark.webdataset_builder import convert_dataset, path_to_bytes
+
+    src, n, files = out.parent / f"{out.name}_src", seed0, {}
+    for split, k in per_split.items():
+        items = []
+        for j in range(k * len(classes)):
+            label = j % len(classes)
+            path = make_image(src / split / f"{n:05d}.{fmt}", n, size)
+            items.append((str(path), label))
+            n += 1
+        ds = _FileList(items, classes, ["a photo of a {c}.", "a sketch of a {c}."])
+        with warnings.catch_warnings():  # its DataLoader asks for 8 workers on any machine
+            warnings.simplefilter("ignore", UserWarning)
+            convert_dataset(ds, split, str(out), transform=path_to_bytes, verbose=False)
+        files[split] = [(Path(p), y) for p, y in items]
+    return files

@@ -1,0 +1,238 @@
+"""Data a user brings: CLIP_benchmark's own converter output, user-chosen names, `data info` on every kind of
+build, and exact mode (the original bytes, CoOp's transforms at load time) against fast mode."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from layouts import MEAN, STD, convert_with_clip_benchmark, make_image
+from data_shards import DataError, make_loader, open_dataset
+from data_shards.builder import BuildOptions, build
+from data_shards.images import crop_box, sample_seed
+from data_shards.loader import read_by_range
+from orchestrator.cli import main
+
+OPTS = BuildOptions(image_size=16, train_size=24)
+SHAPES = ["circle", "square", "star"]
+
+
+@pytest.fixture(scope="module")
+def cb_source(tmp_path_factory):
+    """A dataset written by pip's clip_benchmark converter: 3 classes, 4 train and 2 test images each, no val."""
+    root = tmp_path_factory.mktemp("cb") / "wds_shapes"
+    return root, convert_with_clip_benchmark(root, SHAPES, {"train": 4, "test": 2})
+
+
+def test_clip_benchmark_converter_output_is_named_after_the_out_folder(cb_source, tmp_path):
+    root, files = cb_source
+    info = build("clip_benchmark", root, tmp_path / "data" / "shapes", OPTS, progress=False)
+    ds = open_dataset(tmp_path / "data" / "shapes")
+    assert info["key"] == ds.key == "shapes" and ds.source == "clip_benchmark" and ds.image_mode == "fast"
+    assert ds.classnames == tuple(SHAPES) and ds.templates == ("a photo of a {}.", "a sketch of a {}.")
+    rows = ds.manifest.to_pylist()
+    # The converter's sample order and labels, file by file.
+    assert [r["label"] for r in rows if r["split"] == "test"] == [y for _, y in files["test"]]
+    assert [r["path"] for r in rows if r["split"] == "train"] == [f"train/0.tar:s{i:07d}.png" for i in range(12)]
+    assert ds.splits == ("train", "val", "test") and ds.val_from_train
+    # --name: the same source built a second time under another name, side by side in one data root.
+    other = build("clip_benchmark", root, tmp_path / "data" / "shapes_b", OPTS, progress=False, name="shapes_b")
+    assert other["key"] == open_dataset(tmp_path / "data" / "shapes_b").key == "shapes_b"
+
+
+@pytest.mark.parametrize("out,name,match", [
+    ("clip_benchmark", None, r"dataset name 'clip_benchmark' from the --out folder's name .* is a catalogue key"),
+    ("x", "caltech101", r"dataset name 'caltech101' from --name is a catalogue key.*--name my_caltech101"),
+    ("x", "Oxford_Pets", r"'Oxford_Pets' from --name is a catalogue key"),
+    ("x", "my cars", r"'my cars' from --name: expected 1-64 letters, digits, '_' or '-'"),
+    ("x", "a:b", r"'a:b' from --name: expected"),
+    ("x", "-x", r"'-x' from --name: expected"),
+    ("x", "", r"'' from --name: expected"),
+    ("x", "n" * 65, r"from --name: expected 1-64"),
+])
+def test_bad_names_are_refused_before_anything_is_written(cb_source, tmp_path, out, name, match):
+    with pytest.raises(DataError, match=match):
+        build("clip_benchmark", cb_source[0], tmp_path / out, OPTS, progress=False, name=name)
+    assert not (tmp_path / out).exists()
+
+
+def test_catalogue_datasets_keep_their_key(tmp_path):
+    with pytest.raises(DataError, match="catalogue dataset 'demo' is always named 'demo'"):
+        build("demo", tmp_path, tmp_path / "mine", OPTS, progress=False, name="mine")
+
+
+def test_cli_build_names_and_refuses_the_clashing_default(cb_source, tmp_path, capsys):
+    root = cb_source[0]
+    assert main(["data", "build", "--dataset", "clip_benchmark", "--root", str(root), "--out",
+                 str(tmp_path / "clip_benchmark"), "--image-size", "16", "--quiet"]) == 1
+    assert "is a catalogue key" in capsys.readouterr().err
+    assert main(["data", "build", "--dataset", "clip_benchmark", "--root", str(root), "--out",
+                 str(tmp_path / "clip_benchmark"), "--name", "cars", "--image-size", "16", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("built cars (clip_benchmark, fast images)")
+    assert open_dataset(tmp_path / "clip_benchmark").key == "cars"
+
+
+def _info(path, capsys) -> list[str]:
+    assert main(["data", "info", str(path)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+VAL_DRAWN = "val: none built; drawn from the train items a K-shot draw leaves (min(K, 4) per class)"
+
+
+def test_info_describes_a_clip_benchmark_build_without_val(cb_source, tmp_path, capsys):
+    build("clip_benchmark", cb_source[0], tmp_path / "shapes", OPTS, progress=False)
+    lines = _info(tmp_path / "shapes", capsys)
+    assert lines == ["shapes (clip_benchmark): 3 classes, template 'a photo of a {}.', fast images",
+                     "train: 12 samples in 1 shard(s)", "        4  circle", "        4  square", "        4  star",
+                     VAL_DRAWN,
+                     "test: 6 samples in 1 shard(s)", "        2  circle", "        2  square", "        2  star"]
+
+
+def _imagefolder(root, splits):
+    n = 0
+    for split, per_class in splits.items():
+        for c, k in per_class.items():
+            for i in range(k):
+                make_image((root / split / c if split else root / c) / f"{i}.png", n)
+                n += 1
+    return root
+
+
+def _imagenet(data):
+    for folder, k in (("train", 3), ("val", 2)):
+        for w in ("n01", "n02"):
+            for i in range(k):
+                make_image(data / "imagenet" / "images" / folder / w / f"{i}.jpg", i)
+    (data / "imagenet" / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
+    return data
+
+
+def _imagenet_r(data):
+    _imagenet(data)
+    for i in range(3):
+        make_image(data / "imagenet-rendition" / "imagenet-r" / "n02" / f"{i}.jpg", i)
+    return data
+
+
+@pytest.mark.parametrize("kind", ["folder_flat", "folder_no_val", "imagenet", "imagenet_r"])
+def test_info_describes_every_source_kind(tmp_path, capsys, kind):
+    out = tmp_path / "built"
+    if kind == "folder_flat":
+        build("imagefolder", _imagefolder(tmp_path / "pics", {"": {"cat": 10, "dog": 10}}), out, OPTS, progress=False)
+        expect = ["built (imagefolder): 2 classes, template 'a photo of a {}.', fast images",
+                  "train: 10 samples in 1 shard(s)", "        5  cat", "        5  dog",
+                  "val: 4 samples in 1 shard(s)", "        2  cat", "        2  dog",
+                  "test: 6 samples in 1 shard(s)", "        3  cat", "        3  dog"]
+    elif kind == "folder_no_val":
+        build("imagefolder", _imagefolder(tmp_path / "pics", {"train": {"a": 3, "b": 2}, "test": {"a": 1, "b": 1}}),
+              out, OPTS, progress=False)
+        expect = ["built (imagefolder): 2 classes, template 'a photo of a {}.', fast images",
+                  "train: 5 samples in 1 shard(s)", "        3  a", "        2  b", VAL_DRAWN,
+                  "test: 2 samples in 1 shard(s)", "        1  a", "        1  b"]
+    elif kind == "imagenet":
+        build("imagenet", _imagenet(tmp_path / "DATA"), out, OPTS, progress=False)
+        expect = ["imagenet: 2 classes, template 'a photo of a {}.', fast images",
+                  "train: 6 samples in 1 shard(s)", "        3  tench", "        3  goldfish", VAL_DRAWN,
+                  "test: 4 samples in 1 shard(s)", "        2  tench", "        2  goldfish"]
+    else:
+        build("imagenet_r", _imagenet_r(tmp_path / "DATA"), out, OPTS, progress=False)
+        expect = ["imagenet_r: 1 classes, template 'a photo of a {}.', fast images",
+                  "test: 3 samples in 1 shard(s)", "        3  goldfish"]
+    assert _info(out, capsys) == expect
+
+
+# --- exact mode -------------------------------------------------------------------------------------------
+
+
+def _photos(root):
+    """Originals of the kinds users have: a big JPEG, a portrait PNG, a palette GIF (converted to RGB as
+    CoOp's loader does), in split folders."""
+    rng = np.random.default_rng(3)
+    originals = {}
+    for split, names in (("train", ("a", "b")), ("test", ("a", "b"))):
+        for c in names:
+            for i, (size, ext) in enumerate((((300, 200), "jpg"), ((180, 260), "png"), ((240, 240), "gif"))):
+                p = root / split / c / f"{i}.{ext}"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+                img = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+                (img.convert("P") if ext == "gif" else img).save(p, **({"quality": 95} if ext == "jpg" else {}))
+                originals[split, f"{c}/{i}.{ext}"] = p
+    return originals
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    base = tmp_path_factory.mktemp("photos")
+    originals = _photos(base / "pics")
+    build("imagefolder", base / "pics", base / "exact", BuildOptions(image_size=224, exact=True), progress=False)
+    build("imagefolder", base / "pics", base / "fast", BuildOptions(image_size=224), progress=False)
+    return base, originals
+
+
+def _coop_test_transform():
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                      T.Normalize(MEAN, STD)])
+
+
+def _loaded(ds, split, train=False, seed=1):
+    sub = ds.select(split)
+    xs = [x for x, _ in make_loader(sub, train=train, batch_size=2, image_size=224, mean=MEAN, std=STD, seed=seed)]
+    return sub, torch.cat(xs)
+
+
+def test_exact_mode_test_images_are_coops_transform_of_the_original_file(photos):
+    base, originals = photos
+    exact, fast = open_dataset(base / "exact"), open_dataset(base / "fast")
+    assert exact.image_mode == "exact" and exact.info["image_mode"] == "exact" and fast.image_mode == "fast"
+    assert exact.info["train_size"] is None
+    sub, x = _loaded(exact, "test")
+    tf = _coop_test_transform()
+    paths = dict(zip(exact.manifest.column("key").to_pylist(), exact.manifest.column("path").to_pylist()))
+    ref = torch.stack([tf(Image.open(originals["test", paths[k]]).convert("RGB")) for k in sub.keys])
+    assert x.shape == (6, 3, 224, 224) and torch.equal(x, ref)  # bit for bit
+    # The shards hold the original files' bytes.
+    for i, data in read_by_range(sub, range(len(sub))):
+        assert data == originals["test", paths[sub.keys[i]]].read_bytes()
+    # Fast mode: test images were pre-cropped and re-encoded, so its pixels differ from CoOp's.
+    fsub, fx = _loaded(fast, "test")
+    assert fsub.keys == sub.keys
+    assert (fx - ref).abs().max() > 0.05 and (fx - ref).abs().mean() > 1e-3
+
+
+def test_exact_mode_train_images_are_torchvisions_random_resized_crop_of_the_original(photos):
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import InterpolationMode, Normalize
+
+    base, originals = photos
+    exact = open_dataset(base / "exact")
+    paths = dict(zip(exact.manifest.column("key").to_pylist(), exact.manifest.column("path").to_pylist()))
+    sub = exact.select("train")
+    loader = make_loader(sub, train=True, batch_size=6, image_size=224, mean=MEAN, std=STD, seed=5, epoch=2)
+    (x, _), = list(loader)
+    order = loader.dataset.indices(0)
+    for j, i in enumerate(order):
+        img = Image.open(originals["train", paths[sub.keys[i]]]).convert("RGB")
+        rng = random.Random(sample_seed(5, 2, sub.keys[i]))
+        left, top, right, bottom = crop_box(*img.size, rng)
+        ref = F.resized_crop(img, top, left, bottom - top, right - left, [224, 224], InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            ref = F.hflip(ref)
+        assert torch.equal(x[j], Normalize(MEAN, STD)(F.to_tensor(ref)))
+
+
+def test_exact_mode_streams_any_image_format_and_keeps_the_checks(photos):
+    base, _ = photos
+    exact = open_dataset(base / "exact")
+    # Whole-split evaluation streams the shards (members named .jpg, .png, .gif) rather than reading ranges.
+    sub = exact.select("test")
+    loader = make_loader(sub, train=False, batch_size=4, image_size=64, mean=MEAN, std=STD)
+    assert not loader.dataset._sparse(0, len(sub))
+    assert sum(len(x) for x, _ in loader) == 6
