@@ -236,3 +236,44 @@ def test_exact_mode_streams_any_image_format_and_keeps_the_checks(photos):
     loader = make_loader(sub, train=False, batch_size=4, image_size=64, mean=MEAN, std=STD)
     assert not loader.dataset._sparse(0, len(sub))
     assert sum(len(x) for x, _ in loader) == 6
+
+
+# --- a spec that names user datasets ----------------------------------------------------------------------
+
+SPEC = """
+name: own_data
+protocol: base2new
+report: base2new
+data: {root: %s, datasets: [shapes, shapes_exact], shots: 2}
+base:
+  backbone: {name: hisf-tiny, pretrained: null}
+  train: {preset: paper, epochs: 1, batch_size: 2, precision: fp32, warmup_epochs: 0, eval_batch_size: 16}
+  device: cpu
+rows:
+  - {name: HISF, method: {name: hisf, depth: 2}}
+"""
+
+
+def test_a_spec_naming_user_datasets_by_folder_trains_each(cb_source, tmp_path):
+    """Two CLIP_benchmark builds named by their folders (one exact) in one spec: every trial opens its own
+    dataset (no "holds dataset 'clip_benchmark', expected 'shapes'") and reports its image mode."""
+    from hisf.engine import run_trial
+    from orchestrator.spec import load_spec
+    from orchestrator.trials import expand_sweep
+
+    data = tmp_path / "data"
+    build("clip_benchmark", cb_source[0], data / "shapes", BuildOptions(image_size=32), progress=False)
+    build("clip_benchmark", cb_source[0], data / "shapes_exact", BuildOptions(image_size=32, exact=True), progress=False)
+    (tmp_path / "spec.yaml").write_text(SPEC % data)
+    trials = expand_sweep(load_spec(tmp_path / "spec.yaml"), tmp_path / "work")
+    assert [t.dataset for t in trials] == ["shapes", "shapes_exact"]
+
+    class Seen:
+        def on_trial_start(self, info):
+            self.info = info
+
+    for t, mode in zip(trials, ("fast", "exact")):
+        seen = Seen()
+        result = run_trial(t.config, callbacks=[seen])
+        assert seen.info == {"image_mode": mode, "dataset": t.dataset, "bad_images_left_out": 0}
+        assert 0.0 <= result["base_acc"] <= 100.0 and 0.0 <= result["novel_acc"] <= 100.0

@@ -54,6 +54,7 @@ def test_run_search_then_final(tmp_path, demo_root):
         p, m, tags = r.data.params, r.data.metrics, r.data.tags
         assert tags["hisf.status"] == "finished" and r.info.status == "FINISHED"
         assert tags["hisf.stage"] == "final" and tags["hisf.dataset"] == "demo" and tags["hisf.protocol"] == "base2new"
+        assert tags["hisf.image_mode"] == "fast"  # how the dataset's images were built (data build --exact: exact)
         assert tags["hisf.seed"] == p["seed"] and tags["hisf.depth"] == p["method.depth"]
         assert len(tags["hisf.spec_hash"]) == 12 and tags["hisf.git_commit"]
         if tags["hisf.row"] == "HISF":
