@@ -277,3 +277,18 @@ def test_a_spec_naming_user_datasets_by_folder_trains_each(cb_source, tmp_path):
         result = run_trial(t.config, callbacks=[seen])
         assert seen.info == {"image_mode": mode, "dataset": t.dataset, "bad_images_left_out": 0}
         assert 0.0 <= result["base_acc"] <= 100.0 and 0.0 <= result["novel_acc"] <= 100.0
+
+
+def test_info_and_engine_errors_speak_of_names_and_modes(photos, tmp_path, capsys):
+    from hisf.config import ConfigError, TrialConfig
+    from hisf.engine.distributed import DistEnv
+    from hisf.engine.trial_data import open_trial_data
+
+    base, _ = photos
+    assert _info(base / "exact", capsys)[0] == "exact (imagefolder): 2 classes, template 'a photo of a {}.', exact images"
+    cfg = TrialConfig.from_dict({"protocol": "base2new", "backbone": {"name": "hisf-tiny", "pretrained": None},
+                                 "method": {"name": "coop"}, "data": {"root": str(tmp_path), "dataset": "my_cars"},
+                                 "output_dir": str(tmp_path / "o"), "device": "cpu"})
+    with pytest.raises(ConfigError, match=r"no built dataset 'my_cars' .* --dataset imagefolder\|clip_benchmark "
+                                          r"--root YOUR_FOLDER --name my_cars --out"):
+        open_trial_data(cfg, DistEnv(0, 1, 0, torch.device("cpu"), False))
