@@ -106,8 +106,8 @@ class BuiltDataset:
         self._bad = (self.manifest.column("bad").to_numpy(zero_copy_only=False).astype(bool)
                      if "bad" in self.manifest.column_names else np.zeros(n_rows, dtype=bool))
         # Dassl's base/novel cut counts the labels of the train list (bad entries too: Dassl keeps them).
-        train_labels = self._labels[np.asarray([s == "train" for s in self._columns["split"]], dtype=bool)] if n_rows else []
-        self._present = sorted(set(int(y) for y in train_labels)) if len(train_labels) else list(range(len(self.classnames)))
+        train = np.asarray([s == "train" for s in self._columns["split"]], dtype=bool)
+        self._present = sorted({int(y) for y in self._labels[train]}) if train.any() else list(range(len(self.classnames)))
 
     def _check(self) -> None:
         """The manifest must match its shards: every listed shard present with its recorded size, and
@@ -126,8 +126,12 @@ class BuiltDataset:
             if n != s["count"]:
                 raise DataError(f"{man}: {n} rows for split {split!r}, info.json records {s['count']}")
         for name in pc.unique(self.manifest.column("shard")).to_pylist():
-            if name not in sizes or (name == "" and "bad" not in self.manifest.column_names):
+            if name not in sizes:
                 raise DataError(f"{man}: rows point at shard {name!r} that info.json does not list")
+        no_shard = pc.equal(self.manifest.column("shard"), "")
+        flagged = self.manifest.column("bad") if "bad" in self.manifest.column_names else pc.equal(no_shard, False)
+        if self.manifest.num_rows and pc.any(pc.not_equal(no_shard, flagged)).as_py():
+            raise DataError(f"{man}: rows without a shard must be exactly those flagged `bad` (failed to decode)")
         ends = pc.add(self.manifest.column("offset"), self.manifest.column("size")).to_numpy()
         limits = np.array([sizes[s] for s in self.manifest.column("shard").to_pylist()], dtype=np.int64)
         bad = np.nonzero(ends > limits)[0]

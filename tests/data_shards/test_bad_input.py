@@ -158,6 +158,19 @@ def test_manifest_that_does_not_match_its_shards(tmp_path, pets):
         list(loader)
 
 
+def test_rows_without_a_shard_must_be_flagged_bad(tmp_path, pets):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = built(tmp_path, pets)
+    table = pq.read_table(out / "manifest.parquet")
+    shards = table.column("shard").to_pylist()
+    shards[0] = ""
+    pq.write_table(table.set_column(table.column_names.index("shard"), "shard", pa.array(shards)), out / "manifest.parquet")
+    with pytest.raises(DataError, match="manifest.parquet: rows without a shard must be exactly those flagged `bad`"):
+        open_dataset(out)
+
+
 def test_not_a_built_dataset(tmp_path):
     with pytest.raises(DataError, match="info.json: not found"):
         open_dataset(tmp_path)
