@@ -47,7 +47,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest run of the stage: finished trials are skipped, runs continued")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight checks (data, shots, weights), print the trials and their resources; start no trial")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what the spec needs)")
     p.add_argument("--weights-cache", default=None, metavar="DIR",
                    help="cache for weights named by a pretrained tag, fetched once on the driver before any trial and "

@@ -119,8 +119,10 @@ def backbone_configs(spec: ExperimentSpec) -> list[Any]:
     from orchestrator.trials import build_config, grid_points
 
     seen = []
+    # Only grid axes under `backbone.` change the backbone: a 1,000-point grid over other keys is one config per row.
+    points = grid_points(spec) if any(k.startswith("backbone.") for k, _ in spec.grid) else [()]
     for row in spec.rows:
-        for point in grid_points(spec):
+        for point in points:
             cfg = build_config(spec, row, spec.data.datasets[0], point, _first_seed(spec), None, "").backbone
             if cfg not in seen:
                 seen.append(cfg)
