@@ -47,7 +47,7 @@ def test_tag_without_cache_fails_fast_before_ray_with_how_to_pass_a_checkpoint(t
     elapsed = time.monotonic() - started
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert elapsed < 30, elapsed  # one probe, not the hub client's retries per trial
+    assert elapsed < 60, elapsed  # imports and data checks included; the hub client alone retries for ~50 s
     assert "1 problem before any trial could start:" in err  # one error, not one per trial
     assert f"weights 'openai' of 'ViT-B-16' are not cached in {cache.resolve()}" in err
     assert "no connection to hub.invalid" in err
@@ -56,6 +56,13 @@ def test_tag_without_cache_fails_fast_before_ray_with_how_to_pass_a_checkpoint(t
 
     assert not ray.is_initialized()
     assert not (wd / "mlflow.db").exists() and not (wd / "runs").exists()  # no MLflow run, no trial folder
+
+    from hisf.model.backbone import BackboneError, fetch_weights
+
+    started = time.monotonic()
+    with pytest.raises(BackboneError, match="no connection to hub.invalid"):
+        fetch_weights(BackboneConfig(name="ViT-B-16", pretrained="openai", cache_dir=str(cache)))
+    assert time.monotonic() - started < 10  # one connection probe, no retries
 
 
 def write_hub_cache(cache: Path, repo: str, filename: str, state_dict: dict) -> Path:
@@ -193,3 +200,14 @@ def test_cluster_storage_checks_name_the_flags(tmp_path, demo_root, monkeypatch)
 def test_fs_type_reads_the_longest_mount_prefix():
     assert preflight._fs_type(Path("/proc/self")) == "proc"
     assert preflight._fs_type(Path("/")) != ""
+
+
+def test_dry_run_of_the_demo_checks_and_leaves_unbuilt_demo_data_to_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo's data.root (hisf-bench/data) is relative: nothing built here yet
+    spec = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+    assert cli_main(["run", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"preflight: data.datasets[0]: demo dataset 'demo' is built under {tmp_path / 'hisf-bench' / 'data'} " \
+           "when the run starts" in out
+    assert "total: 16 trials" in out
+    assert not (tmp_path / "hisf-bench").exists()  # a dry run builds and writes nothing
