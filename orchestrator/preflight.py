@@ -15,7 +15,7 @@ from orchestrator.spec import ExperimentSpec, SpecError
 
 # File systems every node of a cluster can see (from /proc/mounts); anything else is taken as node-local.
 SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "cephfs", "beegfs", "glusterfs", "fuse.glusterfs",
-             "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.cephfs", "panfs", "wekafs", "9p", "virtiofs")
+             "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.cephfs", "panfs", "wekafs")
 
 
 class PreflightError(SpecError):
