@@ -35,6 +35,9 @@ class BackboneConfig:
     model_cfg: Mapping[str, Any] | None = None
     # Storage dtype of the frozen backbone; trainable parameters always stay float32.
     precision: str = "fp32"
+    # Where weights named by a pretrained tag are cached (`--weights-cache`, shared storage on a cluster);
+    # None means open_clip's own caches (the Hugging Face hub cache, ~/.cache/clip).
+    cache_dir: str | None = None
 
     def validate(self, path: str = "backbone") -> None:
         _check_choice(self.precision, PRECISIONS, f"{path}.precision")

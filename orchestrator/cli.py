@@ -47,8 +47,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest run of the stage: finished trials are skipped, runs continued")
-    p.add_argument("--dry-run", action="store_true", help="print the trials and their resources, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="run the pre-flight checks (data, shots, weights), print the trials and their resources; start no trial")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what the spec needs)")
+    p.add_argument("--weights-cache", default=None, metavar="DIR",
+                   help="cache for weights named by a pretrained tag, fetched once on the driver before any trial and "
+                        "read by every trial (on a cluster: a folder every node mounts; default: open_clip's cache)")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="declare that --workdir, data.root, --weights-cache and SQLite stores are on storage every "
+                        "node of a multi-node cluster sees (otherwise such a cluster is refused when they look local)")
     return p
 
 
@@ -61,20 +67,26 @@ def stage_main(command: str, argv: list[str]) -> int:
     try:
         # Validated before anything imports Ray or touches a store.
         spec = load_spec(args.spec)
+        from orchestrator.preflight import with_weights_cache
+
+        spec = with_weights_cache(spec, args.weights_cache)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     opts = Options(workdir=args.workdir, address=args.address, tracking_uri=args.tracking_uri,
                    optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run,
-                   num_cpus=args.num_cpus).resolved()
+                   num_cpus=args.num_cpus, shared_storage=args.shared_storage).resolved()
     try:
         if command == "status":
             from orchestrator.status import print_status
 
             return print_status(spec, opts)
         if opts.dry_run:
+            from orchestrator import preflight
             from orchestrator.status import print_dry_run
 
+            # The same checks a run makes before Ray starts (demo data not built yet is fine here).
+            preflight.check(spec, needs_test=command != "search", dry_run=True, out=opts.out)
             return print_dry_run(command, spec, opts)
         return _run(command, spec, opts)
     except ConfigError as e:

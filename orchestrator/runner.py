@@ -26,7 +26,10 @@ class Options:
     dry_run: bool = False
     # Local Ray only: CPUs the embedded cluster offers (default: enough for max_concurrent_trials).
     num_cpus: int | None = None
-    out: Any = field(default=sys.stdout)
+    out: Any = field(default_factory=lambda: sys.stdout)  # looked up when made: capture-friendly
+    # The user declares that --workdir, data.root and the stores are on storage every node sees (a
+    # multi-node cluster is otherwise refused when they look local: orchestrator.preflight.check_cluster).
+    shared_storage: bool = False
 
     def resolved(self) -> "Options":
         from orchestrator.search import default_storage
@@ -36,7 +39,8 @@ class Options:
         return Options(workdir=wd, address=self.address,
                        tracking_uri=self.tracking_uri or default_tracking_uri(wd),
                        optuna_storage=self.optuna_storage or default_storage(wd),
-                       resume=self.resume, dry_run=self.dry_run, num_cpus=self.num_cpus, out=self.out)
+                       resume=self.resume, dry_run=self.dry_run, num_cpus=self.num_cpus, out=self.out,
+                       shared_storage=self.shared_storage)
 
 
 @dataclass
@@ -80,19 +84,20 @@ def ray_session(spec: ExperimentSpec, opts: Options):
             ray.shutdown()
 
 
-def prepare_data(spec: ExperimentSpec, out) -> None:
-    """`data.demo: true`: build the demo dataset(s) under data.root unless already there; then check every
-    dataset the trials read is built, so a missing one fails here and not in every retried trial."""
-    root = Path(spec.data.root)
-    if spec.data.demo:
-        _build_demo(spec, root, out)
-    for i, key in enumerate(spec.data.datasets + spec.data.targets):
-        if not (root / key / "manifest.parquet").is_file():
-            where = f"data.datasets[{i}]" if i < len(spec.data.datasets) else f"data.targets[{i - len(spec.data.datasets)}]"
-            from orchestrator.spec import SpecError
+def prepare_data(spec: ExperimentSpec, out, opts: Options | None = None, needs_test: bool = True) -> None:
+    """`data.demo: true`: build the demo dataset(s) under data.root unless already there; then the pre-flight
+    checks on the driver (orchestrator.preflight): every dataset built and named as the spec names it, K shots
+    per class, backbone weights resolved (a pretrained tag fetched once into the cache), and on a cluster
+    (`--address`) stores and folders that every node sees. All before an MLflow run or a trial exists."""
+    from orchestrator import preflight
 
-            raise SpecError(f"{spec.path}: {where}: no built dataset {key!r} at {root.resolve() / key}; build it with "
-                            f"`hisf-bench data build --dataset {key} --root DATA --out {root / key}`")
+    if spec.data.demo:
+        _build_demo(spec, Path(spec.data.root), out)
+    preflight.check(spec, needs_test=needs_test, out=out)
+    if opts is not None and opts.address:
+        # Connected here, before the stage's MLflow parent run; the stage's ray_session reuses the connection.
+        with ray_session(spec, opts):
+            preflight.check_cluster(spec, opts, preflight.alive_nodes(), out)
 
 
 def _build_demo(spec: ExperimentSpec, root: Path, out) -> None:
@@ -141,7 +146,7 @@ def tracker_for(spec: ExperimentSpec, opts: Options):
 def run_trials(stage: str, spec: ExperimentSpec, trials: list[Trial], opts: Options) -> StageResult:
     """Sweep or final stage: a fixed list of trials, finished ones skipped on `--resume`."""
     started = time.perf_counter()
-    prepare_data(spec, opts.out)
+    prepare_data(spec, opts.out, opts)
     tracker = tracker_for(spec, opts)
     parent = tracker.stage_run(stage, spec.hash, opts.resume)
     finished = tracker.finished_trials(parent) if opts.resume else {}
@@ -172,7 +177,7 @@ def run_search(spec: ExperimentSpec, opts: Options) -> StageResult:
     from orchestrator.search import StudySearcher
 
     started = time.perf_counter()
-    prepare_data(spec, opts.out)
+    prepare_data(spec, opts.out, opts, needs_test=False)
     tracker = tracker_for(spec, opts)
     parent = tracker.stage_run("search", spec.hash, opts.resume)
     tag = parent[:8]

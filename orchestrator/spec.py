@@ -164,6 +164,7 @@ def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
     if any(r.search for r in rows) and search is None:
         bad = next(r for r in rows if r.search)
         raise SpecError(f"rows[{rows.index(bad)}].search: row {bad.name!r} is searched but the spec has no `search:` section")
+    _check_seed_axis(grid, search, final)
     canonical = json.dumps(raw, sort_keys=True, default=str)
     spec = ExperimentSpec(
         name=name, protocol=protocol, report=report, data=data, base=base, rows=rows, grid=grid,
@@ -194,6 +195,19 @@ def _check_trial_configs(spec: ExperimentSpec) -> None:
                     replace_path(cfg, p.key, probe).validate()
                 except ConfigError as e:
                     raise SpecError(f"search.params.{p.key}: {e}") from None
+
+
+def _check_seed_axis(grid, search: SearchSpec | None, final: FinalSpec | None) -> None:
+    """A `seed` axis in `grid` is the sweep's own seed list; the search and final stages set seeds themselves
+    (search.seed, final.seeds), so with either section the axis would expand into colliding trials and studies."""
+    if not any(key == "seed" for key, _ in grid):
+        return
+    others = [name for name, section in (("search", search), ("final", final)) if section is not None]
+    if others:
+        raise SpecError(
+            f"grid.seed: a seed axis cannot be combined with {' or '.join(f'`{o}:`' for o in others)} (they choose the seeds: "
+            "search.seed, final.seeds); list the seeds in final.seeds, or drop the `search:`/`final:` sections "
+            "to sweep the grid's seeds")
 
 
 def _data(v: Any, protocol: str) -> DataSpec:

@@ -97,6 +97,10 @@ def build_config(spec: ExperimentSpec, row: RowSpec, dataset: str, point, seed: 
     d["output_dir"] = output_dir
     # Ray workers run in their own folders: a relative data root means "relative to where the driver ran".
     d["data"]["root"] = str(Path(d["data"]["root"]).resolve())
+    # Likewise a relative local checkpoint path (a pretrained tag is not a path and stays as it is).
+    pretrained = (d.get("backbone") or {}).get("pretrained")
+    if isinstance(pretrained, str) and not Path(pretrained).is_absolute() and Path(pretrained).exists():
+        d["backbone"] = {**d["backbone"], "pretrained": str(Path(pretrained).resolve())}
     cfg = TrialConfig.from_dict(d)
     for key, v in list(point) + list((values or {}).items()):
         cfg = replace_path(cfg, key, v)

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 
 # Keys that may change between a killed run and its restart without changing what is computed.
 _RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size",
-                 "train.compile", "train.compile_mode")
+                 "train.compile", "train.compile_mode", "backbone.cache_dir")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -133,6 +133,10 @@ def export_prompts(path: str | Path, trainable: Mapping[str, torch.Tensor], cfg:
     return Path(path)
 
 
+def _without_cache(section: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k != "cache_dir"}
+
+
 def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -> dict[str, Any]:
     """Load exported prompts into a PromptModel built with the same method/backbone; returns the payload."""
     path = Path(path)
@@ -141,7 +145,8 @@ def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if cfg is not None:
         for section in ("method", "backbone"):
-            if payload[section] != cfg.to_dict()[section]:
+            # Where the backbone's weights are cached is not which weights they are.
+            if _without_cache(payload[section]) != _without_cache(cfg.to_dict()[section]):
                 raise ConfigError(f"{path}: prompts were trained with a different {section} config "
                                   f"({payload[section]}) than {cfg.to_dict()[section]}")
     model.load_trainable_state_dict(payload["trainable"])

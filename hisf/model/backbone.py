@@ -118,17 +118,10 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             if openai_format:
                 model_cfg["quick_gelu"] = True
         else:
-            tag_cfg = open_clip.get_pretrained_cfg(cfg.name, pretrained) if cfg.model_cfg is None else {}
-            if not tag_cfg:
-                tags = open_clip.list_pretrained_tags_by_model(cfg.name)
-                raise BackboneError(
-                    f"backbone.pretrained: {pretrained!r} is neither a file nor a pretrained tag of {cfg.name!r}; "
-                    f"expected a local checkpoint path or one of {tags}"
-                )
+            tag_cfg, _, _ = _tag_sources(cfg)
             if tag_cfg.get("quick_gelu", False):
                 model_cfg["quick_gelu"] = True
-            path = open_clip.pretrained.download_pretrained(tag_cfg)
-            state_dict, _ = _read_checkpoint(Path(path))
+            state_dict, _ = _read_checkpoint(Path(fetch_weights(cfg)))
 
     dtype = _DTYPES[cfg.precision]
     # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
@@ -170,12 +163,107 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     )
 
 
+def _tag_sources(cfg: BackboneConfig) -> tuple[dict, list[tuple[str, str]], str]:
+    """(open_clip's pretrained cfg, the Hugging Face (repo, file) candidates in open_clip's order, the URL)."""
+    import open_clip
+    import os
+
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives, has_hf_hub
+
+    tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained) if cfg.model_cfg is None else {}
+    if not tag_cfg:
+        raise BackboneError(
+            f"backbone.pretrained: {cfg.pretrained!r} is neither a file nor a pretrained tag of {cfg.name!r}; "
+            f"expected a local checkpoint path or one of {open_clip.list_pretrained_tags_by_model(cfg.name)}")
+    hf = []
+    if tag_cfg.get("hf_hub") and has_hf_hub():
+        # As open_clip.pretrained.download_pretrained: 'org/model/' names the default file; safetensors first.
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        filename = filename or HF_WEIGHTS_NAME
+        hf = [(repo, f) for f in [*_get_safe_alternatives(filename), filename]]
+    return tag_cfg, hf, tag_cfg.get("url", "")
+
+
+def cached_weights(cfg: BackboneConfig) -> str | None:
+    """The cached file of a pretrained tag, looked up without any network access; None when not cached.
+
+    Looks where open_clip's own download would put it: the Hugging Face hub cache (`cache_dir`, or the hub's
+    default), then the URL download cache (`cache_dir`, or ~/.cache/clip)."""
+    import os
+
+    tag_cfg, hf, url = _tag_sources(cfg)
+    if tag_cfg.get("file"):
+        return tag_cfg["file"]
+    if hf:
+        from huggingface_hub import try_to_load_from_cache
+
+        for repo, filename in hf:
+            found = try_to_load_from_cache(repo, filename, cache_dir=cfg.cache_dir)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    if url:
+        path = Path(cfg.cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def fetch_weights(cfg: BackboneConfig, probe_timeout: float = 5.0) -> str:
+    """The local file holding a pretrained tag's weights: the cached copy, else downloaded once into the cache.
+
+    Without network (a quick connection probe first, so this fails in seconds instead of after the hub
+    client's retries) the error says how to pass a local checkpoint instead."""
+    import os
+
+    found = cached_weights(cfg)
+    if found:
+        return found
+    import open_clip
+
+    tag_cfg, hf, url = _tag_sources(cfg)
+    where = cfg.cache_dir or "open_clip's default cache (~/.cache/huggingface/hub, ~/.cache/clip)"
+    source = f"https://huggingface.co/{hf[0][0]}" if hf else url
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and bool(hf)
+    reason = "HF_HUB_OFFLINE is set" if offline else _unreachable(hf, url, probe_timeout)
+    if not reason:
+        try:
+            return open_clip.pretrained.download_pretrained(tag_cfg, cache_dir=cfg.cache_dir)
+        except Exception as e:  # noqa: BLE001 - re-raised with what to do instead
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise BackboneError(
+        f"backbone.pretrained: weights {cfg.pretrained!r} of {cfg.name!r} are not cached in {where} and cannot be "
+        f"fetched from {source} ({reason}). Download the checkpoint on a machine with network access and either "
+        f"pass it as a local checkpoint (`backbone.pretrained: /path/to/file.pt` in the spec's base or a row, "
+        f"the file readable on every node) or put it in the cache given with `--weights-cache DIR`")
+
+
+def _unreachable(hf: list, url: str, timeout: float) -> str:
+    """Why the weights' host cannot be reached ('' when it can, or when a proxy decides)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return ""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co") if hf else url)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"no connection to {host.hostname}: {e}"
+    return ""
+
+
 def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Weights from a file: OpenAI's TorchScript archive, or a (wrapped) OpenAI/open_clip state dict."""
     if not path.is_file():
         raise BackboneError(f"backbone.pretrained: {str(path)!r} is not a file; expected a checkpoint file")
     openai_format = False
-    if zipfile.is_zipfile(path) and _is_torchscript(path):
+    if path.suffix == ".safetensors":
+        # The Hugging Face hub copies of open_clip's tags (open_clip_model.safetensors).
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    elif zipfile.is_zipfile(path) and _is_torchscript(path):
         # clip.load's ViT-B-16.pt is a TorchScript archive; weights_only pickling cannot read it.
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         openai_format = True

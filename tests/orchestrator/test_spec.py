@@ -94,3 +94,24 @@ def test_bad_spec_fails_before_ray_starts(tmp_path):
     assert "resources.max_concurrent_trials: expected an integer >= 1, got 0" in out.stderr
     assert "NO_RAY" in out.stdout
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("drop, named", [((), "`search:` or `final:`"), (("search",), "`final:`"), (("final",), "`search:`")])
+def test_seed_axis_in_grid_with_search_or_final_is_refused(drop, named):
+    """A grid `seed` axis next to search/final used to expand into colliding trial ids and study names."""
+    raw = demo_raw()
+    raw["grid"] = {"seed": [1, 2], "method.depth": [1, 2]}
+    for section in drop:
+        raw.pop(section)
+        if section == "search":
+            raw["rows"][3].pop("search")
+    with pytest.raises(SpecError) as e:
+        parse_spec(raw)
+    assert f"grid.seed: a seed axis cannot be combined with {named} (" in str(e.value)
+    assert "final.seeds" in str(e.value)
+    # without both sections the seed axis is the sweep's seed list
+    for section in ("search", "final"):
+        raw.pop(section, None)
+    raw["rows"][3].pop("search", None)
+    spec = parse_spec(raw)
+    assert dict(spec.grid)["seed"] == (1, 2)

@@ -40,7 +40,7 @@ def test_sweep_is_rows_by_datasets_by_grid_by_seeds(tmp_path):
 def test_seed_in_grid_replaces_final_seeds(tmp_path):
     raw = raw_spec()
     raw["grid"] = {"seed": [7, 8]}
-    del raw["final"]
+    del raw["final"], raw["search"], raw["rows"][3]["search"]
     trials = expand_sweep(parse_spec(raw), tmp_path)
     assert sorted({t.seed for t in trials}) == [7, 8] and len(trials) == 8
     assert all(t.config.seed == t.seed for t in trials)

@@ -52,6 +52,10 @@ def test_load_checkpoint_checks_config_and_classes(tmp_path):
     # Runtime-only keys may change between a kill and the restart.
     moved = replace_path(replace_path(cfg, "device", "cpu"), "data.num_workers", 2)
     assert ckpt.load_checkpoint(tmp_path, moved, names)["epoch"] == 2
+    # ... so may where the backbone's weights are cached (`--weights-cache` on the rerun), not which they are.
+    assert ckpt.load_checkpoint(tmp_path, replace_path(cfg, "backbone.cache_dir", "/shared/w"), names)["epoch"] == 2
+    with pytest.raises(ConfigError, match=r"backbone.pretrained is 'openai' there, 'laion2b' now"):
+        ckpt.load_checkpoint(tmp_path, replace_path(cfg, "backbone.pretrained", "laion2b"), names)
     with pytest.raises(ConfigError, match=r"method.lambda_le is 1.0 there, 0.5 now"):
         ckpt.load_checkpoint(tmp_path, replace_path(cfg, "method.lambda_le", 0.5), names)
     with pytest.raises(ConfigError, match=r"data.dataset is 'caltech101' there, 'dtd' now"):
@@ -74,5 +78,6 @@ def test_export_and_load_prompts(tmp_path, tiny_model):
         assert torch.equal(other.trainable_state_dict()[k], v)
     with pytest.raises(ConfigError, match="different method config"):
         ckpt.load_prompts(path, other, replace_path(cfg, "method.depth", 3))
+    assert ckpt.load_prompts(path, other, replace_path(cfg, "backbone.cache_dir", "/elsewhere"))["classnames"] == ["a", "b", "c"]
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         ckpt.load_prompts(tmp_path / "missing.pt", other)

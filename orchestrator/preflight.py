@@ -1,0 +1,231 @@
+"""Pre-flight checks on the driver, before Ray starts and in `--dry-run`: data, shots, backbone weights, cluster storage.
+
+A trial that cannot start fails the same way in every retry on every node, after the cluster has been
+scheduled; each check here turns that into one error, naming the spec key and what to pass instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from orchestrator.spec import ExperimentSpec, SpecError
+
+# File systems every node of a cluster can see (from /proc/mounts); anything else is taken as node-local.
+SHARED_FS = ("nfs", "nfs4", "cifs", "smb3", "lustre", "gpfs", "ceph", "cephfs", "beegfs", "glusterfs", "fuse.glusterfs",
+             "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "fuse.cephfs", "panfs", "wekafs")
+
+
+class PreflightError(SpecError):
+    """Something every trial needs is missing; the message lists each problem with what to do."""
+
+
+def with_weights_cache(spec: ExperimentSpec, cache_dir: str | None) -> ExperimentSpec:
+    """`--weights-cache DIR`: every trial's `backbone.cache_dir` (rows too), so the driver and all workers
+    read the same cached file. The spec hash is unchanged: where weights are cached is not the experiment."""
+    if not cache_dir:
+        return spec
+    cache = str(Path(cache_dir).expanduser().resolve())
+    base = dict(spec.base)
+    base["backbone"] = {**dict(base.get("backbone") or {}), "cache_dir": cache}
+    rows = tuple(dataclasses.replace(r, overrides={**r.overrides, "backbone": {**dict(r.overrides["backbone"]),
+                                                                                  "cache_dir": cache}})
+                 if isinstance(r.overrides.get("backbone"), dict) else r for r in spec.rows)
+    return dataclasses.replace(spec, base=base, rows=rows)
+
+
+def check(spec: ExperimentSpec, needs_test: bool = True, dry_run: bool = False, out: TextIO | None = None) -> None:
+    """Data and weights for every trial of the spec; raises one PreflightError listing every problem.
+
+    `needs_test`: the source datasets must have a test split (not for the search stage alone).
+    `dry_run`: demo datasets not built yet are fine (the run builds them first)."""
+    out = out or sys.stdout
+    problems = check_data(spec, needs_test, dry_run, out) + check_weights(spec, out)
+    if problems:
+        raise PreflightError(f"{spec.path}: {len(problems)} problem{'s' if len(problems) > 1 else ''} before any "
+                             "trial could start:\n  - " + "\n  - ".join(problems))
+
+
+def _first_seed(spec: ExperimentSpec) -> int:
+    if spec.final is not None:
+        return spec.final.seeds[0]
+    if spec.search is not None:
+        return spec.search.seed
+    return int(spec.base.get("seed", 1))
+
+
+def check_data(spec: ExperimentSpec, needs_test: bool = True, dry_run: bool = False, out: TextIO | None = None) -> list[str]:
+    """Each dataset folder exists, is built, holds the dataset the spec names with the splits the protocol
+    reads, and (sources) has K train images in every training class."""
+    import numpy as np
+
+    from data_shards import DataError, open_dataset
+
+    root = Path(spec.data.root).resolve()
+    problems = []
+    entries = [(f"data.datasets[{i}]", k, True) for i, k in enumerate(spec.data.datasets)]
+    entries += [(f"data.targets[{i}]", k, False) for i, k in enumerate(spec.data.targets)]
+    for where, key, source in entries:
+        path = root / key
+        if not (path / "manifest.parquet").is_file():
+            if dry_run and spec.data.demo and source:
+                print(f"preflight: {where}: demo dataset {key!r} is built under {root} when the run starts", file=out)
+                continue
+            problems.append(f"{where}: no built dataset {key!r} at {path} (data.root={spec.data.root!r}); build it with "
+                            f"`hisf-bench data build --dataset {key} --root DATA --out {path}`")
+            continue
+        try:
+            ds = open_dataset(path)
+        except (DataError, OSError, ValueError, KeyError) as e:
+            problems.append(f"{where}: {path} is not a readable built dataset: {e}")
+            continue
+        if ds.key != key:
+            problems.append(f"{where}: {path} holds dataset {ds.key!r}, expected {key!r}; name it {ds.key!r} in the "
+                            f"spec or point data.root at the folder that holds {key!r}")
+            continue
+        needs = (("train", "val", "test") if needs_test else ("train", "val")) if source else ("test",)
+        missing = [s for s in needs if s not in ds.splits]
+        if missing:
+            problems.append(f"{where}: dataset {key!r} at {path} has no {missing[0]!r} split (has {list(ds.splits)}); "
+                            f"protocol {spec.protocol!r} reads {list(needs)}")
+            continue
+        if not source:
+            continue
+        classes = "base" if spec.protocol == "base2new" else "all"
+        k, seed = spec.data.shots, _first_seed(spec)
+        try:
+            train = ds.select("train", shots=k, seed=seed, classes=classes)
+            val = ds.select("val", shots=k, seed=seed, classes=classes)
+        except DataError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        counts = np.bincount(train.labels, minlength=len(train.classnames))
+        fewer = [(train.classnames[i], int(c)) for i, c in enumerate(counts) if c < k]
+        if fewer:
+            listed = ", ".join(f"{n!r} ({c})" for n, c in fewer[:10]) + (f", ... ({len(fewer) - 10} more)" if len(fewer) > 10 else "")
+            problems.append(f"data.shots: {k} shots per class, but {len(fewer)} of the {len(counts)} {classes} classes of "
+                            f"{key!r} have fewer train images: {listed}; lower data.shots or add images to those classes")
+        if len(val) == 0:
+            problems.append(f"{where}: dataset {key!r} has no validation images for its {classes} classes")
+        print(f"preflight: {key}: {len(train)} train images ({k} shots x {len(counts)} {classes} classes), "
+              f"{len(val)} validation", file=out)
+    return problems
+
+
+def backbone_configs(spec: ExperimentSpec) -> list[Any]:
+    """The distinct BackboneConfigs of every row at every grid point."""
+    from orchestrator.trials import build_config, grid_points
+
+    seen = []
+    # Only grid axes under `backbone.` change the backbone: a 1,000-point grid over other keys is one config per row.
+    points = grid_points(spec) if any(k.startswith("backbone.") for k, _ in spec.grid) else [()]
+    for row in spec.rows:
+        for point in points:
+            cfg = build_config(spec, row, spec.data.datasets[0], point, _first_seed(spec), None, "").backbone
+            if cfg not in seen:
+                seen.append(cfg)
+    return seen
+
+
+def check_weights(spec: ExperimentSpec, out: TextIO | None = None) -> list[str]:
+    """Local checkpoints exist; pretrained tags are fetched once here into the cache (or found there)."""
+    import open_clip
+
+    from hisf.model.backbone import BackboneError, fetch_weights
+
+    problems = []
+    for cfg in backbone_configs(spec):
+        p = cfg.pretrained
+        if not p:
+            continue
+        if Path(p).exists():
+            if not Path(p).is_file():
+                problems.append(f"backbone.pretrained: {p!r} is not a file; expected a checkpoint file")
+            continue
+        is_tag = cfg.model_cfg is None and bool(open_clip.get_pretrained_cfg(cfg.name, p))
+        if not is_tag:
+            problems.append(f"backbone.pretrained: {p!r} is neither an existing checkpoint file nor a pretrained tag of "
+                            f"{cfg.name!r} (tags: {open_clip.list_pretrained_tags_by_model(cfg.name)})")
+            continue
+        try:
+            path = fetch_weights(cfg)
+        except BackboneError as e:
+            problems.append(str(e))
+            continue
+        print(f"preflight: weights {cfg.name}/{p}: {path}", file=out)
+    return problems
+
+
+# ---- multi-node clusters: stores and folders every node can see -------------------------------------------
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of the mount holding `path` (longest mount point prefix in /proc/mounts)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    p = str(path.resolve())
+    best, kind = "", ""
+    for point, fs in mounts:
+        point = point.replace("\\040", " ")
+        if (p == point or p.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fs
+    return kind
+
+
+def _local(path: str | Path) -> bool:
+    return _fs_type(Path(path)) not in SHARED_FS
+
+
+def _sqlite_or_file(url: str) -> bool:
+    return url.startswith("sqlite:") or url.startswith("file:") or "://" not in url
+
+
+def storage_problems(spec: ExperimentSpec, opts: Any) -> list[str]:
+    """What only the driver's machine can see, for a run on a multi-node cluster."""
+    problems = []
+    if _sqlite_or_file(opts.tracking_uri):
+        problems.append(f"tracking store {opts.tracking_uri!r} is a file on this machine: pass "
+                        "`--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches)")
+    if spec.search is not None and _sqlite_or_file(opts.optuna_storage):
+        problems.append(f"Optuna storage {opts.optuna_storage!r} is a file on this machine: pass "
+                        "`--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches")
+    if _local(opts.workdir):
+        problems.append(f"--workdir {opts.workdir} is on a local file system ({_fs_type(Path(opts.workdir)) or 'unknown'}): "
+                        "pass `--workdir /shared/...` on storage every node mounts")
+    root = Path(spec.data.root)
+    if _local(root):
+        problems.append(f"data.root {spec.data.root!r} ({root.resolve()}) is on a local file system: put the built "
+                        "datasets on storage every node mounts and give that path as data.root")
+    caches = {cfg.cache_dir for cfg in backbone_configs(spec) if cfg.pretrained and cfg.cache_dir}
+    for cache in sorted(caches):
+        if _local(cache):
+            problems.append(f"--weights-cache {cache} is on a local file system: workers on other nodes would not "
+                            "find the weights fetched here; pass a folder on shared storage")
+    return problems
+
+
+def check_cluster(spec: ExperimentSpec, opts: Any, alive_nodes: int, out: TextIO | None = None) -> None:
+    """Refuse a multi-node cluster with stores or folders on this machine only, unless `--shared-storage`."""
+    if alive_nodes <= 1:
+        return
+    problems = storage_problems(spec, opts)
+    if not problems:
+        return
+    if getattr(opts, "shared_storage", False):
+        print(f"preflight: {alive_nodes} Ray nodes; --shared-storage given, so these are taken as seen by every "
+              "node: " + "; ".join(problems), file=out or sys.stdout)
+        return
+    raise PreflightError(
+        f"{spec.path}: the Ray cluster has {alive_nodes} nodes, but trials on other nodes would write to or read "
+        "from places only this machine sees:\n  - " + "\n  - ".join(problems) +
+        "\nPass the flags above, or `--shared-storage` if these paths are on storage every node mounts.")
+
+
+def alive_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
