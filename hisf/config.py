@@ -51,7 +51,7 @@ class MethodConfig:
     depth: int = 9
     layers: tuple[int, ...] | None = None
     ctx_init: str = "a photo of a"
-    # Ablation switches (method.md): PI, SF, label embeddings, loss weights, cls loss.
+    # Ablation switches (docs/method.md): PI, SF, label embeddings, loss weights, cls loss.
     pi: bool = True
     sf: bool = True
     label_embedding: str = "learnable"
@@ -82,7 +82,7 @@ class MethodConfig:
 
     @property
     def prompt_layers(self) -> tuple[int, ...]:
-        """The sorted prompt layers J (method.md: `depth` or an explicit list)."""
+        """The sorted prompt layers J (docs/method.md: `depth` or an explicit list)."""
         if self.layers is not None:
             return tuple(sorted(self.layers))
         return tuple(range(self.depth))
@@ -111,7 +111,7 @@ class TrainConfig:
     epochs: int = 5
     # Per-rank batch size (the paper's 4).
     batch_size: int = 4
-    # None means the preset's value (method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py.
+    # None means the preset's value (docs/method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py.
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
@@ -159,7 +159,7 @@ class TrialConfig:
     output_dir: str = "runs/trial"
     # `auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.
     device: str = "auto"
-    # False for search-stage trials: the trial never opens a test split (protocols.md: the test split never
+    # False for search-stage trials: the trial never opens a test split (docs/protocols.md: the test split never
     # feeds a search); final metrics are then the validation ones only.
     evaluate_test: bool = True
 

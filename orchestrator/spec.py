@@ -253,7 +253,7 @@ def _search(v: Any) -> SearchSpec:
           optional=("sampler", "n_trials", "seed", "metric", "pruner", "startup_trials"))
     metric = _str(m.get("metric", "val_acc"), "search.metric")
     if not metric.startswith("val"):
-        # protocols.md: the search never reads the test split.
+        # docs/protocols.md: the search never reads the test split.
         raise SpecError(f"search.metric: expected a validation metric (val_acc), got {metric!r}; the test split never feeds the search")
     params = []
     pm = _mapping(m["params"], "search.params")

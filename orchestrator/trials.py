@@ -144,7 +144,7 @@ def search_trial(spec: ExperimentSpec, group: SearchGroup, number: int, optuna_t
     tid = trial_id("search", group.row, group.dataset, group.point, None, number)
     cfg = build_config(spec, spec.row(group.row), group.dataset, group.point, spec.search.seed, values,
                        trial_dir(workdir, spec, tid))
-    # protocols.md: the test split never feeds a search, so search trials do not even open it.
+    # docs/protocols.md: the test split never feeds a search, so search trials do not even open it.
     cfg = dataclasses.replace(cfg, evaluate_test=False)
     point = group.point + tuple(sorted(values.items()))
     return Trial(tid, "search", group.row, group.dataset, spec.search.seed, point, cfg,

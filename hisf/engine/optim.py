@@ -1,4 +1,4 @@
-"""Optimiser presets (method.md: `paper` SGD, `adamw` with parameter groups) and the warm-up + cosine schedule."""
+"""Optimiser presets (docs/method.md: `paper` SGD, `adamw` with parameter groups) and the warm-up + cosine schedule."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The engine's data glue: which splits and class sets a protocol trains and evaluates on (protocols.md), via data_shards."""
+"""The engine's data glue: which splits and class sets a protocol trains and evaluates on (docs/protocols.md), via data_shards."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test") if cfg.evaluate_test else ("train", "val"))
     train_classes = "base" if cfg.protocol == "base2new" else "all"
     train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
-    # protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
+    # docs/protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
     # RNG (CoOp); `select("val", shots=K)` does both, so K goes in, not min(K, 4).
     val = ds.select("val", shots=dc.shots, seed=cfg.seed, classes=train_classes)
     global_batch = tc.batch_size * env.world_size

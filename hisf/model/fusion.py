@@ -24,7 +24,7 @@ class SemanticFusion(nn.Module):
         self.k = nn.Linear(width, width, bias=False)
         self.v = nn.Linear(width, width, bias=False)
         self.mlp = nn.Sequential(nn.Linear(2 * width, bottleneck), nn.GELU(), nn.Linear(bottleneck, width))
-        # Zero-initialised last layer: training starts at P_fused (method.md).
+        # Zero-initialised last layer: training starts at P_fused (docs/method.md).
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 

@@ -46,7 +46,7 @@ def reference_cells(
     have one section named after the source dataset with columns `acc`, `target/<key>` and
     `target_average` (the mean over the targets, which is how Table 2 and 3 average; only given when
     the spec's targets are exactly the paper's, else the two averages would not be comparable).
-    Ablation tables have no published numbers in protocols.md, so they get no reference rows.
+    Ablation tables have no published numbers in docs/protocols.md, so they get no reference rows.
     """
     if shape == "base2new":
         return {

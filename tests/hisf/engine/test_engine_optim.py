@@ -1,4 +1,4 @@
-"""Optimiser presets and the warm-up + cosine schedule against method.md and Dassl's reference schedule."""
+"""Optimiser presets and the warm-up + cosine schedule against docs/method.md and Dassl's reference schedule."""
 
 from __future__ import annotations
 
