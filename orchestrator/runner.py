@@ -93,11 +93,20 @@ def prepare_data(spec: ExperimentSpec, out) -> None:
 
             raise SpecError(f"{spec.path}: {where}: no built dataset {key!r} at {root.resolve() / key}; build it with "
                             f"`hisf-bench data build --dataset {key} --root DATA --out {root / key}`")
+    # Every dataset is built now, so HiCroPL's descriptions are checked against each one's class names.
+    from orchestrator.spec import check_descriptions
+
+    check_descriptions(spec)
 
 
 def _build_demo(spec: ExperimentSpec, root: Path, out) -> None:
     from data_shards.cli import main as data_main
 
+    from data_shards.demo import DESCRIPTIONS_FOLDER, write_descriptions
+
+    if not (root / DESCRIPTIONS_FOLDER / "demo_prompt.json").is_file():
+        # HiCroPL's text teacher reads them (experiments/demo.yaml points its row at this folder).
+        write_descriptions(root / DESCRIPTIONS_FOLDER)
     for key in spec.data.datasets:
         if (root / key / "manifest.parquet").is_file():
             continue

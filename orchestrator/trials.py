@@ -100,6 +100,10 @@ def build_config(spec: ExperimentSpec, row: RowSpec, dataset: str, point, seed: 
     cfg = TrialConfig.from_dict(d)
     for key, v in list(point) + list((values or {}).items()):
         cfg = replace_path(cfg, key, v)
+    source = getattr(cfg.method, "descriptions", "templates")
+    if source != "templates" and not Path(source).expanduser().is_absolute():
+        # HiCroPL's descriptions file or folder, like the data root: relative to where the driver ran.
+        cfg = replace_path(cfg, "method.descriptions", str(Path(source).expanduser().resolve()))
     return cfg.validate()
 
 
