@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 METHODS = ("zeroshot", "coop", "maple", "hisf", "hicropl")
 MAPPINGS = ("learned", "released")
-# Prompt depth D when `method.depth` is not given: MaPLe/HISF 9 (method.md), HiCroPL 12 (hicropl.md).
+# Prompt depth D when `method.depth` is not given: MaPLe/HISF 9, HiCroPL 12 (docs/method.md).
 DEFAULT_DEPTH = {"hicropl": 12}
 MAPLE_DEPTH = 9
 PROTOCOLS = ("base2new", "all", "cross_dataset", "domain_generalization")
@@ -66,10 +66,10 @@ class MethodConfig:
     lambda_le: float = 1.0
     lambda_sa: float = 1.0
     cls_loss: bool = True
-    # HISF decisions (method.md): W_v of the fusion attention starts at zero; ē_c under stop-gradient in L_le.
+    # HISF decisions (docs/method.md): W_v of the fusion attention starts at zero; ē_c under stop-gradient in L_le.
     sf_zero_init: bool = True
     le_detach: bool = True
-    # HiCroPL (hicropl.md): cross layer k (text->vision on layers 0..k-1, vision->text on k..D-1), head counts
+    # HiCroPL (docs/method.md): cross layer k (text->vision on layers 0..k-1, vision->text on k..D-1), head counts
     # of the LKPs and the mappers, the distillation weight λ, the text teacher's class descriptions
     # (`templates`, a JSON file or a folder of `<name>_prompt.json`), and the paper's or the released mapping.
     cross_layer: int = 6

@@ -218,18 +218,21 @@ def check_descriptions(spec: ExperimentSpec) -> list[str]:
             continue
         sources = [method.get("descriptions", TEMPLATES), *grid_sources]
         for source in dict.fromkeys(s for s in sources if s != TEMPLATES):
+            unbuilt = []
             for key in keys:
                 if key not in classnames:
                     classnames[key] = _built_classnames(spec, key)
                 if classnames[key] is None:
-                    notes.append(f"rows[{i}] ({row.name}): descriptions {source!r} for {key!r} are checked once "
-                                 f"{key!r} is built at {Path(spec.data.root) / key}")
+                    unbuilt.append(key)
                     continue
                 try:
                     check(source, key, classnames[key])
                 except DescriptionsError as e:
                     raise SpecError(f"{spec.path}: rows[{i}] ({row.name}) method.descriptions on dataset "
                                     f"{key!r}: {e}") from None
+            if unbuilt:
+                notes.append(f"rows[{i}] ({row.name}): descriptions {source!r} not checked for {', '.join(unbuilt)} "
+                             f"(not built under {spec.data.root} yet; checked before a run starts)")
     return notes
 
 

@@ -1,4 +1,4 @@
-"""Optimiser presets (docs/method.md: `paper` SGD, `adamw` with parameter groups; docs/method.md: `hicropl` Adam) and the schedule."""
+"""Optimiser presets (docs/method.md: `paper` SGD, `adamw` with parameter groups, `hicropl` Adam) and the schedule."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PAPER_WEIGHT_DECAY = 5e-4
 # `prompt_lr_mult` times it), weight decay 0.01 on projection matrices only.
 ADAMW_LR = 1e-3
 ADAMW_WEIGHT_DECAY = 0.01
-# hicropl.md, the released configs (Dassl's Adam): lr 0.0025, betas 0.9/0.999, eps 1e-3, coupled L2 weight
+# docs/method.md, the released configs (Dassl's Adam): lr 0.0025, betas 0.9/0.999, eps 1e-3, coupled L2 weight
 # decay 5e-4 on every trainable tensor, one group (batch 32 recommended: set train.batch_size).
 HICROPL_LR = 0.0025
 HICROPL_WEIGHT_DECAY = 5e-4

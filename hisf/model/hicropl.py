@@ -1,4 +1,4 @@
-"""HiCroPL (hicropl.md): bidirectional cross-modal prompts, frozen image/text teachers mixed into the features, distillation."""
+"""HiCroPL (docs/method.md): bidirectional cross-modal prompts, frozen image/text teachers mixed into the features, distillation."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HiCroPL's prompt side (hicropl.md): per-layer prompts, the layer-specific knowledge proxies (LKP), the two mappers.
+"""HiCroPL's prompt side (docs/method.md): per-layer prompts, the layer-specific knowledge proxies (LKP), the two mappers.
 
 Submodule and parameter names follow the released code's `prompt_learner` (`cross_prompts_text.{i}`,
 `text2visual_net.linear_q.weight`, ...), so a released checkpoint maps onto them key for key.
@@ -75,7 +75,7 @@ class HiCroPLPrompts(nn.Module):
     text = raw P_t^l for l < k, M_v→t(...) for l >= k; vision = M_t→v(...) for l < k, raw P_v^l for l >= k;
     gradients reach every prompt, proxy, LKP and mapper.
 
-    `mapping="released"` (the released code, hicropl.md): ONE visual prompt tensor for every layer
+    `mapping="released"` (the released code, docs/method.md): ONE visual prompt tensor for every layer
     (`cross_prompts_visual.0`) and one text / one visual proxy token; each forward maps without grad and
     writes the mapper outputs into the stored prompts (visual: the mapped prompt of layer k-1, the last
     write to the shared storage; text: layers k..D-1), then the encoders read the stored prompts. So the

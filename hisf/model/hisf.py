@@ -1,4 +1,4 @@
-"""HISF (method.md): coupled prompts (PI), Semantic Fusion over the label embeddings, and the L_le / L_sa losses."""
+"""HISF (docs/method.md): coupled prompts (PI), Semantic Fusion over the label embeddings, and the L_le / L_sa losses."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ class HisfModel(PromptModel):
     """PromptModel with HISF's label embeddings E (at the class-name positions) and per-layer fusion.
 
     `aux` of its prompts is (P_final by layer, Ē) for L_le. With `sf_zero_init` and W_t = identity an
-    untrained HISF computes exactly MaPLe's logits (method.md).
+    untrained HISF computes exactly MaPLe's logits (docs/method.md).
     """
 
     loss_terms = ("loss", "loss_cls", "loss_le", "loss_sa")
@@ -47,7 +47,7 @@ class HisfModel(PromptModel):
     def losses(self, logits, labels, feats: Features) -> dict[str, torch.Tensor]:
         finals, means = feats.prompts.aux
         l_cls = cls_loss(logits, labels)
-        # le_detach (method.md): L_le moves the prompts toward ē_c, never ē_c toward the prompts.
+        # le_detach (docs/method.md): L_le moves the prompts toward ē_c, never ē_c toward the prompts.
         l_le = label_embedding_loss(finals, means.detach() if self.cfg.le_detach else means)
         l_sa = semantic_alignment_loss(feats.image, feats.text, labels)
         loss = total_loss(l_cls, l_le, l_sa, self.cfg.lambda_le, self.cfg.lambda_sa, self.cfg.cls_loss)

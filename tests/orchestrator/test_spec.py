@@ -20,7 +20,7 @@ def demo_raw():
 def test_demo_spec_loads_into_frozen_dataclasses():
     spec = load_spec(DEMO)
     assert spec.name == "demo" and spec.protocol == "base2new"
-    assert [r.name for r in spec.rows] == ["CLIP", "CoOp", "MaPLe", "HISF"]
+    assert [r.name for r in spec.rows] == ["CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL"]
     assert [r.name for r in spec.searched_rows] == ["HISF"]
     assert spec.final.seeds == (1, 2, 3)
     assert [p.key for p in spec.search.params] == ["method.lambda_le", "method.lambda_sa"]
