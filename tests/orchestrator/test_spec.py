@@ -58,7 +58,7 @@ def test_hash_changes_with_content():
     (lambda r: r["resources"].update(workers_per_trial=2, gpus_per_trial=0.5), "resources.gpus_per_trial: a DDP trial"),
     (lambda r: r["final"].update(seeds=[1, 1]), "final.seeds: duplicated seed"),
     (lambda r: r.pop("search"), "rows[3].search: row 'HISF' is searched but the spec has no `search:` section"),
-    (lambda r: r["rows"].append({"name": "CLIP", "method": {"name": "zeroshot"}}), "rows[4].name: duplicated row name"),
+    (lambda r: r["rows"].append({"name": "CLIP", "method": {"name": "zeroshot"}}), "rows[5].name: duplicated row name"),
     (lambda r: r["base"].update(output_dir="x"), "base.output_dir: set by the spec itself"),
 ])
 def test_bad_values_name_their_key_path(mutate, key_path):
