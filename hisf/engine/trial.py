@@ -18,8 +18,8 @@ from hisf.engine import checkpoint as ckpt
 from hisf.engine.distributed import DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, init_from_env, shutdown
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
-from hisf.engine.step import NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
-                              train_step
+from hisf.engine.step import (NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
+                              train_step)
 from hisf.engine.trial_data import TrialData, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
