@@ -4,12 +4,14 @@ It shares no model code with `hisf/`: it rebuilds OpenAI's CLIP from an OpenAI-f
 sequence-first (LND) layout, with the released design's prompt insertion (layer 0 at the input; layer i in
 1..D-1 replaces the prompt tokens with deep prompt i-1), and the released `CrossModalPromptLearner` and
 `CustomCLIP` with the module and parameter names their Dassl checkpoints carry. What it reproduces, as the
-released code runs it (hicropl.md, "what the released code computes differently"):
+released code runs it (the differences from the paper that matter for reproducing its numbers):
 - every forward, train and eval, maps the prompts and writes the mapper outputs into the prompt parameters
   in place (`.data.copy_`), then the encoders read the parameters: no gradient reaches the mappers or LKPs,
   and each forward re-maps what the previous one wrote;
 - the D visual prompt parameters are `nn.Parameter(t)` of one tensor `t` (one storage); so are the text
-  proxy tokens, and the visual proxy tokens; the LKPs of a side are deep copies of one module;
+  proxy tokens, and the visual proxy tokens; the LKPs of a side are deep copies of one module. Dassl's Adam
+  over `model.parameters()` (`dassl_optimizer`) keeps one moment estimate per parameter, so each step adds
+  D Adam updates (one per layer's gradient) to the shared visual prompt values;
 - the frozen teachers: the zero-shot image encoder (saved as `prompt_learner.ZS_image_encoder.*`) and the
   text teacher from class descriptions, computed once per class set by a float32 CLIP; both are added to
   the normalised prompted features before the logits, and the loss is CE + λ·(two cosine distillations);
@@ -340,6 +342,12 @@ def reference_from_backbone(backbone, classnames: Sequence[str], descriptions: M
         model.state_dict(), classnames, descriptions, backbone.tokenizer,
         text_heads=model.transformer.resblocks[0].attn.num_heads,
         vision_heads=model.visual.transformer.resblocks[0].attn.num_heads, **kwargs)
+
+
+def dassl_optimizer(model: ReferenceHiCroPL, lr: float = 0.0025, weight_decay: float = 5e-4,
+                    eps: float = 1e-3) -> torch.optim.Adam:
+    """The released configs' optimiser as Dassl builds it: Adam over every parameter of the model (coupled L2)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=eps)
 
 
 def save_dassl_checkpoint(model: ReferenceHiCroPL, out_dir: str | Path, epoch: int = 1) -> Path:

@@ -11,7 +11,12 @@ import json
 import pytest
 import torch
 
-from benchmarks.hicropl_reference import ReferenceHiCroPL, reference_from_backbone, save_dassl_checkpoint
+from benchmarks.hicropl_reference import (
+    ReferenceHiCroPL,
+    dassl_optimizer,
+    reference_from_backbone,
+    save_dassl_checkpoint,
+)
 from hisf.config import MethodConfig
 from hisf.model.descriptions import resolve_descriptions
 from hisf.model.hicropl_checkpoint import HiCroPLCheckpointError, import_hicropl_prompts, read_hicropl_state_dict
@@ -200,3 +205,27 @@ def test_checkpoint_from_another_setting(backbone, classes, descriptions, tmp_pa
     model = build_method(MethodConfig(**cfg), backbone, classes, dataset="pets3")
     with pytest.raises(HiCroPLCheckpointError, match=message):
         import_hicropl_prompts(model, path)
+
+
+def test_released_adam_adds_one_update_per_layer_to_the_shared_visual_prompt(backbone, classes, descriptions):
+    """Dassl's Adam sees D visual-prompt parameters over one storage: a step adds D per-layer Adam updates."""
+    ref = released_reference(backbone, classes, descriptions)
+    ref.train()
+    opt = dassl_optimizer(ref, lr=0.0025, weight_decay=0.0)
+    x1, _ = batches()
+    loss = ref(x1, torch.tensor([0, 1, 2, 1]))["loss"]
+    visual = list(ref.prompt_learner.cross_prompts_visual)
+    before = visual[0].detach().clone()  # after the forward's write-back
+    opt.zero_grad()
+    loss.backward()
+    grads = [p.grad.clone() for p in visual]
+    assert all(g.abs().max() > 0 for g in grads)
+    assert ref.prompt_learner.text2visual_net.linear_q.weight.grad is None  # no gradient through the write-back
+    opt.step()
+    eps, lr = 1e-3, 0.0025
+    # Adam's first step is lr * g / (|g| + eps) per parameter (bias-corrected moments m = g, v = g^2).
+    per_layer = sum(lr * g / (g.abs() + eps) for g in grads)
+    torch.testing.assert_close(visual[0].detach(), before - per_layer, atol=1e-7, rtol=1e-5)
+    one_param = lr * sum(grads) / (sum(grads).abs() + eps)
+    # Not the step of one parameter holding the summed gradient (the two agree only where |g| << eps).
+    assert (per_layer - one_param).abs().max() > 5e-4  # 1e-3 here, as large as the step itself
