@@ -41,8 +41,10 @@ def read_hicropl_state_dict(source: str | Path | Mapping) -> tuple[str, dict[str
         try:
             source = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [repr(e)]
+            reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
             raise HiCroPLCheckpointError(f"{where}: cannot read as a torch checkpoint with weights_only=True: "
-                                         f"{str(e).splitlines()[-1] if str(e) else e!r}. {_STRIP_HINT}") from e
+                                         f"{reason}" + (f". {_STRIP_HINT}" if "Unsupported global" in reason else "")) from e
     sd = source.get("state_dict", source) if isinstance(source, Mapping) else None
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise HiCroPLCheckpointError(f"{where}: expected a dict with a 'state_dict' mapping of tensors")
