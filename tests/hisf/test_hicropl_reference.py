@@ -30,16 +30,18 @@ def descriptions(tmp_path, classes):
     """A CoPrompt-style folder for a custom dataset `pets3`, 2-3 sentences per class (keys spelled differently)."""
     table = {"Golden Retriever": ["a dog with a golden coat.", "a large friendly retriever."],
              "tabby_cat": ["a striped domestic cat.", "a cat with an M on its forehead.", "a grey tabby."],
-             "airliner": ["a large passenger aeroplane.", "a jet with many windows."]}
+             "airliner": ["a large passenger aeroplane.", "a jet with many windows."],
+             "sea turtle": ["a turtle swimming in the ocean."], "Red Fox": ["a small orange fox.", "a fox in snow."]}
     (tmp_path / "pets3_prompt.json").write_text(json.dumps(table))
     return str(tmp_path)
 
 
-def released_reference(backbone, classes, descriptions, dtype=torch.float32, seed=0) -> ReferenceHiCroPL:
+def released_reference(backbone, classes, descriptions, dtype=torch.float32, seed=0, n_ctx=N_CTX, depth=DEPTH,
+                       k=K) -> ReferenceHiCroPL:
     """The released model on the tiny CLIP, its prompt learner moved off its init (every net away from a clone)."""
     torch.manual_seed(seed)
     ref = reference_from_backbone(backbone, classes, resolve_descriptions(descriptions, "pets3", classes),
-                                  n_ctx=N_CTX, depth=DEPTH, cross_layer=K, dtype=dtype)
+                                  n_ctx=n_ctx, depth=depth, cross_layer=k, dtype=dtype)
     with torch.no_grad():
         for name, p in ref.prompt_learner.named_parameters():
             if not name.startswith("ZS_image_encoder."):
@@ -47,9 +49,9 @@ def released_reference(backbone, classes, descriptions, dtype=torch.float32, see
     return ref
 
 
-def hicropl(backbone, classes, descriptions, **kw):
-    cfg = MethodConfig(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released",
-                       descriptions=descriptions, **kw)
+def hicropl(backbone, classes, descriptions, n_ctx=N_CTX, depth=DEPTH, k=K):
+    cfg = MethodConfig(name="hicropl", n_ctx=n_ctx, depth=depth, cross_layer=k, mapping="released",
+                       descriptions=descriptions)
     return build_method(cfg, backbone, classes, dataset="pets3")
 
 
@@ -83,10 +85,12 @@ def test_checkpoint_keys_are_the_released_ones(backbone, classes, descriptions, 
     assert len({p.data_ptr() for p in pl.cross_prompts_text}) == DEPTH
 
 
-def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions, tmp_path):
-    ref = released_reference(backbone, classes, descriptions)
+# n_ctx 2 starts from "a photo of a"'s tokens; n_ctx 6 from "X X X X X X" (the released n_ctx <= 4 rule).
+@pytest.mark.parametrize("n_ctx, depth, k", [(2, 3, 1), (6, 3, 2)])
+def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions, tmp_path, n_ctx, depth, k):
+    ref = released_reference(backbone, classes, descriptions, n_ctx=n_ctx, depth=depth, k=k)
     path = save_dassl_checkpoint(ref, tmp_path, epoch=1)
-    model = hicropl(backbone, classes, descriptions)
+    model = hicropl(backbone, classes, descriptions, n_ctx=n_ctx, depth=depth, k=k)
     x1, x2 = batches()
     model.eval()
     with torch.no_grad():
@@ -125,8 +129,32 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     ref.eval()
     model.eval()
     with torch.no_grad():
-        ref.prompt_learner.cross_prompts_text[K - 1].add_(torch.randn_like(ref.prompt_learner.cross_prompts_text[K - 1]))
+        ref.prompt_learner.cross_prompts_text[k - 1].add_(torch.randn_like(ref.prompt_learner.cross_prompts_text[k - 1]))
         assert (ref(x1) - model(x1)).abs().max() > 1e-3
+
+
+def test_novel_classes_after_import_equal_the_released_code_rebuilt_on_them(backbone, classes, novel, descriptions,
+                                                                           tmp_path):
+    """Base-to-novel as the released code runs it: a model built on the novel classes loads the base checkpoint."""
+    path = save_dassl_checkpoint(released_reference(backbone, classes, descriptions), tmp_path)
+    model = hicropl(backbone, classes, descriptions)
+    import_hicropl_prompts(model, path)
+    model.set_classnames(novel, dataset="pets3")
+    torch.manual_seed(5)
+    ref = reference_from_backbone(backbone, novel, resolve_descriptions(descriptions, "pets3", novel),
+                                  n_ctx=N_CTX, depth=DEPTH, cross_layer=K)
+    sd = read_hicropl_state_dict(path)[1]
+    missing, unexpected = ref.load_state_dict(
+        {key: v for key, v in sd.items() if key not in ("prompt_learner.token_prefix", "prompt_learner.token_suffix")},
+        strict=False)
+    assert sorted(missing) == ["prompt_learner.token_prefix", "prompt_learner.token_suffix"] and unexpected == []
+    torch.testing.assert_close(model.teacher_text, ref.fixed_embeddings, atol=1e-6, rtol=0)
+    assert model.teacher_text.shape == (2, backbone.model.text_projection.shape[1])
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        for x in batches():
+            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
 
 
 def test_fp16_checkpoint_imports_and_matches_within_half_precision(backbone, classes, descriptions, tmp_path):
