@@ -18,8 +18,8 @@ from hisf.engine import checkpoint as ckpt
 from hisf.engine.distributed import DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, init_from_env, shutdown
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
-from hisf.engine.step import NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
-                              train_step
+from hisf.engine.step import (NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
+                              train_step)
 from hisf.engine.trial_data import TrialData, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
@@ -192,6 +192,10 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
         if tc.validate_every_epoch:
             t0 = time.perf_counter()
             metrics["val_acc"] = accuracy(model, data.val_loader(), env, precision.autocast)
+            if getattr(model, "forward_writes_params", False):
+                # HiCroPL `mapping: released` rewrites its prompts at every forward, and ranks evaluate different
+                # numbers of batches: rank 0's values go to every rank so training continues in lockstep.
+                broadcast_params(params, env)
             c.eval_seconds += time.perf_counter() - t0
         c.history.append(metrics)
         c.epoch = epoch + 1

@@ -38,6 +38,7 @@ class HiCroPLModel(PromptModel):
                  prompts: HiCroPLPrompts):
         super().__init__(cfg, backbone, n_ctx, layers, prefix, prompts)
         self.cache_text = cfg.mapping != "released"
+        self.forward_writes_params = cfg.mapping == "released"
         self.register_buffer("teacher_text", torch.zeros(0, backbone.embed_dim), persistent=False)
         self._teachers: dict[tuple, torch.Tensor] = {}
 

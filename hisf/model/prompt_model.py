@@ -55,6 +55,9 @@ class PromptModel(nn.Module):
 
     loss_terms: tuple[str, ...] = ("loss", "loss_cls")
     cache_text: bool = True
+    # True when a forward changes trainable parameters in place (HiCroPL's released mapping): the engine then
+    # re-broadcasts rank 0's parameters after evaluation, where ranks run different numbers of forwards.
+    forward_writes_params: bool = False
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, n_ctx: int = 0, layers: tuple[int, ...] = (),
                  prefix: str = "", prompts: nn.Module | None = None):
