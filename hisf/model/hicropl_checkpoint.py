@@ -100,8 +100,9 @@ def _check_frozen(where: str, sd: Mapping[str, torch.Tensor], backbone_sd: Mappi
 def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
     """Load the released code's prompt learner into a `hicropl` PromptModel with `mapping: released`.
 
-    The model must have the checkpoint's n_ctx, depth D and cross layer k (head counts follow from the
-    shapes only when they differ in width, so they are the caller's). Nothing is loaded unless every check passes.
+    The model must have the checkpoint's n_ctx, depth D and cross layer k, checked from its keys and shapes;
+    head counts leave no trace in the shapes (the released code uses 8 for the LKPs and the mappers), so
+    they are the caller's. Nothing is loaded unless every check passes.
     """
     cfg = model.cfg
     if cfg.name != "hicropl" or cfg.mapping != "released":
@@ -137,7 +138,7 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
         if tuple(value.shape) != tuple(own[ours].shape):
             raise HiCroPLCheckpointError(
                 f"{where}: key {key!r} has shape {tuple(value.shape)}; expected {tuple(own[ours].shape)} "
-                f"(n_ctx={model.n_ctx}, backbone widths, head counts)")
+                f"(n_ctx={model.n_ctx} and the backbone's widths)")
         # The released fp16 run stores these in fp16; our trainable parameters stay float32.
         value = value.float()
         if ours in new and not torch.equal(new[ours], value):
