@@ -1,4 +1,4 @@
-"""HISF's two method.md decisions: sf_zero_init (an untrained HISF is MaPLe) and le_detach (L_le moves prompts only)."""
+"""HISF's two docs/method.md decisions: sf_zero_init (an untrained HISF is MaPLe) and le_detach (L_le moves prompts only)."""
 
 from __future__ import annotations
 
