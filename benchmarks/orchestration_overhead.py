@@ -36,6 +36,9 @@ def main() -> None:
     raw.pop("search")
     for row in raw["rows"]:
         row.pop("search", None)
+        if "descriptions" in row.get("method", {}):
+            # The demo's descriptions are written beside its data (HiCroPL's row reads them).
+            row["method"]["descriptions"] = str(wd / "data" / "descriptions")
     spec_path = wd / "demo-sweep.yaml"
     spec_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 

@@ -91,7 +91,8 @@ def main(argv: list[str]) -> int:
 
             out = write_demo(args.out, args.classes, args.train, args.val, args.test, args.size)
             print(f"wrote demo dataset under {out / 'demo'}; build it with "
-                  f"`hisf-bench data build --dataset demo --root {out} --out <ROOT>/demo --image-size 32`")
+                  f"`hisf-bench data build --dataset demo --root {out} --out <ROOT>/demo --image-size 32`; "
+                  f"class descriptions (HiCroPL's `method.descriptions`) in {out / 'descriptions'}")
         elif args.cmd == "list":
             from data_shards.catalogue import CATALOGUE
 

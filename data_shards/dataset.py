@@ -152,7 +152,7 @@ class BuiltDataset:
         return out
 
     def select(self, split: str, shots: int | None = None, seed: int = 1, classes: str = "all") -> Subset:
-        """Few-shot (Dassl, protocols.md) then base/novel (Dassl's subsample_classes), from the manifest.
+        """Few-shot (Dassl, docs/protocols.md) then base/novel (Dassl's subsample_classes), from the manifest.
 
         As in CoOp, the few-shot draw runs on all classes before the class halves are taken, and the
         validation draw (min(K, 4) per class) continues the same seeded RNG after the train draw, so

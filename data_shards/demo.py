@@ -19,6 +19,41 @@ CLASSES = (
 )
 
 
+# What each shape looks like, in words: the demo's class descriptions (HiCroPL's text teacher reads them).
+SHAPE_WORDS = {
+    "circle": "a round shape with a smooth edge",
+    "square": "a shape with four equal sides and four right angles",
+    "triangle": "a shape with three straight sides, pointing up",
+    "cross": "two bars crossing at right angles, like a plus sign",
+    "ring": "a hollow circle: a thick outline with the background showing through the middle",
+    "bars": "three upright stripes standing side by side",
+}
+# `data demo --out DATA` writes DATA/descriptions/demo_prompt.json: a CoPrompt-style folder (`<name>_prompt.json`).
+DESCRIPTIONS_FOLDER = "descriptions"
+
+
+def demo_descriptions(n_classes: int = len(CLASSES)) -> dict[str, list[str]]:
+    """{class name: sentences} for the first n_classes demo classes, in CoPrompt's `{name: [sentences]}` shape."""
+    out = {}
+    for _, name, _, shape in CLASSES[:n_classes]:
+        colour = name.split()[0]
+        out[name] = [
+            f"A {name} is a {colour} {shape} drawn on a grey, speckled background.",
+            f"A {name} looks like {SHAPE_WORDS[shape]}, coloured {colour}.",
+            f"The only object in a picture of a {name} is one {colour} {shape}, somewhere in the frame.",
+        ]
+    return out
+
+
+def write_descriptions(folder: str | Path, n_classes: int = len(CLASSES)) -> Path:
+    """Write FOLDER/demo_prompt.json (the demo classes' descriptions); returns the file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "demo_prompt.json"
+    path.write_text(json.dumps(demo_descriptions(n_classes), indent=1))
+    return path
+
+
 def draw_sample(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
     bg = tuple(rng.randint(90, 150) for _ in range(3))
     img = Image.new("RGB", (size, size), bg)
@@ -51,7 +86,8 @@ def draw_sample(shape: str, colour: tuple[int, int, int], size: int, rng: random
 
 def write_demo(out: str | Path, n_classes: int = 6, train: int = 16, val: int = 4, test: int = 8,
                size: int = 64, seed: int = 0) -> Path:
-    """Write OUT/demo/images/<class>/*.png and OUT/demo/split_zhou_Demo.json; returns OUT (the DATA root)."""
+    """Write OUT/demo/images/<class>/*.png, OUT/demo/split_zhou_Demo.json and the classes' descriptions
+    OUT/descriptions/demo_prompt.json; returns OUT (the DATA root)."""
     if not 1 <= n_classes <= len(CLASSES):
         raise ValueError(f"n_classes: expected 1..{len(CLASSES)}, got {n_classes}")
     out = Path(out)
@@ -68,4 +104,5 @@ def write_demo(out: str | Path, n_classes: int = 6, train: int = 16, val: int = 
                 split[s].append([rel, label, name])
                 n += 1
     (out / "demo" / "split_zhou_Demo.json").write_text(json.dumps(split))
+    write_descriptions(out / DESCRIPTIONS_FOLDER, n_classes)
     return out

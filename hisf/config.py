@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("zeroshot", "coop", "maple", "hisf")
+METHODS = ("zeroshot", "coop", "maple", "hisf", "hicropl")
+MAPPINGS = ("learned", "released")
+# Prompt depth D when `method.depth` is not given: MaPLe/HISF 9, HiCroPL 12 (docs/method.md).
+DEFAULT_DEPTH = {"hicropl": 12}
+MAPLE_DEPTH = 9
 PROTOCOLS = ("base2new", "all", "cross_dataset", "domain_generalization")
 PRECISIONS = ("fp16", "bf16", "fp32")
-PRESETS = ("paper", "adamw")
+PRESETS = ("paper", "adamw", "hicropl")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
@@ -48,13 +52,14 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "hisf"
-    # Prompt tokens per layer; None means the method's own default (coop 16, maple/hisf 2).
+    # Prompt tokens per layer; None means the method's own default (coop 16, maple/hisf 2, hicropl 16).
     n_ctx: int | None = None
-    # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given.
-    depth: int = 9
+    # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given. None means the
+    # method's default: 9 (maple, hisf), 12 (hicropl).
+    depth: int | None = None
     layers: tuple[int, ...] | None = None
     ctx_init: str = "a photo of a"
-    # Ablation switches (method.md): PI, SF, label embeddings, loss weights, cls loss.
+    # Ablation switches (docs/method.md): PI, SF, label embeddings, loss weights, cls loss.
     pi: bool = True
     sf: bool = True
     label_embedding: str = "learnable"
@@ -64,14 +69,41 @@ class MethodConfig:
     lambda_le: float = 1.0
     lambda_sa: float = 1.0
     cls_loss: bool = True
+    # HISF decisions (docs/method.md): W_v of the fusion attention starts at zero; ē_c under stop-gradient in L_le.
+    sf_zero_init: bool = True
+    le_detach: bool = True
+    # HiCroPL (docs/method.md): cross layer k (text->vision on layers 0..k-1, vision->text on k..D-1), head counts
+    # of the LKPs and the mappers, the distillation weight λ, the text teacher's class descriptions
+    # (`templates`, a JSON file or a folder of `<name>_prompt.json`), and the paper's or the released mapping.
+    cross_layer: int = 6
+    lkp_heads: int = 8
+    mapper_heads: int = 8
+    lambda_distill: float = 12.0
+    descriptions: str = "templates"
+    mapping: str = "learned"
 
     def validate(self, path: str = "method") -> None:
         _check_choice(self.name, METHODS, f"{path}.name")
         _check_choice(self.label_embedding, ("learnable", "frozen"), f"{path}.label_embedding")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ConfigError(f"{path}.n_ctx: expected a positive integer, got {self.n_ctx}")
-        if self.depth < 1:
+        if self.depth is not None and self.depth < 1:
             raise ConfigError(f"{path}.depth: expected an integer >= 1, got {self.depth}")
+        _check_choice(self.mapping, MAPPINGS, f"{path}.mapping")
+        if self.name == "hicropl":
+            if self.layers is not None:
+                raise ConfigError(f"{path}.layers: hicropl prompts layers 0..depth-1; set method.depth, not layers")
+            depth = self.resolved_depth
+            if not 1 <= self.cross_layer <= depth - 1:
+                raise ConfigError(f"{path}.cross_layer: k={self.cross_layer} outside 1..{depth - 1} "
+                                  f"(1 <= k <= depth-1 with depth {depth})")
+            if self.lkp_heads < 1 or self.mapper_heads < 1:
+                raise ConfigError(f"{path}.lkp_heads/mapper_heads: expected positive integers, got "
+                                  f"{self.lkp_heads}/{self.mapper_heads}")
+            if self.lambda_distill < 0:
+                raise ConfigError(f"{path}.lambda_distill: expected a weight >= 0, got {self.lambda_distill}")
+            if not self.descriptions:
+                raise ConfigError(f"{path}.descriptions: expected `templates`, a JSON file or a folder, got ''")
         if self.layers is not None:
             if len(self.layers) == 0 or any(l < 0 for l in self.layers):
                 raise ConfigError(f"{path}.layers: expected a non-empty list of layer indices >= 0, got {list(self.layers)}")
@@ -85,10 +117,17 @@ class MethodConfig:
 
     @property
     def prompt_layers(self) -> tuple[int, ...]:
-        """The sorted prompt layers J (method.md: `depth` or an explicit list)."""
+        """The sorted prompt layers J (docs/method.md: `depth` or an explicit list)."""
         if self.layers is not None:
             return tuple(sorted(self.layers))
-        return tuple(range(self.depth))
+        return tuple(range(self.resolved_depth))
+
+    @property
+    def resolved_depth(self) -> int:
+        """`depth`, or the method's default when it is None (what a run records as its depth)."""
+        if self.layers is not None and self.depth is None:
+            return max(self.layers) + 1
+        return self.depth if self.depth is not None else DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -114,7 +153,8 @@ class TrainConfig:
     epochs: int = 5
     # Per-rank batch size (the paper's 4).
     batch_size: int = 4
-    # None means the preset's value (method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py.
+    # None means the preset's value (docs/method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py;
+    # hicropl (docs/method.md) Adam lr 0.0025, eps 1e-3, coupled weight decay 5e-4 (batch 32 recommended).
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
@@ -162,7 +202,7 @@ class TrialConfig:
     output_dir: str = "runs/trial"
     # `auto` (cuda when available), `cpu`, `cuda`, `cuda:N`.
     device: str = "auto"
-    # False for search-stage trials: the trial never opens a test split (protocols.md: the test split never
+    # False for search-stage trials: the trial never opens a test split (docs/protocols.md: the test split never
     # feeds a search); final metrics are then the validation ones only.
     evaluate_test: bool = True
 

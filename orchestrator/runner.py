@@ -94,6 +94,10 @@ def prepare_data(spec: ExperimentSpec, out, opts: Options | None = None, needs_t
     if spec.data.demo:
         _build_demo(spec, Path(spec.data.root), out)
     preflight.check(spec, needs_test=needs_test, out=out)
+    # Every dataset is built now, so HiCroPL's descriptions are checked against each one's class names.
+    from orchestrator.spec import check_descriptions
+
+    check_descriptions(spec)
     if opts is not None and opts.address:
         # Connected here, before the stage's MLflow parent run; the stage's ray_session reuses the connection.
         with ray_session(spec, opts):
@@ -103,6 +107,11 @@ def prepare_data(spec: ExperimentSpec, out, opts: Options | None = None, needs_t
 def _build_demo(spec: ExperimentSpec, root: Path, out) -> None:
     from data_shards.cli import main as data_main
 
+    from data_shards.demo import DESCRIPTIONS_FOLDER, write_descriptions
+
+    if not (root / DESCRIPTIONS_FOLDER / "demo_prompt.json").is_file():
+        # HiCroPL's text teacher reads them (experiments/demo.yaml points its row at this folder).
+        write_descriptions(root / DESCRIPTIONS_FOLDER)
     for key in spec.data.datasets:
         if (root / key / "manifest.parquet").is_file():
             continue

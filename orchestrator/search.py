@@ -3,7 +3,7 @@
 One study per searched (row, dataset, grid point), named `<spec>:<row>:<dataset>[:k=v]:<tag>` where the
 tag is the search stage's MLflow parent run (so a fresh `search` never mixes with an earlier one, and
 `--resume` continues the same studies). Only the spec's validation metric is told to a study
-(protocols.md: the test split never feeds the search).
+(docs/protocols.md: the test split never feeds the search).
 """
 
 from __future__ import annotations

@@ -210,6 +210,59 @@ def _check_seed_axis(grid, search: SearchSpec | None, final: FinalSpec | None) -
             "to sweep the grid's seeds")
 
 
+def check_descriptions(spec: ExperimentSpec) -> list[str]:
+    """HiCroPL rows: every dataset the trials train or evaluate on has descriptions for each of its classes.
+
+    Run before Ray starts (by `prepare_data`, after the demo data is built, and by `--dry-run`). The class
+    names come from the built dataset under `data.root`, so a dataset not built yet is not checked: a note
+    says so (`prepare_data` refuses an unbuilt dataset anyway). Raises SpecError naming the spec, the row,
+    the dataset, the descriptions file and the class.
+    """
+    from hisf.model.descriptions import TEMPLATES, DescriptionsError
+    from hisf.model.descriptions import check_descriptions as check
+
+    transfer = spec.protocol in ("cross_dataset", "domain_generalization")
+    keys = spec.data.datasets + (spec.data.targets if transfer else ())
+    grid_sources = dict(spec.grid).get("method.descriptions", ())
+    classnames: dict[str, tuple[str, ...] | None] = {}
+    notes: list[str] = []
+    for i, row in enumerate(spec.rows):
+        method = spec.trial_dict(row, keys[0]).get("method") or {}
+        if method.get("name") != "hicropl":
+            continue
+        sources = [method.get("descriptions", TEMPLATES), *grid_sources]
+        for source in dict.fromkeys(s for s in sources if s != TEMPLATES):
+            unbuilt = []
+            for key in keys:
+                if key not in classnames:
+                    classnames[key] = _built_classnames(spec, key)
+                if classnames[key] is None:
+                    unbuilt.append(key)
+                    continue
+                try:
+                    check(source, key, classnames[key])
+                except DescriptionsError as e:
+                    raise SpecError(f"{spec.path}: rows[{i}] ({row.name}) method.descriptions on dataset "
+                                    f"{key!r}: {e}") from None
+            if unbuilt:
+                notes.append(f"rows[{i}] ({row.name}): descriptions {source!r} not checked for {', '.join(unbuilt)} "
+                             f"(not built under {spec.data.root} yet; checked before a run starts)")
+    return notes
+
+
+def _built_classnames(spec: ExperimentSpec, key: str) -> tuple[str, ...] | None:
+    """The class names of dataset `key` under data.root, None when it is not built there."""
+    from data_shards import DataError, open_dataset
+
+    folder = Path(spec.data.root) / key
+    if not (folder / "manifest.parquet").is_file():
+        return None
+    try:
+        return open_dataset(folder).classnames
+    except DataError as e:
+        raise SpecError(f"{spec.path}: data: dataset {key!r} at {folder} cannot be opened: {e}") from None
+
+
 def _data(v: Any, protocol: str) -> DataSpec:
     m = _mapping(v, "data")
     _keys(m, "data", required=("datasets",), optional=("root", "shots", "targets", "demo", "num_workers"))
@@ -267,7 +320,7 @@ def _search(v: Any) -> SearchSpec:
           optional=("sampler", "n_trials", "seed", "metric", "pruner", "startup_trials"))
     metric = _str(m.get("metric", "val_acc"), "search.metric")
     if not metric.startswith("val"):
-        # protocols.md: the search never reads the test split.
+        # docs/protocols.md: the search never reads the test split.
         raise SpecError(f"search.metric: expected a validation metric (val_acc), got {metric!r}; the test split never feeds the search")
     params = []
     pm = _mapping(m["params"], "search.params")

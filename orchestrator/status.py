@@ -23,8 +23,37 @@ def plan(command: str, spec: ExperimentSpec, workdir: str) -> tuple[list, list]:
     return groups, trials
 
 
+# The method keys a dry-run line shows per method (None prints as "default": the method's own value).
+SETTINGS = {
+    "zeroshot": (),
+    "coop": ("n_ctx",),
+    "maple": ("n_ctx", "depth"),
+    "hisf": ("n_ctx", "depth"),
+    "hicropl": ("n_ctx", "depth", "cross_layer", "lambda_distill", "mapping", "descriptions"),
+}
+
+
+def settings(cfg) -> str:
+    """`n_ctx 16, depth 12, ..., preset hicropl, batch 32`: what a trial's row sets, for the dry run."""
+    m, t = cfg.method, cfg.train
+    keys = SETTINGS.get(m.name, ("n_ctx", "depth"))
+    if getattr(m, "layers", None) is not None:
+        keys = tuple(k for k in keys if k != "depth") + ("layers",)
+    values = {k: getattr(m, k, None) for k in keys}
+    if "depth" in values:
+        values["depth"] = m.resolved_depth  # None means the method's default (maple/hisf 9, hicropl 12)
+    parts = [f"{k} {'default' if v is None else v}" for k, v in values.items()]
+    if m.name != "zeroshot":
+        parts += [f"preset {t.preset}", f"batch {t.batch_size}"] + ([f"lr {t.lr:g}"] if t.lr is not None else [])
+    return ", ".join(parts)
+
+
 def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
+    from orchestrator.spec import check_descriptions
+
     out = opts.out
+    # Bad descriptions fail here as in a real run; datasets not built yet are listed, not checked.
+    notes = check_descriptions(spec)
     groups, trials = plan(command, spec, opts.workdir)
     res = spec.resources
     per_trial = trial_resources(spec)
@@ -41,8 +70,12 @@ def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
     for t in trials:
         cfg = t.config
         searched = " + searched values" if t.stage == "final" and spec.row(t.row).search else ""
+        extra = settings(cfg)
         print(f"{t.stage:6s}  {t.trial_id}: method {cfg.method.name}, dataset {t.dataset}, seed {t.seed}, "
-              f"epochs {cfg.train.epochs}{searched}{''.join(f', {k}={v}' for k, v in t.point)}", file=out)
+              f"epochs {cfg.train.epochs}{', ' + extra if extra else ''}{searched}"
+              f"{''.join(f', {k}={v}' for k, v in t.point)}", file=out)
+    for note in notes:
+        print(f"note    {note}", file=out)
     est = estimate_hours(spec, trials, n_search=1 if groups else 0)
     n = len(trials) + (len(groups) * spec.search.n_trials if groups else 0)
     print(f"total: {n} trials, estimated {est['trial_hours']:.2f} trial-hours, "

@@ -104,6 +104,10 @@ def build_config(spec: ExperimentSpec, row: RowSpec, dataset: str, point, seed: 
     cfg = TrialConfig.from_dict(d)
     for key, v in list(point) + list((values or {}).items()):
         cfg = replace_path(cfg, key, v)
+    source = getattr(cfg.method, "descriptions", "templates")
+    if source != "templates" and not Path(source).expanduser().is_absolute():
+        # HiCroPL's descriptions file or folder, like the data root: relative to where the driver ran.
+        cfg = replace_path(cfg, "method.descriptions", str(Path(source).expanduser().resolve()))
     return cfg.validate()
 
 
@@ -148,7 +152,7 @@ def search_trial(spec: ExperimentSpec, group: SearchGroup, number: int, optuna_t
     tid = trial_id("search", group.row, group.dataset, group.point, None, number)
     cfg = build_config(spec, spec.row(group.row), group.dataset, group.point, spec.search.seed, values,
                        trial_dir(workdir, spec, tid))
-    # protocols.md: the test split never feeds a search, so search trials do not even open it.
+    # docs/protocols.md: the test split never feeds a search, so search trials do not even open it.
     cfg = dataclasses.replace(cfg, evaluate_test=False)
     point = group.point + tuple(sorted(values.items()))
     return Trial(tid, "search", group.row, group.dataset, spec.search.seed, point, cfg,

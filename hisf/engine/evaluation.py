@@ -1,4 +1,4 @@
-"""Evaluation: top-1 accuracy summed over ranks, base/novel accuracy and their harmonic mean (protocols.md)."""
+"""Evaluation: top-1 accuracy summed over ranks, base/novel accuracy and their harmonic mean (docs/protocols.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hisf.engine.distributed import DistEnv, all_reduce_sum
 
 
 def harmonic_mean(base: float, novel: float) -> float:
-    """HM = 2·B·N / (B + N) (protocols.md, base-to-novel); 0 when both are 0."""
+    """HM = 2·B·N / (B + N) (docs/protocols.md, base-to-novel); 0 when both are 0."""
     return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
 
 

@@ -1,4 +1,4 @@
-"""Optimiser presets (method.md: `paper` SGD, `adamw` with parameter groups) and the warm-up + cosine schedule."""
+"""Optimiser presets (docs/method.md: `paper` SGD, `adamw` with parameter groups, `hicropl` Adam) and the schedule."""
 
 from __future__ import annotations
 
@@ -16,12 +16,20 @@ PAPER_WEIGHT_DECAY = 5e-4
 # `prompt_lr_mult` times it), weight decay 0.01 on projection matrices only.
 ADAMW_LR = 1e-3
 ADAMW_WEIGHT_DECAY = 0.01
+# docs/method.md, the released configs (Dassl's Adam): lr 0.0025, betas 0.9/0.999, eps 1e-3, coupled L2 weight
+# decay 5e-4 on every trainable tensor, one group (batch 32 recommended: set train.batch_size).
+HICROPL_LR = 0.0025
+HICROPL_WEIGHT_DECAY = 5e-4
+HICROPL_BETAS = (0.9, 0.999)
+HICROPL_EPS = 1e-3
+PRESET_LR = {"paper": PAPER_LR, "adamw": ADAMW_LR, "hicropl": HICROPL_LR}
+SINGLE_GROUP_WD = {"paper": PAPER_WEIGHT_DECAY, "hicropl": HICROPL_WEIGHT_DECAY}
 
 GROUP_NAMES = ("prompts", "projections", "fusion", "label_embeddings")
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else (PAPER_LR if cfg.preset == "paper" else ADAMW_LR)
+    return cfg.lr if cfg.lr is not None else PRESET_LR[cfg.preset]
 
 
 def _unique_trainable(params: Sequence[torch.nn.Parameter], seen: set[int]) -> list[torch.nn.Parameter]:
@@ -36,7 +44,8 @@ def _unique_trainable(params: Sequence[torch.nn.Parameter], seen: set[int]) -> l
 def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Parameter]]) -> list[dict]:
     """Turn a PromptModel's `param_groups()` into optimiser groups for the preset.
 
-    `paper`: one group, the same lr and weight decay for every trainable tensor (MaPLe's recipe).
+    `paper` / `hicropl`: one group, the same lr and weight decay for every trainable tensor (MaPLe's and
+    HiCroPL's released recipes).
     `adamw` (§3.5): prompt matrices (and label embeddings, which live in the same token-embedding space)
     at lr * prompt_lr_mult; projection and fusion weights at lr; weight decay only on projection
     matrices (2-D weights in `projections`, not their biases).
@@ -47,8 +56,8 @@ def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.
     seen: set[int] = set()
     named = {k: _unique_trainable(groups.get(k, ()), seen) for k in GROUP_NAMES}
     lr = base_lr(cfg)
-    if cfg.preset == "paper":
-        wd = cfg.weight_decay if cfg.weight_decay is not None else PAPER_WEIGHT_DECAY
+    if cfg.preset in SINGLE_GROUP_WD:
+        wd = cfg.weight_decay if cfg.weight_decay is not None else SINGLE_GROUP_WD[cfg.preset]
         params = [p for k in GROUP_NAMES for p in named[k]]
         return [{"name": "all", "params": params, "lr": lr, "weight_decay": wd}] if params else []
     wd = cfg.weight_decay if cfg.weight_decay is not None else ADAMW_WEIGHT_DECAY
@@ -69,6 +78,9 @@ def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Par
         raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
     if cfg.preset == "paper":
         return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum)
+    if cfg.preset == "hicropl":
+        # torch's Adam weight_decay is the coupled L2 term (added to the gradient), as Dassl's Adam.
+        return torch.optim.Adam(param_groups, lr=base_lr(cfg), betas=HICROPL_BETAS, eps=HICROPL_EPS)
     return torch.optim.AdamW(param_groups, lr=base_lr(cfg))
 
 

@@ -14,7 +14,16 @@ import torch
 
 from hisf.engine.distributed import DistEnv, all_reduce_grads, all_reduce_sum
 
-LOSS_TERMS = ("loss", "loss_cls", "loss_le", "loss_sa")
+# The loss terms of a model that declares none (`model.loss_terms`, "loss" first, is the method's own list).
+LOSS_TERMS = ("loss",)
+
+
+def loss_terms(model: torch.nn.Module) -> tuple[str, ...]:
+    """The names a model's forward_losses returns and the engine logs as `train/<term>`."""
+    terms = tuple(getattr(model, "loss_terms", LOSS_TERMS))
+    if not terms or terms[0] != "loss":
+        raise ValueError(f"model.loss_terms: expected a tuple starting with 'loss', got {terms!r}")
+    return terms
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,11 +77,12 @@ def train_step(
     params: Sequence[torch.nn.Parameter],
     env: DistEnv,
 ) -> StepResult:
-    """Forward the loss terms (eq. 12), backward, average trainable grads over ranks, step unless non-finite."""
+    """Forward the model's loss terms, backward, average trainable grads over ranks, step unless non-finite."""
+    names = loss_terms(model)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         out = model.forward_losses(images, labels)
-    terms = torch.stack([out[k].detach().float() for k in LOSS_TERMS])
+    terms = torch.stack([out[k].detach().float() for k in names])
     loss = out["loss"].float()
     scaler = precision.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -96,7 +106,7 @@ def train_step(
         scaler.update()
     elif not skipped:
         optimizer.step()
-    return StepResult(dict(zip(LOSS_TERMS, values)), finite, skipped)
+    return StepResult(dict(zip(names, values)), finite, skipped)
 
 
 def compile_losses(model: torch.nn.Module, mode: str = "default") -> None:

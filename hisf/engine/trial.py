@@ -18,7 +18,8 @@ from hisf.engine import checkpoint as ckpt
 from hisf.engine.distributed import DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, init_from_env, shutdown
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
-from hisf.engine.step import LOSS_TERMS, NanGuard, Precision, compile_losses, resolve_precision, seed_everything, train_step
+from hisf.engine.step import (NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
+                              train_step)
 from hisf.engine.trial_data import TrialData, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
@@ -49,8 +50,14 @@ class TrialCallback:
 
 @dataclass
 class _Meter:
-    sums: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in LOSS_TERMS})
+    """Epoch means of the model's loss terms (`model.loss_terms`), over the steps with a finite loss."""
+
+    terms: tuple[str, ...]
+    sums: dict[str, float] = field(default_factory=dict)
     count: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = {k: 0.0 for k in self.terms}
 
     def add(self, losses: dict[str, float]) -> None:
         if all(math.isfinite(v) for v in losses.values()):
@@ -59,7 +66,7 @@ class _Meter:
                 self.sums[k] += v
 
     def means(self) -> dict[str, float]:
-        return {f"train/{k}": (self.sums[k] / self.count if self.count else float("nan")) for k in LOSS_TERMS}
+        return {f"train/{k}": (self.sums[k] / self.count if self.count else float("nan")) for k in self.terms}
 
 
 def _call(callbacks: Iterable[TrialCallback], hook: str, *args: Any) -> bool:
@@ -137,7 +144,8 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     _call(callbacks, "on_trial_start", data.describe())
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
-    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
+    model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
+                         dataset=cfg.data.dataset).to(env.device)
     data.bind(backbone, cfg)
     if tc.compile:
         compile_losses(model, tc.compile_mode)
@@ -159,7 +167,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
 
     for epoch in range(c.epoch, epochs):
         t0 = t_log = time.perf_counter()
-        meter, lr, since_log = _Meter(), optimizer.param_groups[0]["lr"], 0
+        meter, lr, since_log = _Meter(loss_terms(model)), optimizer.param_groups[0]["lr"], 0
         for images, labels in data.train_loader(epoch=epoch):
             res = train_step(model, images.to(env.device), labels.to(env.device), optimizer, precision, params, env)
             c.global_step += 1
@@ -171,8 +179,9 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
                 ips = since_log / max(time.perf_counter() - t_log, 1e-9)
                 t_log, since_log = time.perf_counter(), 0
                 if env.is_main:
-                    log.info("epoch %d/%d step %d/%d loss %.4f (cls %.4f le %.4f sa %.4f) lr %.3g %.1f img/s ETA %s",
-                             epoch + 1, epochs, c.global_step, total, *res.losses.values(), lr, ips,
+                    terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in res.losses.items() if k != "loss")
+                    log.info("epoch %d/%d step %d/%d loss %.4f (%s) lr %.3g %.1f img/s ETA %s",
+                             epoch + 1, epochs, c.global_step, total, res.losses["loss"], terms, lr, ips,
                              _format_eta((total - c.global_step) * images_per_step / max(ips, 1e-9)))
                 progress = {**{f"train/{k}": v for k, v in res.losses.items()}, "lr": lr, "images_per_s": ips,
                             "epoch": epoch, "skipped_steps": c.skipped_steps}
@@ -186,6 +195,10 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
         if tc.validate_every_epoch:
             t0 = time.perf_counter()
             metrics["val_acc"] = accuracy(model, data.val_loader(), env, precision.autocast)
+            if getattr(model, "forward_writes_params", False):
+                # HiCroPL `mapping: released` rewrites its prompts at every forward, and ranks evaluate different
+                # numbers of batches: rank 0's values go to every rank so training continues in lockstep.
+                broadcast_params(params, env)
             c.eval_seconds += time.perf_counter() - t0
         c.history.append(metrics)
         c.epoch = epoch + 1

@@ -1,4 +1,4 @@
-"""The engine's data glue: which splits and class sets a protocol trains and evaluates on (protocols.md), via data_shards."""
+"""The engine's data glue: which splits and class sets a protocol trains and evaluates on (docs/protocols.md), via data_shards."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class EvalSet:
     metric: str  # result key: base_acc, novel_acc, acc, target/<key>
     subset: Any  # data_shards Subset (test split)
     template: str
+    dataset: str = ""  # catalogue key of the subset's dataset (HiCroPL's text teacher reads its descriptions)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test") if cfg.evaluate_test else ("train", "val"))
     train_classes = "base" if cfg.protocol == "base2new" else "all"
     train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
-    # protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
+    # docs/protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
     # RNG (CoOp); `select("val", shots=K)` does both, so K goes in, not min(K, 4).
     val = ds.select("val", shots=dc.shots, seed=cfg.seed, classes=train_classes)
     global_batch = tc.batch_size * env.world_size
@@ -101,14 +102,16 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     if not cfg.evaluate_test:
         evals = []
     elif cfg.protocol == "base2new":
-        evals = [EvalSet("base_acc", ds.select("test", shots=None, seed=cfg.seed, classes="base"), ds.template),
-                 EvalSet("novel_acc", ds.select("test", shots=None, seed=cfg.seed, classes="novel"), ds.template)]
+        evals = [EvalSet("base_acc", ds.select("test", shots=None, seed=cfg.seed, classes="base"), ds.template,
+                         dc.dataset),
+                 EvalSet("novel_acc", ds.select("test", shots=None, seed=cfg.seed, classes="novel"), ds.template,
+                         dc.dataset)]
     else:
-        evals = [EvalSet("acc", ds.select("test", shots=None, seed=cfg.seed, classes="all"), ds.template)]
+        evals = [EvalSet("acc", ds.select("test", shots=None, seed=cfg.seed, classes="all"), ds.template, dc.dataset)]
     for i, key in enumerate(dc.targets if cfg.evaluate_test else ()):
         target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
         evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
-                             target.template))
+                             target.template, key))
     return TrialData(cfg, env, ds.template, train, val, evals, image_mode=ds.image_mode)
 
 
@@ -117,7 +120,7 @@ def evaluate_protocol(model: torch.nn.Module, data: TrialData, env: DistEnv,
     """Test accuracy of every evaluation set, each scored with only its own class names as candidates."""
     out: dict[str, float] = {}
     for ev in data.evals:
-        model.set_classnames(ev.subset.classnames, template=ev.template)
+        model.set_classnames(ev.subset.classnames, template=ev.template, dataset=ev.dataset or None)
         out[ev.metric] = accuracy(model, data._loader(ev.subset, False), env, autocast)
     if "base_acc" in out:
         out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])

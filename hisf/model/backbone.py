@@ -44,7 +44,7 @@ class Backbone:
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        # CLIP's temperature τ stays frozen (method.md, eq. 11); computed in float32.
+        # CLIP's temperature τ stays frozen (docs/method.md, eq. 11); computed in float32.
         return self.model.logit_scale.detach().float().exp()
 
     @property

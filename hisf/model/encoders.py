@@ -42,7 +42,7 @@ def encode_text(
     """Text features [N, embed_dim] in float32 (not normalised).
 
     `token_embeds` [N, L, W] replaces the token-embedding lookup (label embeddings placed by the caller);
-    `prompts[l]` [n_ctx, W] (or [N, n_ctx, W]) takes positions 1..n_ctx before block l (method.md): at layer 0
+    `prompts[l]` [n_ctx, W] (or [N, n_ctx, W]) takes positions 1..n_ctx before block l (docs/method.md): at layer 0
     in place of the token embeddings, before the positional embedding is added, as MaPLe does.
     `length` (from `text_length`, precomputed) runs only the first `length` positions without reading the
     ids on the host, so a compiled or CUDA-graphed step has no sync; without it, `truncate` computes it here.

@@ -14,7 +14,7 @@ class SemanticFusion(nn.Module):
     ē is Ē's mean over classes, broadcast to each prompt token (eq. 8).
     """
 
-    def __init__(self, width: int, heads: int = 8, bottleneck: int = 64):
+    def __init__(self, width: int, heads: int = 8, bottleneck: int = 64, zero_values: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"method.fusion_heads: {heads} heads do not divide the prompt width {width}")
@@ -24,7 +24,10 @@ class SemanticFusion(nn.Module):
         self.k = nn.Linear(width, width, bias=False)
         self.v = nn.Linear(width, width, bias=False)
         self.mlp = nn.Sequential(nn.Linear(2 * width, bottleneck), nn.GELU(), nn.Linear(bottleneck, width))
-        # Zero-initialised last layer: training starts at P_fused (method.md).
+        if zero_values:
+            # sf_zero_init (docs/method.md): W_v = 0, so Attn = 0 and P_fused = P at initialisation.
+            nn.init.zeros_(self.v.weight)
+        # Zero-initialised last layer: training starts at P_fused (docs/method.md).
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.zeros_(self.mlp[2].bias)
 

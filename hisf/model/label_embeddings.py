@@ -14,7 +14,7 @@ class LabelEmbeddings(nn.Module):
     """E for the current class set, stored flat as `table` [sum_c m_c, W] (row offsets per class).
 
     A class set change keeps what was learned: rows of a class seen before come back from a name-keyed
-    store; classes never trained on start from their names' token embeddings and are used as is (method.md).
+    store; classes never trained on start from their names' token embeddings and are used as is (docs/method.md).
     """
 
     def __init__(self, backbone: Backbone, learnable: bool = True):

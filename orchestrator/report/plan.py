@@ -9,7 +9,7 @@ from typing import Any
 
 SHAPES = ("base2new", "cross_dataset", "domain_generalization", "ablation_modules", "ablation_losses", "ablation_depth")
 BASE2NEW_METRICS = ("base_acc", "novel_acc", "hm")
-# The 11 datasets of Table 1 (protocols.md); a base-to-novel average over other sets is labelled as such.
+# The 11 datasets of Table 1 (docs/protocols.md); a base-to-novel average over other sets is labelled as such.
 PAPER_DATASETS = (
     "imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
     "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101",

@@ -23,6 +23,11 @@ def test_demo_build_info_round_trip(tmp_path, capsys):
     assert "train: 20 samples in 1 shard(s)" in lines and "test: 12 samples in 1 shard(s)" in lines
     assert lines.count("        5  red circle") == 1 and lines.count("        3  cyan bars") == 0
     assert lines.count("        3  yellow cross") == 1
+    # The demo's classes come with descriptions (CoPrompt's `{class: [sentences]}`), one entry per built class.
+    descriptions = json.loads((data / "descriptions" / "demo_prompt.json").read_text())
+    assert list(descriptions) == ["red circle", "green square", "blue triangle", "yellow cross"]
+    assert all(len(s) == 3 and all(name in x for x in s) for name, s in descriptions.items())
+    assert len({x for s in descriptions.values() for x in s}) == 12
 
 
 def test_demo_classes_are_visually_separable(tmp_path):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -31,7 +32,7 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     search = [r for r in runs if r.data.tags.get("hisf.stage") == "search" and "hisf.trial_id" in r.data.tags]
     assert len(search) == 4
     assert sorted((r.data.tags["hisf.row"], r.data.tags["hisf.seed"]) for r in final) == sorted(
-        (row, str(s)) for row in ("CLIP", "CoOp", "MaPLe", "HISF") for s in (1, 2, 3))
+        (row, str(s)) for row in ("CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL") for s in (1, 2, 3))
     (study_name,) = {r.data.tags["optuna.study"] for r in search}
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{wd / 'optuna.db'}")
     assert len(study.trials) == 4
@@ -40,3 +41,28 @@ def test_demo_spec_runs_search_then_final(tmp_path):
             assert float(r.data.params["method.lambda_le"]) == pytest.approx(study.best_params["method.lambda_le"])
         b, n = r.data.metrics["base_acc"], r.data.metrics["novel_acc"]
         assert r.data.metrics["hm"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
+    # HiCroPL ran with the descriptions the demo data came with, and logged its own loss terms.
+    descriptions = wd / "data" / "descriptions"
+    assert (descriptions / "demo_prompt.json").is_file()
+    hicropl = [r for r in final if r.data.tags["hisf.row"] == "HiCroPL"]
+    for r in hicropl:
+        assert r.data.params["method.name"] == "hicropl" and r.data.params["method.mapping"] == "learned"
+        assert r.data.params["method.descriptions"] == str(descriptions.resolve())
+        assert r.data.metrics["train/loss_distill_text"] >= 0 and r.data.metrics["train/loss_distill_image"] >= 0
+        assert 0 <= r.data.metrics["base_acc"] <= 100 and 0 <= r.data.metrics["novel_acc"] <= 100
+
+    # The report (README's second command) has a HiCroPL row beside HISF's, and HiCroPL's published average.
+    rep = subprocess.run([sys.executable, "-m", "orchestrator.cli", "report", str(ROOT / "experiments" / "demo.yaml"),
+                          "--out", str(tmp_path / "report")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "report" / "table_base2new.parquet")
+    avg = df[df.section == "Average"].set_index(["row", "column"])
+    mine = sorted(hicropl, key=lambda r: int(r.data.tags["hisf.seed"]))
+    assert avg.loc[("HiCroPL", "base_acc")]["mean"] == pytest.approx(
+        sum(r.data.metrics["base_acc"] for r in mine) / 3, abs=1e-9)
+    assert avg.loc[("HiCroPL", "base_acc")]["status"] == "complete"
+    assert avg.loc[("HiCroPL (paper)", "hm")]["mean"] == 81.75
+    assert avg.loc[("HiCroPL − paper", "hm")]["mean"] == pytest.approx(avg.loc[("HiCroPL", "hm")]["mean"] - 81.75)
+    md = (tmp_path / "report" / "table_base2new.md").read_text()
+    assert "| HISF |" in md and "| HiCroPL |" in md and "| HiCroPL (paper) | 85.89 | 77.99 | 81.75 |" in md

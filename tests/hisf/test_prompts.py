@@ -1,4 +1,4 @@
-"""Prompt placement (method.md): text positions 1..n_ctx, vision tokens appended then replaced, explicit layer lists."""
+"""Prompt placement (docs/method.md): text positions 1..n_ctx, vision tokens appended then replaced, explicit layer lists."""
 
 from __future__ import annotations
 

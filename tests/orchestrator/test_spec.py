@@ -20,7 +20,7 @@ def demo_raw():
 def test_demo_spec_loads_into_frozen_dataclasses():
     spec = load_spec(DEMO)
     assert spec.name == "demo" and spec.protocol == "base2new"
-    assert [r.name for r in spec.rows] == ["CLIP", "CoOp", "MaPLe", "HISF"]
+    assert [r.name for r in spec.rows] == ["CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL"]
     assert [r.name for r in spec.searched_rows] == ["HISF"]
     assert spec.final.seeds == (1, 2, 3)
     assert [p.key for p in spec.search.params] == ["method.lambda_le", "method.lambda_sa"]
@@ -58,7 +58,7 @@ def test_hash_changes_with_content():
     (lambda r: r["resources"].update(workers_per_trial=2, gpus_per_trial=0.5), "resources.gpus_per_trial: a DDP trial"),
     (lambda r: r["final"].update(seeds=[1, 1]), "final.seeds: duplicated seed"),
     (lambda r: r.pop("search"), "rows[3].search: row 'HISF' is searched but the spec has no `search:` section"),
-    (lambda r: r["rows"].append({"name": "CLIP", "method": {"name": "zeroshot"}}), "rows[4].name: duplicated row name"),
+    (lambda r: r["rows"].append({"name": "CLIP", "method": {"name": "zeroshot"}}), "rows[5].name: duplicated row name"),
     (lambda r: r["base"].update(output_dir="x"), "base.output_dir: set by the spec itself"),
 ])
 def test_bad_values_name_their_key_path(mutate, key_path):

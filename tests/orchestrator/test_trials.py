@@ -21,18 +21,19 @@ def raw_spec():
 def test_sweep_is_rows_by_datasets_by_grid_by_seeds(tmp_path):
     raw = raw_spec()
     raw["data"]["datasets"] = ["demo", "demo2"]
-    raw["grid"] = {"method.depth": [1, 2], "train.epochs": [1, 3, 5]}
+    # Depths 2 and 3 fit every row of the demo (HiCroPL's cross layer 1 needs depth >= 2).
+    raw["grid"] = {"method.depth": [2, 3], "train.epochs": [1, 3, 5]}
     spec = parse_spec(raw)
     trials = expand_sweep(spec, tmp_path)
-    assert len(trials) == 4 * 2 * 2 * 3 * 3
+    assert len(trials) == 5 * 2 * 2 * 3 * 3
     assert len({t.trial_id for t in trials}) == len(trials)
     t = next(t for t in trials if t.row == "MaPLe" and t.dataset == "demo2" and t.seed == 2
-             and dict(t.point) == {"method.depth": 1, "train.epochs": 5})
-    assert t.config.method.depth == 1 and t.config.train.epochs == 5 and t.config.seed == 2
+             and dict(t.point) == {"method.depth": 3, "train.epochs": 5})
+    assert t.config.method.depth == 3 and t.config.train.epochs == 5 and t.config.seed == 2
     assert t.config.data.dataset == "demo2" and t.config.data.shots == 4
     assert t.config.method.name == "maple" and t.config.backbone.name == "hisf-tiny"
     assert t.config.output_dir == str(tmp_path.resolve() / "runs" / "demo" / t.trial_id)
-    assert t.trial_id == "sweep-maple-demo2-depth1-epochs5-s2"
+    assert t.trial_id == "sweep-maple-demo2-depth3-epochs5-s2"
     # ids are stable across expansions (resume relies on it)
     assert [x.trial_id for x in expand_sweep(spec, tmp_path)] == [x.trial_id for x in trials]
 
@@ -42,7 +43,7 @@ def test_seed_in_grid_replaces_final_seeds(tmp_path):
     raw["grid"] = {"seed": [7, 8]}
     del raw["final"], raw["search"], raw["rows"][3]["search"]
     trials = expand_sweep(parse_spec(raw), tmp_path)
-    assert sorted({t.seed for t in trials}) == [7, 8] and len(trials) == 8
+    assert sorted({t.seed for t in trials}) == [7, 8] and len(trials) == 10
     assert all(t.config.seed == t.seed for t in trials)
 
 
@@ -52,7 +53,7 @@ def test_final_takes_best_values_for_searched_rows_only(tmp_path):
     assert g.study == "demo:HISF:demo:abc"
     best = {(g.row, g.dataset, g.point): {"method.lambda_le": 0.25, "method.lambda_sa": 1.5}}
     trials = expand_final(spec, tmp_path, best)
-    assert len(trials) == 12
+    assert len(trials) == 15
     hisf = [t for t in trials if t.row == "HISF"]
     assert [t.seed for t in hisf] == [1, 2, 3]
     assert all(t.config.method.lambda_le == 0.25 and t.config.method.lambda_sa == 1.5 for t in hisf)
@@ -96,7 +97,7 @@ def test_resources_and_dry_run(tmp_path):
     opts.out = out
     assert print_dry_run("run", spec, opts) == 0
     text = out.getvalue()
-    assert text.count("\nfinal ") == 12
+    assert text.count("\nfinal ") == 15
     assert "search  demo:HISF:demo: 4 trials" in text
-    assert "total: 16 trials" in text
+    assert "total: 19 trials" in text
     assert not (tmp_path / "mlflow.db").exists()

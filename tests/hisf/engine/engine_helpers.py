@@ -18,6 +18,8 @@ class TinyPromptModel(torch.nn.Module):
     per-sample alignment term, so the engine's step, precision and sync logic can be tested alone.
     """
 
+    loss_terms = ("loss", "loss_cls", "loss_le", "loss_sa")
+
     def __init__(self, in_dim: int = 12, width: int = 8, n_classes: int = 3, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)

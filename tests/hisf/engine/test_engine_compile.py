@@ -15,11 +15,15 @@ from hisf.model.methods import build_method
 TINY = BackboneConfig(name="hisf-tiny", pretrained=None, precision="fp32")
 
 
-@pytest.mark.parametrize("method", ["maple", "hisf"])
+METHOD_KW = {"maple": {}, "hisf": {}, "hicropl": {"n_ctx": 4, "cross_layer": 1}}
+
+
+@pytest.mark.parametrize("method", ["maple", "hisf", "hicropl"])
 def test_forward_losses_is_one_graph(method):
     torch.manual_seed(0)
     backbone = load_backbone(TINY)
-    model = build_method(MethodConfig(name=method, depth=3), backbone, ["cat", "sea lion", "fire truck red"]).train()
+    cfg = MethodConfig(name=method, depth=3, **METHOD_KW[method])
+    model = build_method(cfg, backbone, ["cat", "sea lion", "fire truck red"]).train()
     # The truncation length is a class-set constant, read once on the host when the class set is set.
     assert model.text_len == text_length(backbone, model.token_ids) < backbone.context_length
     images, labels = torch.randn(2, 3, backbone.image_size, backbone.image_size), torch.tensor([0, 2])
@@ -49,3 +53,29 @@ def test_compiled_trial_matches_eager(demo_root, tmp_path):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
     for key in ("val_acc", "base_acc", "novel_acc", "hm", "skipped_steps", "trainable_params"):
         assert compiled[key] == eager[key], key
+
+
+@pytest.mark.slow
+def test_released_mapping_compiles_to_one_graph_and_matches_eager():
+    """`mapping: released` writes its prompts in place (under no_grad) inside the forward; dynamo captures that
+    too: one graph, no break, and the compiled write-back leaves the same values as the eager one."""
+    backbone = load_backbone(TINY)
+    cfg = MethodConfig(name="hicropl", depth=3, n_ctx=4, cross_layer=1, mapping="released")
+    images, labels = torch.randn(2, 3, backbone.image_size, backbone.image_size), torch.tensor([0, 2])
+
+    def fresh():
+        torch.manual_seed(0)
+        return build_method(cfg, backbone, ["cat", "sea lion", "fire truck red"]).train()
+
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(fresh().forward_losses)(images, labels)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
+    eager, compiled = fresh(), fresh()
+    step = torch.compile(compiled.forward_losses)
+    for _ in range(2):  # the second forward re-maps what the first wrote
+        e, c = eager.forward_losses(images, labels), step(images, labels)
+        for k in compiled.loss_terms:
+            torch.testing.assert_close(c[k], e[k], atol=1e-5, rtol=1e-5)
+        for (k, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
+            if pe.requires_grad:
+                torch.testing.assert_close(pc, pe, atol=1e-5, rtol=1e-5, msg=k)

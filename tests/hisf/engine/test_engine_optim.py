@@ -1,4 +1,4 @@
-"""Optimiser presets and the warm-up + cosine schedule against method.md and Dassl's reference schedule."""
+"""Optimiser presets and the warm-up + cosine schedule against docs/method.md and Dassl's reference schedule."""
 
 from __future__ import annotations
 
@@ -21,6 +21,33 @@ def test_paper_preset_is_maples_sgd(tiny_model):
     trainable = {id(p) for p in tiny_model.parameters() if p.requires_grad}
     assert {id(p) for p in g["params"]} == trainable
     assert len(g["params"]) == 6
+
+
+def test_hicropl_preset_is_the_released_adam(tiny_model):
+    cfg = TrainConfig(preset="hicropl", epochs=50)
+    opt = build_optimizer(cfg, tiny_model.param_groups())
+    assert type(opt) is torch.optim.Adam  # coupled L2 weight decay (Dassl's Adam), not AdamW
+    (g,) = opt.param_groups
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"]) == (0.0025, (0.9, 0.999), 1e-3, 5e-4)
+    assert {id(p) for p in g["params"]} == {id(p) for p in tiny_model.parameters() if p.requires_grad}
+    # Coupled: one step from zero moment is lr * sign-ish of (grad + wd * p); with a zero grad only the decay acts.
+    p = g["params"][0]
+    before = p.detach().clone()
+    for q in g["params"]:
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    expected = before - 0.0025 * (5e-4 * before) / ((5e-4 * before).abs() + 1e-3)
+    torch.testing.assert_close(p.detach(), expected, atol=1e-9, rtol=1e-6)
+    # 1 warm-up epoch at constant 1e-5, then cosine over the epochs, stepped per epoch.
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[1] == pytest.approx(0.0025)
+    assert lrs[2] == pytest.approx(0.0025 * 0.5 * (1 + math.cos(math.pi / 50)))
 
 
 def test_adamw_groups_prompt_lr_and_decay_only_on_projection_matrices(tiny_model):

@@ -1,0 +1,154 @@
+"""Importing the released HiCroPL code's Dassl checkpoint (`VLPromptLearner/model.pth.tar-N`) into `mapping: released`.
+
+The released trainer saves its whole `CustomCLIP` state dict: the prompt learner (`prompt_learner.*`), which
+we load, and frozen CLIP weights (`prompt_learner.ZS_image_encoder.*`, the image teacher; `image_encoder.*`,
+`text_encoder.*`, `logit_scale`), which must equal our backbone's and are checked, never loaded. Its D
+visual prompts are one storage (every `cross_prompts_visual.{i}` holds the same values), as are its text
+and its visual proxy tokens; a `released` model keeps one parameter for each of those.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+PREFIX = "prompt_learner."
+# Buffers the released code rebuilds from the class names at load time; never prompt parameters.
+IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+TEACHER = "prompt_learner.ZS_image_encoder."
+# Frozen CLIP keys of the released CustomCLIP -> our backbone's (open_clip, OpenAI layout) key prefix.
+FROZEN = {TEACHER: "visual.", "image_encoder.": "visual.", "text_encoder.": ""}
+_STRIP_HINT = (
+    "Dassl also pickles the optimizer and the LR scheduler objects, which weights_only loading refuses; "
+    "keep only the weights, in an environment you trust: python -c \"import torch; c = torch.load('IN', "
+    "weights_only=False); torch.save({'state_dict': c['state_dict'], 'epoch': c['epoch']}, 'OUT')\"")
+
+
+class HiCroPLCheckpointError(ValueError):
+    """A HiCroPL checkpoint is unreadable, or its keys, shapes or frozen weights do not fit the model; the message names them."""
+
+
+def read_hicropl_state_dict(source: str | Path | Mapping) -> tuple[str, dict[str, torch.Tensor]]:
+    """(where, the checkpoint's state dict) from a file or a dict (`{"state_dict": ...}` or bare); `module.` stripped."""
+    where = str(source) if not isinstance(source, Mapping) else "HiCroPL state dict"
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        if not path.is_file():
+            raise HiCroPLCheckpointError(f"{where}: HiCroPL checkpoint file not found")
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the file
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [repr(e)]
+            reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
+            raise HiCroPLCheckpointError(f"{where}: cannot read as a torch checkpoint with weights_only=True: "
+                                         f"{reason}" + (f". {_STRIP_HINT}" if "Unsupported global" in reason else "")) from e
+    sd = source.get("state_dict", source) if isinstance(source, Mapping) else None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise HiCroPLCheckpointError(f"{where}: expected a dict with a 'state_dict' mapping of tensors")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if not any(k.startswith(PREFIX) for k in sd):
+        raise HiCroPLCheckpointError(f"{where}: no 'prompt_learner.*' keys; found {sorted(sd)[:5]}")
+    return where, sd
+
+
+def _count(sd: Mapping[str, torch.Tensor], name: str) -> int:
+    pattern = re.compile(rf"^prompt_learner\.{name}\.(\d+)$")
+    return sum(1 for k in sd if pattern.match(k))
+
+
+def hicropl_key_map(depth: int, cross_layer: int) -> dict[str, str]:
+    """Released `prompt_learner.*` key -> our `released` PromptModel parameter name.
+
+    Several released keys map to one of ours where the released parameters share one storage
+    (visual prompts, proxy tokens) or are one parameter (`ctx` is `cross_prompts_text.0`).
+    """
+    mapping = {"prompt_learner.ctx": "prompts.cross_prompts_text.0"}
+    for i in range(depth):
+        mapping[f"prompt_learner.cross_prompts_text.{i}"] = f"prompts.cross_prompts_text.{i}"
+        mapping[f"prompt_learner.cross_prompts_visual.{i}"] = "prompts.cross_prompts_visual.0"
+    for i in range(cross_layer):
+        mapping[f"prompt_learner.text_proxy_token.{i}"] = "prompts.text_proxy_token.0"
+    for i in range(depth - cross_layer):
+        mapping[f"prompt_learner.visual_proxy_token.{i}"] = "prompts.visual_proxy_token.0"
+    return mapping
+
+
+def _check_frozen(where: str, sd: Mapping[str, torch.Tensor], backbone_sd: Mapping[str, torch.Tensor]) -> None:
+    """The checkpoint's frozen CLIP weights must be our backbone's (compared at the coarser of the two dtypes)."""
+    for key, value in sd.items():
+        prefix = next((p for p in FROZEN if key.startswith(p)), None)
+        if prefix is None and key != "logit_scale":
+            continue
+        ours_key = FROZEN[prefix] + key[len(prefix):] if prefix else key
+        ours = backbone_sd.get(ours_key)
+        if ours is None or tuple(ours.shape) != tuple(value.shape):
+            got = "no such weight" if ours is None else f"shape {tuple(ours.shape)}"
+            raise HiCroPLCheckpointError(
+                f"{where}: frozen CLIP key {key!r} {tuple(value.shape)} has no match in the backbone ({ours_key!r}: {got}); "
+                "the checkpoint was trained on another backbone")
+        tol = max(torch.finfo(value.dtype).eps, torch.finfo(ours.dtype).eps) if value.is_floating_point() else 0.0
+        diff = (value.float() - ours.detach().float().cpu()).abs()
+        if diff.gt(tol * (1.0 + ours.detach().float().cpu().abs())).any():
+            raise HiCroPLCheckpointError(
+                f"{where}: frozen CLIP key {key!r} differs from the backbone's {ours_key!r} (max |diff| "
+                f"{diff.max().item():.3g}); the checkpoint was trained on other CLIP weights")
+
+
+def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
+    """Load the released code's prompt learner into a `hicropl` PromptModel with `mapping: released`.
+
+    The model must have the checkpoint's n_ctx, depth D and cross layer k, checked from its keys and shapes;
+    head counts leave no trace in the shapes (the released code uses 8 for the LKPs and the mappers), so
+    they are the caller's. Nothing is loaded unless every check passes.
+    """
+    cfg = model.cfg
+    if cfg.name != "hicropl" or cfg.mapping != "released":
+        raise HiCroPLCheckpointError(
+            f"method: released HiCroPL checkpoints import into method 'hicropl' with mapping 'released'; "
+            f"got method {cfg.name!r}, mapping {getattr(cfg, 'mapping', None)!r}")
+    where, sd = read_hicropl_state_dict(source)
+    depth, k = _count(sd, "cross_prompts_text"), _count(sd, "text_proxy_token")
+    prompts = model.prompts
+    if depth != prompts.depth:
+        raise HiCroPLCheckpointError(
+            f"method.depth: {where} has HiCroPL prompt depth {depth} ({depth} 'prompt_learner.cross_prompts_text.*' keys); "
+            f"the model's depth is {prompts.depth}")
+    if k != prompts.k:
+        raise HiCroPLCheckpointError(
+            f"method.cross_layer: {where} has cross layer k={k} ({k} 'prompt_learner.text_proxy_token.*' keys); "
+            f"the model's cross_layer is {prompts.k}")
+
+    mapping = hicropl_key_map(depth, k)
+    own = model.trainable_state_dict()
+    nets = {key for key in own if key.startswith(("prompts.attn_pooling_", "prompts.text2visual_net.",
+                                                   "prompts.visual2text_net."))}
+    mapping.update({"prompt_learner." + key[len("prompts."):]: key for key in nets})
+    theirs = {key for key in sd if key.startswith(PREFIX) and key not in IGNORED and not key.startswith(TEACHER)}
+    missing, unexpected = sorted(set(mapping) - theirs), sorted(theirs - set(mapping))
+    if missing or unexpected:
+        raise HiCroPLCheckpointError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+
+    new: dict[str, torch.Tensor] = {}
+    source_of: dict[str, str] = {}
+    for key, ours in mapping.items():
+        value = sd[key]
+        if tuple(value.shape) != tuple(own[ours].shape):
+            raise HiCroPLCheckpointError(
+                f"{where}: key {key!r} has shape {tuple(value.shape)}; expected {tuple(own[ours].shape)} "
+                f"(n_ctx={model.n_ctx} and the backbone's widths)")
+        # The released fp16 run stores these in fp16; our trainable parameters stay float32.
+        value = value.float()
+        if ours in new and not torch.equal(new[ours], value):
+            raise HiCroPLCheckpointError(
+                f"{where}: {key!r} differs from {source_of[ours]!r}; the released code keeps them as one tensor "
+                "(shared storage), so a released checkpoint holds equal values")
+        new.setdefault(ours, value)
+        source_of.setdefault(ours, key)
+    missing_own = sorted(set(own) - set(new))
+    if missing_own:
+        raise HiCroPLCheckpointError(f"{where}: the model's parameters {missing_own} have no released key")
+    _check_frozen(where, sd, model.clip.state_dict())
+    model.load_trainable_state_dict(new)

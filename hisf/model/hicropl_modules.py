@@ -1,0 +1,164 @@
+"""HiCroPL's prompt side (docs/method.md): per-layer prompts, the layer-specific knowledge proxies (LKP), the two mappers.
+
+Submodule and parameter names follow the released code's `prompt_learner` (`cross_prompts_text.{i}`,
+`text2visual_net.linear_q.weight`, ...), so a released checkpoint maps onto them key for key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from hisf.model.prompts import PromptError
+
+
+class QuickGELU(nn.Module):
+    """x · sigmoid(1.702 x), CLIP's activation (the mapper's FFN uses it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class AttentionPooling(nn.Module):
+    """LKP: proxy = LN_b(q + MHA(LN_a(q), LN_a(P), LN_a(P))) summarises one layer's prompt P [n, W] into [1, W]."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim=width, num_heads=heads)
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, query: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_1(prompt)
+        query = query + self.attn(self.ln_1(query), kv, kv, need_weights=False)[0]
+        return self.ln_2(query)
+
+
+class CrossPromptAttention(nn.Module):
+    """Mapper M(Q_in, KV_in): q = Lin_q(Q_in), x = q + MHA(LN_1 q, LN_1 Lin_k KV, LN_1 Lin_v KV), x + FFN(LN_2 x)."""
+
+    def __init__(self, width: int, kv_width: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(embed_dim=width, num_heads=heads)
+        self.linear_q = nn.Linear(width, width)
+        self.linear_k = nn.Linear(kv_width, width)
+        self.linear_v = nn.Linear(kv_width, width)
+        self.ln_1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]))
+        self.ln_2 = nn.LayerNorm(width)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        q = self.linear_q(q)
+        k, v = self.linear_k(kv), self.linear_v(kv)
+        q = q + self.attn(self.ln_1(q), self.ln_1(k), self.ln_1(v), need_weights=False)[0]
+        return q + self.ffn(self.ln_2(q))
+
+
+def _normal(shape: tuple[int, ...], std: float = 0.02) -> nn.Parameter:
+    return nn.Parameter(torch.randn(shape) * std)
+
+
+def check_heads(heads: int, widths: dict[str, int], key: str) -> None:
+    for what, width in widths.items():
+        if width % heads:
+            raise PromptError(f"{key}: {heads} heads do not divide the {what} width {width}")
+
+
+class HiCroPLPrompts(nn.Module):
+    """Text prompts P_t^l, visual prompts P_v^l (l < D), proxies, LKPs and mappers; forward gives the encoders' prompts.
+
+    `mapping="learned"` (the paper): independent per-layer prompts and proxies; the encoders get
+    text = raw P_t^l for l < k, M_v→t(...) for l >= k; vision = M_t→v(...) for l < k, raw P_v^l for l >= k;
+    gradients reach every prompt, proxy, LKP and mapper.
+
+    `mapping="released"` (the released code, docs/method.md): ONE visual prompt tensor for every layer
+    (`cross_prompts_visual.0`) and one text / one visual proxy token; each forward maps without grad and
+    writes the mapper outputs into the stored prompts (visual: the mapped prompt of layer k-1, the last
+    write to the shared storage; text: layers k..D-1), then the encoders read the stored prompts. So the
+    mappers and LKPs get no gradient, and every forward (eval too) changes the prompts. The released code
+    keeps these parameters in fp16; we keep fp32 master parameters (the mapping runs in the step's autocast
+    dtype and is stored in fp32).
+    """
+
+    def __init__(self, depth: int, cross_layer: int, n_ctx: int, text_width: int, vision_width: int,
+                 init: torch.Tensor | None, lkp_heads: int = 8, mapper_heads: int = 8, mapping: str = "learned"):
+        super().__init__()
+        widths = {"text": text_width, "vision": vision_width}
+        check_heads(lkp_heads, widths, "method.lkp_heads")
+        check_heads(mapper_heads, widths, "method.mapper_heads")
+        self.depth, self.k, self.n_ctx, self.mapping = depth, cross_layer, n_ctx, mapping
+        released = mapping == "released"
+        text = [_normal((n_ctx, text_width)) for _ in range(depth)]
+        if init is not None:
+            text[0] = nn.Parameter(init.detach().clone().float())
+        self.cross_prompts_text = nn.ParameterList(text)
+        self.cross_prompts_visual = nn.ParameterList(_normal((n_ctx, vision_width)) for _ in range(1 if released else depth))
+        k, late = cross_layer, depth - cross_layer
+        self.text_proxy_token = nn.ParameterList(_normal((1, text_width), 1.0) for _ in range(1 if released else k))
+        self.visual_proxy_token = nn.ParameterList(_normal((1, vision_width), 1.0) for _ in range(1 if released else late))
+        # The released code deep-copies one LKP per layer (identical start); we do the same in both mappings.
+        self.attn_pooling_text_nets = nn.ModuleList(copy.deepcopy(m) for m in [AttentionPooling(text_width, lkp_heads)] * k)
+        self.attn_pooling_visual_nets = nn.ModuleList(
+            copy.deepcopy(m) for m in [AttentionPooling(vision_width, lkp_heads)] * late)
+        self.text2visual_net = CrossPromptAttention(vision_width, text_width, mapper_heads)
+        self.visual2text_net = CrossPromptAttention(text_width, vision_width, mapper_heads)
+
+    # ----- the pieces (shared by both mappings) -----
+    def _text_proxy(self, i: int) -> torch.Tensor:
+        return self.text_proxy_token[0 if len(self.text_proxy_token) == 1 else i]
+
+    def _visual_proxy(self, j: int) -> torch.Tensor:
+        return self.visual_proxy_token[0 if len(self.visual_proxy_token) == 1 else j]
+
+    def visual(self, l: int) -> torch.Tensor:
+        """The stored visual prompt of layer l (the shared one under `released`)."""
+        return self.cross_prompts_visual[0 if len(self.cross_prompts_visual) == 1 else l]
+
+    def text_to_vision(self) -> torch.Tensor:
+        """[k, n, Wv]: M_t→v(visual prompts of layers 0..k-1, text proxies of layers 0..k-1)."""
+        k, n = self.k, self.n_ctx
+        proxies = torch.cat([self.attn_pooling_text_nets[i](self._text_proxy(i), self.cross_prompts_text[i])
+                             for i in range(k)])  # [k, Wt]
+        queries = torch.cat([self.visual(l) for l in range(k)])  # [k*n, Wv]
+        return self.text2visual_net(queries, proxies).view(k, n, -1)
+
+    def vision_to_text(self) -> torch.Tensor:
+        """[D-k, n, Wt]: M_v→t(text prompts of layers k..D-1, visual proxies of layers k..D-1)."""
+        k, d, n = self.k, self.depth, self.n_ctx
+        proxies = torch.cat([self.attn_pooling_visual_nets[l - k](self._visual_proxy(l - k), self.visual(l))
+                             for l in range(k, d)])  # [D-k, Wv]
+        queries = torch.cat([self.cross_prompts_text[l] for l in range(k, d)])  # [(D-k)*n, Wt]
+        return self.visual2text_net(queries, proxies).view(d - k, n, -1)
+
+    # ----- the encoders' prompts -----
+    def forward(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(text prompts by layer, vision prompts by layer) for layers 0..D-1."""
+        if self.mapping == "released":
+            self.write_back()
+            return ({l: self.cross_prompts_text[l] for l in range(self.depth)},
+                    {l: self.visual(l) for l in range(self.depth)})
+        k, d = self.k, self.depth
+        mapped_v, mapped_t = self.text_to_vision(), self.vision_to_text()
+        text = {l: (self.cross_prompts_text[l] if l < k else mapped_t[l - k]) for l in range(d)}
+        vision = {l: (mapped_v[l] if l < k else self.cross_prompts_visual[l]) for l in range(d)}
+        return text, vision
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """The released code's in-place update: text→vision first, then vision→text from the written values."""
+        mapped_v = self.text_to_vision()
+        for l in range(self.k):  # every layer shares one tensor: the last write (layer k-1) is what stays
+            self.visual(l).copy_(mapped_v[l])
+        mapped_t = self.vision_to_text()
+        for l in range(self.k, self.depth):
+            self.cross_prompts_text[l].copy_(mapped_t[l - self.k])
+
+    def groups(self) -> dict[str, list[nn.Parameter]]:
+        prompts = [*self.cross_prompts_text, *self.cross_prompts_visual, *self.text_proxy_token, *self.visual_proxy_token]
+        nets = [*self.attn_pooling_text_nets.parameters(), *self.attn_pooling_visual_nets.parameters(),
+                *self.text2visual_net.parameters(), *self.visual2text_net.parameters()]
+        return {"prompts": prompts, "projections": nets}
