@@ -50,7 +50,7 @@ def _heads(block) -> int:
 def build_ours(method: str, backbone, n_classes: int, device: torch.device, compile_: str | None, truncate: bool = True):
     # The method's default depth (MaPLe/HISF 9, HiCroPL 12 with k = 6), capped by the model's layers (hisf-tiny has 3).
     n_layers = min(backbone.text_layers, backbone.vision_layers)
-    depth = min(MethodConfig(name=method).resolved_depth, n_layers)
+    depth = min(MethodConfig(name=method).depth, n_layers)
     extra = {"cross_layer": min(6, depth - 1)} if method == "hicropl" else {}
     model = build_method(MethodConfig(name=method, depth=depth, **extra), backbone, classnames(n_classes))
     model.to(device).train()
