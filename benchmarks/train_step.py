@@ -48,9 +48,11 @@ def _heads(block) -> int:
 
 
 def build_ours(method: str, backbone, n_classes: int, device: torch.device, compile_: str | None, truncate: bool = True):
-    # MaPLe's depth 9, capped by the model's layers (hisf-tiny has 3).
-    depth = min(9, backbone.text_layers, backbone.vision_layers)
-    model = build_method(MethodConfig(name=method, depth=depth), backbone, classnames(n_classes))
+    # The method's default depth (MaPLe/HISF 9, HiCroPL 12 with k = 6), capped by the model's layers (hisf-tiny has 3).
+    n_layers = min(backbone.text_layers, backbone.vision_layers)
+    depth = min(MethodConfig(name=method).depth, n_layers)
+    extra = {"cross_layer": min(6, depth - 1)} if method == "hicropl" else {}
+    model = build_method(MethodConfig(name=method, depth=depth, **extra), backbone, classnames(n_classes))
     model.to(device).train()
     model.truncate_text = truncate
     opt = build_optimizer(TrainConfig(preset="paper", lr=1e-3), model.param_groups())

@@ -54,8 +54,8 @@ class MethodConfig:
     name: str = "hisf"
     # Prompt tokens per layer; None means the method's own default (coop 16, maple/hisf 2, hicropl 16).
     n_ctx: int | None = None
-    # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given. None means the
-    # method's default: 9 (maple, hisf), 12 (hicropl).
+    # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given. None (unset)
+    # becomes the method's default at construction: 9 (maple, hisf), 12 (hicropl).
     depth: int | None = None
     layers: tuple[int, ...] | None = None
     ctx_init: str = "a photo of a"
@@ -87,13 +87,13 @@ class MethodConfig:
         _check_choice(self.label_embedding, ("learnable", "frozen"), f"{path}.label_embedding")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ConfigError(f"{path}.n_ctx: expected a positive integer, got {self.n_ctx}")
-        if self.depth is not None and self.depth < 1:
+        if self.depth < 1:
             raise ConfigError(f"{path}.depth: expected an integer >= 1, got {self.depth}")
         _check_choice(self.mapping, MAPPINGS, f"{path}.mapping")
         if self.name == "hicropl":
             if self.layers is not None:
                 raise ConfigError(f"{path}.layers: hicropl prompts layers 0..depth-1; set method.depth, not layers")
-            depth = self.resolved_depth
+            depth = self.depth
             if not 1 <= self.cross_layer <= depth - 1:
                 raise ConfigError(f"{path}.cross_layer: k={self.cross_layer} outside 1..{depth - 1} "
                                   f"(1 <= k <= depth-1 with depth {depth})")
@@ -120,14 +120,13 @@ class MethodConfig:
         """The sorted prompt layers J (docs/method.md: `depth` or an explicit list)."""
         if self.layers is not None:
             return tuple(sorted(self.layers))
-        return tuple(range(self.resolved_depth))
+        return tuple(range(self.depth))
 
-    @property
-    def resolved_depth(self) -> int:
-        """`depth`, or the method's default when it is None (what a run records as its depth)."""
-        if self.layers is not None and self.depth is None:
-            return max(self.layers) + 1
-        return self.depth if self.depth is not None else DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH)
+    def __post_init__(self) -> None:
+        # An unset depth becomes the method's default at construction, so params, tags and checkpoint
+        # identities always record the depth that ran (9 for maple/hisf, 12 for hicropl).
+        if self.depth is None:
+            object.__setattr__(self, "depth", DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH))
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def trial_tags(trial: Trial, ctx: Mapping[str, Any]) -> dict[str, Any]:
     tags = {
         "hisf.spec": ctx["spec_name"], "hisf.spec_hash": ctx["spec_hash"], "hisf.stage": trial.stage,
         "hisf.row": trial.row, "hisf.dataset": trial.dataset, "hisf.method": cfg.method.name,
-        "hisf.seed": trial.seed, "hisf.depth": cfg.method.resolved_depth, "hisf.protocol": cfg.protocol,
+        "hisf.seed": trial.seed, "hisf.depth": cfg.method.depth, "hisf.protocol": cfg.protocol,
         "hisf.git_commit": ctx["git_commit"],
     }
     if trial.study is not None:

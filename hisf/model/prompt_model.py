@@ -206,8 +206,8 @@ class PromptModel(nn.Module):
 def prompt_layers(cfg: MethodConfig, backbone: Backbone) -> tuple[int, ...]:
     """J for `cfg` on this backbone; a depth beyond the backbone's layers is an error naming it."""
     n_layers = min(backbone.text_layers, backbone.vision_layers)
-    if cfg.layers is None and cfg.resolved_depth > n_layers:
-        raise PromptError(f"method.depth: {cfg.resolved_depth} exceeds the model's {n_layers} layers; "
+    if cfg.layers is None and cfg.depth > n_layers:
+        raise PromptError(f"method.depth: {cfg.depth} exceeds the model's {n_layers} layers; "
                           f"expected 1..{n_layers}")
     return check_layers(cfg.prompt_layers, n_layers)
 

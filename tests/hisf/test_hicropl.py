@@ -173,7 +173,7 @@ def test_bad_hicropl_config(backbone, classes):
         _hicropl(backbone, classes, mapping="paper")
     # Defaults are the released base-to-novel settings.
     cfg = MethodConfig(name="hicropl")
-    assert (cfg.resolved_depth, cfg.cross_layer, cfg.lambda_distill, cfg.mapping) == (12, 6, 12.0, "learned")
-    assert MethodConfig(name="maple").resolved_depth == 9
+    assert (cfg.depth, cfg.cross_layer, cfg.lambda_distill, cfg.mapping) == (12, 6, 12.0, "learned")
+    assert MethodConfig(name="maple").depth == 9
     with pytest.raises(ConfigError, match=r"method.cross_layer: k=6 outside 1..2"):
         MethodConfig(name="hicropl", depth=3).validate()
