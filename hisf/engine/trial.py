@@ -22,7 +22,7 @@ from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
 from hisf.engine.step import (LOSS_TERMS, NanGuard, Precision, compile_losses, compile_stats, deterministic_mode,
                               release_compiled, resolve_precision, seed_everything, train_step)
-from hisf.engine.trial_data import TrialData, evaluate_protocol, open_trial_data
+from hisf.engine.trial_data import TrialData, check_labels, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
 
@@ -156,6 +156,8 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template).to(env.device)
     data.bind(backbone, cfg)
+    for what, subset in (("data.dataset train", data.train), ("data.dataset val", data.val)):
+        check_labels(subset, len(model.classnames), what)
     if tc.compile:
         release_compiled(None)  # a fresh Dynamo cache per trial: earlier trials' class sets never count here
         compile_losses(model, tc.compile_mode)

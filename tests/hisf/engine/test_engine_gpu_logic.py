@@ -193,3 +193,41 @@ def test_train_deterministic_is_a_checked_runtime_key():
     assert "train.deterministic" not in ckpt.identity(cfg)  # a resume may switch it
     with pytest.raises(ConfigError, match=r"train.deterministic: expected true or false, got 'yes'"):
         TrialConfig.from_dict({"train": {"deterministic": "yes"}})
+
+
+# --- host-side label check and pinned batches (items 8, 9) ---------------------------------------------
+
+
+def test_labels_are_checked_on_the_host_once_per_subset(demo_root, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from engine_helpers import tiny_trial
+    from hisf.engine.trial_data import check_labels, open_trial_data
+
+    data = open_trial_data(tiny_trial(demo_root, tmp_path), CPU1)
+    n = len(data.train.classnames)
+    check_labels(data.train, n, "train")  # the real subset is consistent
+    bad = dataclasses.replace(data.train, labels=np.where(np.arange(len(data.train)) == 5, n, data.train.labels))
+    with pytest.raises(ValueError, match=rf"train: label {n} of the 'train' subset at .* lies outside the model's "
+                                         rf"{n} classes \(expected 0..{n - 1}; 1 bad label"):
+        check_labels(bad, n, "train")
+    with pytest.raises(ValueError, match=r"label -1 "):
+        check_labels(dataclasses.replace(data.val, labels=data.val.labels - 1), n, "val")
+    # A model over fewer classes than the subset's labels (a wrong class set) is caught the same way.
+    with pytest.raises(ValueError, match=rf"outside the model's {n - 1} classes"):
+        check_labels(data.train, n - 1, "train")
+
+
+def test_loaders_pin_memory_only_for_a_cuda_trial(demo_root, tmp_path):
+    from engine_helpers import tiny_trial
+    from hisf.engine.trial_data import open_trial_data
+
+    cfg = tiny_trial(demo_root, tmp_path)
+    for device, pinned in (("cpu", False), ("cuda:0", True)):
+        # No CUDA call happens until a batch is read, so a CUDA trial's loaders can be built here.
+        data = open_trial_data(cfg, DistEnv(0, 1, 0, torch.device(device), False))
+        data.image_size, data.mean, data.std = 32, (0.5,) * 3, (0.25,) * 3
+        assert data.train_loader(epoch=0).pin_memory is pinned
+        assert data.val_loader().pin_memory is pinned
