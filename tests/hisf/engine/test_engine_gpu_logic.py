@@ -231,3 +231,15 @@ def test_loaders_pin_memory_only_for_a_cuda_trial(demo_root, tmp_path):
         data.image_size, data.mean, data.std = 32, (0.5,) * 3, (0.25,) * 3
         assert data.train_loader(epoch=0).pin_memory is pinned
         assert data.val_loader().pin_memory is pinned
+
+
+def test_check_device_names_the_device_or_says_why_it_is_unusable():
+    from hisf.engine.distributed import check_device
+
+    assert check_device(torch.device("cpu")) == "cpu"
+    if torch.cuda.is_available():
+        assert check_device(torch.device("cuda:0")) == f"cuda:0 ({torch.cuda.get_device_name(0)})"
+    else:
+        # A GPU this torch cannot use (here: none at all) fails with the reason instead of a silent CPU trial.
+        with pytest.raises(RuntimeError, match=r"device cuda:0: assigned but unusable by torch .*\(CUDA .*\): "):
+            check_device(torch.device("cuda:0"))
