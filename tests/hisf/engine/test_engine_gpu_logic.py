@@ -243,3 +243,13 @@ def test_check_device_names_the_device_or_says_why_it_is_unusable():
         # A GPU this torch cannot use (here: none at all) fails with the reason instead of a silent CPU trial.
         with pytest.raises(RuntimeError, match=r"device cuda:0: assigned but unusable by torch .*\(CUDA .*\): "):
             check_device(torch.device("cuda:0"))
+
+
+def test_a_deterministic_trial_runs_and_leaves_the_process_flags_as_they_were(demo_root, tmp_path):
+    from engine_helpers import tiny_trial
+    from hisf.engine import run_trial
+
+    before = torch.are_deterministic_algorithms_enabled()
+    result = run_trial(tiny_trial(demo_root, tmp_path, train={"epochs": 1, "deterministic": True}))
+    assert math.isfinite(result["train/loss"]) and 0.0 <= result["hm"] <= 100.0
+    assert torch.are_deterministic_algorithms_enabled() == before
