@@ -40,7 +40,9 @@ class ResidualAttentionBlockMaPLe(nn.Module):
             ("c_fc", nn.Linear(d_model, d_model * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(d_model * 4, d_model))
         ]))
         self.ln_2 = LayerNorm(d_model)
-        self.attn_mask = attn_mask
+        # A buffer, not a plain attribute: `.to(device)` must move the causal mask with the weights, or the
+        # first CUDA forward mixes cuda:0 and cpu. Not persistent: it is rebuilt from the context length.
+        self.register_buffer("attn_mask", attn_mask, persistent=False)
         self.text_layer = text_layer
         self.n_ctx = n_ctx
         self.first = first

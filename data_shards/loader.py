@@ -175,8 +175,12 @@ class EvalBatches(IterableDataset):
 
 def make_loader(subset: Subset, train: bool, batch_size: int, image_size: int, mean: Sequence[float],
                 std: Sequence[float], seed: int = 1, epoch: int = 0, rank: int = 0, world_size: int = 1,
-                num_workers: int = 0) -> DataLoader:
-    """A DataLoader of (images [B,3,S,S] float normalised, labels int64) batches; see docs/interfaces.md."""
+                num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader of (images [B,3,S,S] float normalised, labels int64) batches; see docs/interfaces.md.
+
+    `pin_memory` (for a CUDA consumer) returns batches in page-locked memory, so that `.to(device,
+    non_blocking=True)` copies asynchronously while the GPU still works on the previous step.
+    """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
         raise DataError(f"make_loader: batch_size={batch_size}, rank={rank}, world_size={world_size}, "
                         f"num_workers={num_workers}; expected batch_size >= 1, 0 <= rank < world_size, num_workers >= 0")
@@ -186,4 +190,4 @@ def make_loader(subset: Subset, train: bool, batch_size: int, image_size: int, m
         ds = TrainBatches(subset, batch_size, image_size, mean, std, seed, epoch, rank, world_size)
     else:
         ds = EvalBatches(subset, batch_size, image_size, mean, std, rank, world_size, num_workers)
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False)
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False, pin_memory=pin_memory)

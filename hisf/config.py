@@ -172,6 +172,10 @@ class TrainConfig:
     # adds CUDA graphs. Same numbers as eager within fp tolerance; the first steps pay the compile time.
     compile: bool = False
     compile_mode: str = "default"
+    # Bit-reproducible kernels (hisf.engine.step.deterministic_mode): deterministic algorithms, cuDNN
+    # deterministic, TF32 off, CUBLAS_WORKSPACE_CONFIG. Slower on a GPU; for equality checks (resume, compiled
+    # vs eager) and debugging. The CPU path is deterministic either way.
+    deterministic: bool = False
 
     def validate(self, path: str = "train") -> None:
         _check_choice(self.preset, PRESETS, f"{path}.preset")
@@ -179,6 +183,8 @@ class TrainConfig:
         if not isinstance(self.compile, bool):
             raise ConfigError(f"{path}.compile: expected true or false, got {self.compile!r}")
         _check_choice(self.compile_mode, COMPILE_MODES, f"{path}.compile_mode")
+        if not isinstance(self.deterministic, bool):
+            raise ConfigError(f"{path}.deterministic: expected true or false, got {self.deterministic!r}")
         if self.epochs < 0:
             raise ConfigError(f"{path}.epochs: expected >= 0, got {self.epochs}")
         if self.batch_size < 1 or self.eval_batch_size < 1:

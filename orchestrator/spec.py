@@ -7,6 +7,7 @@ so a typo fails in milliseconds instead of after a cluster has been scheduled.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -161,6 +162,8 @@ def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
     search = _search(m["search"]) if m.get("search") is not None else None
     final = _final(m["final"]) if m.get("final") is not None else None
     resources = _resources(m.get("resources", {}) or {})
+    if "num_workers" not in m["data"]:
+        data = dataclasses.replace(data, num_workers=default_num_workers(resources))
     if any(r.search for r in rows) and search is None:
         bad = next(r for r in rows if r.search)
         raise SpecError(f"rows[{rows.index(bad)}].search: row {bad.name!r} is searched but the spec has no `search:` section")
@@ -261,6 +264,15 @@ def _built_classnames(spec: ExperimentSpec, key: str) -> tuple[str, ...] | None:
         return open_dataset(folder).classnames
     except DataError as e:
         raise SpecError(f"{spec.path}: data: dataset {key!r} at {folder} cannot be opened: {e}") from None
+
+
+def default_num_workers(r: ResourcesSpec) -> int:
+    """`data.num_workers` when a spec leaves it out: on a GPU, decoding JPEGs on the training thread would
+    make the GPU wait every step, so every CPU a worker holds but one (the training thread's) decodes;
+    a CPU trial decodes in-process (its CPUs already compute the step)."""
+    if r.gpus_per_trial <= 0:
+        return 0
+    return max(1, int(r.cpus_per_trial) - 1)
 
 
 def _data(v: Any, protocol: str) -> DataSpec:
@@ -372,10 +384,15 @@ def _resources(v: Any) -> ResourcesSpec:
         "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "max_concurrent_trials", "max_failures"))
     gpus = _num(m.get("gpus_per_trial", 0), "resources.gpus_per_trial")
     if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
-        raise SpecError(f"resources.gpus_per_trial: expected 0, a fraction in (0, 1], or a whole number, got {gpus}")
+        raise SpecError(f"resources.gpus_per_trial: expected 0 or a fraction in (0, 1] (GPUs per worker), got {gpus}")
     cpus = _num(m.get("cpus_per_trial", 1), "resources.cpus_per_trial")
     if cpus <= 0:
         raise SpecError(f"resources.cpus_per_trial: expected > 0, got {cpus}")
+    if gpus > 1:
+        # Each trial process (or DDP worker) trains on one device: more GPUs per worker would sit reserved, idle.
+        raise SpecError(f"resources.gpus_per_trial: {gpus:g} GPUs per worker, but a worker uses one device; expected "
+                        f"at most 1 (per worker); for DDP over {gpus:g} GPUs set workers_per_trial: {gpus:g} and "
+                        f"gpus_per_trial: 1")
     workers = _int(m.get("workers_per_trial", 1), "resources.workers_per_trial", minimum=1)
     if workers > 1 and 0 < gpus < 1:
         raise SpecError("resources.gpus_per_trial: a DDP trial (workers_per_trial > 1) needs whole GPUs per worker")

@@ -150,7 +150,7 @@ def tune_trainable(config: dict) -> None:
             status = _fit_ddp(trial, ctx, config, run)
             final = run.latest_metrics()
         else:
-            final = _run_engine(trial, bridge)
+            final = _run_engine(trial, bridge, float(ctx.get("gpus_per_trial", 0)))
             status = "pruned" if bridge.pruned else "finished"
     except ConfigError as e:
         # Returning (not raising) ends the Tune trial without the max_failures retries.
@@ -193,11 +193,13 @@ def _backfill_epochs(run, metrics_json: str | None) -> None:
             run.log_metrics(m, step=int(m["epoch"]))
 
 
-def _run_engine(trial: Trial, bridge: _Bridge) -> dict:
+def _run_engine(trial: Trial, bridge: _Bridge, gpus: float) -> dict:
     from hisf.engine import StopTrial, run_trial
+    from orchestrator.devices import place_trial
 
     try:
-        return run_trial(trial.config, callbacks=[bridge], resume=True)
+        # The device follows the trial's resources (orchestrator/devices.py), not what this process sees.
+        return run_trial(place_trial(trial.config, gpus), callbacks=[bridge], resume=True)
     except StopTrial:
         if not bridge.pruned:
             raise
@@ -282,8 +284,11 @@ def _ddp_worker(loop_config: dict) -> None:
         if resumed_epochs is not None:
             run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=resumed_epochs)
     callbacks = [bridge, _TrainReport(bridge)] if bridge is not None else [_TrainReport(None)]
+    from orchestrator.devices import place_trial
+
     try:
-        final = run_trial(trial.config, callbacks=callbacks, resume=True)
+        final = run_trial(place_trial(trial.config, float(ctx.get("gpus_per_trial", 0))), callbacks=callbacks,
+                          resume=True)
     except ConfigError as e:
         # Raising would make FailureConfig retry what fails the same way each time: every rank returns, and
         # rank 0 leaves the error on the run for tune_trainable (the driver-side process) to act on.

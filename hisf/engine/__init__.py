@@ -4,8 +4,10 @@ It imports the model (`hisf.model`), never the reverse, and treats every method 
 """
 
 from hisf.engine.step import (LOSS_TERMS, NanGuard, NonFiniteLossError, Precision, StepResult, compile_losses,
-                              loss_terms, resolve_precision, seed_everything, train_step)
+                              compile_stats, deterministic_mode, loss_terms, release_compiled, resolve_precision,
+                              seed_everything, train_step)
 from hisf.engine.trial import StopTrial, TrialCallback, run_trial
 
 __all__ = ["LOSS_TERMS", "NanGuard", "NonFiniteLossError", "Precision", "StepResult", "StopTrial", "TrialCallback",
-           "compile_losses", "loss_terms", "resolve_precision", "run_trial", "seed_everything", "train_step"]
+           "compile_losses", "compile_stats", "deterministic_mode", "loss_terms", "release_compiled", "resolve_precision",
+           "run_trial", "seed_everything", "train_step"]

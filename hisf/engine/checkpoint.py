@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 
 # Keys that may change between a killed run and its restart without changing what is computed.
 _RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size",
-                 "train.compile", "train.compile_mode", "backbone.cache_dir")
+                 "train.compile", "train.compile_mode", "train.deterministic", "backbone.cache_dir")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -51,23 +51,41 @@ def atomic_write_text(text: str, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(cuda_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """Host RNG states plus `cuda`: one CUDA generator state per rank, each for that rank's own device
+    (gather_cuda_rng_states collects them on every rank; absent on a CPU trial)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     # numpy's key array as a tensor: weights_only loading accepts tensors, not ndarrays.
     numpy_state = [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda_states:
+        state["cuda"] = [t.cpu() for t in cuda_states]
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def cuda_state_for_rank(saved: Any, rank: int) -> torch.Tensor | None:
+    """This rank's CUDA generator state from a checkpoint's `cuda` list, tolerating another world size.
+
+    A retry may see fewer or more ranks/GPUs than the attempt that saved (Ray Train placing 3+1 instead of
+    4, a single-GPU retry, another node): a rank the checkpoint has no state for takes rank 0's, which is
+    what every rank held after seeding; no state (a CPU-written checkpoint) leaves the generator as seeded.
+    """
+    if isinstance(saved, torch.Tensor):
+        return saved
+    if not saved:
+        return None
+    return saved[rank] if rank < len(saved) else saved[0]
+
+
+def set_rng_state(state: Mapping[str, Any], rank: int = 0, device: torch.device | None = None) -> None:
+    """Restore the host generators and, on a CUDA `device`, that device's generator from this rank's state."""
     random.setstate(_as_python_rng(state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = cuda_state_for_rank(state.get("cuda"), rank)
+    if cuda is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _as_python_rng(s: Any) -> tuple:

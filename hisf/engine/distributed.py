@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -28,22 +29,78 @@ class DistEnv:
         return self.world_size > 1
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` -> `cuda:LOCAL_RANK` when CUDA is present, else `cpu`; explicit names are checked."""
+def cuda_count() -> int:
+    """CUDA devices this process can use: 0 when torch cannot initialise CUDA (device_count alone may still
+    count the cards through NVML when the driver is too old for the wheel)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pick_device(device: str, *, cuda_devices: int, local_rank: int = 0, world_size: int = 1,
+                current: int | None = None) -> torch.device:
+    """The trial's device from the `device` setting and what this process sees; pure (no CUDA call).
+
+    `cuda_devices` is cuda_count(); `current` is the CUDA device a launcher already made current (Ray Train
+    does per worker). One process: `auto` -> cuda:0 (or `current`) when CUDA is usable, else cpu; `cuda:N`
+    is checked against the visible count. Several ranks: the index comes from the launcher's current device,
+    else cuda:0 when each process sees one GPU, else cuda:LOCAL_RANK; an explicit index is then ignored
+    (every rank on one GPU would make NCCL fail on the duplicate).
+    """
     if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        kind, index = ("cuda" if cuda_devices else "cpu"), None
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device: unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device: unsupported device type {dev.type!r}; expected cpu or cuda")
+        kind, index = dev.type, dev.index
+    if kind == "cpu":
+        return torch.device("cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "CUDA_VISIBLE_DEVICES unset"
+    if cuda_devices < 1:
+        raise ValueError(f"device: {device!r} asked for but CUDA is not available in this process ({seen}, torch "
+                         f"{torch.__version__} built for CUDA {torch.version.cuda}): no usable GPU, or a driver too "
+                         f"old for this torch")
+    if world_size > 1:
+        if current is not None:
+            chosen = current
+        elif cuda_devices == 1:
+            chosen = 0
+        elif local_rank < cuda_devices:
+            chosen = local_rank
+        else:
+            raise ValueError(f"device: local rank {local_rank} of {world_size} ranks but this process sees only "
+                             f"{cuda_devices} CUDA device(s) ({seen}); give each rank a GPU")
+        if index is not None and index != chosen:
+            warnings.warn(f"device: {device!r} ignored for rank {local_rank} of a {world_size}-rank group; "
+                          f"using cuda:{chosen} (each rank needs its own GPU)", stacklevel=2)
+        return torch.device(f"cuda:{chosen}")
+    chosen = index if index is not None else (current if current is not None else 0)
+    if not 0 <= chosen < cuda_devices:
+        raise ValueError(f"device: {device!r} but this process sees {cuda_devices} CUDA device(s) ({seen}); "
+                         f"expected cuda:0..cuda:{cuda_devices - 1}")
+    return torch.device(f"cuda:{chosen}")
+
+
+def resolve_device(device: str, local_rank: int = 0, world_size: int = 1, current: int | None = None) -> torch.device:
+    """pick_device with this process's CUDA count."""
+    return pick_device(device, cuda_devices=cuda_count(), local_rank=local_rank, world_size=world_size, current=current)
+
+
+def check_device(dev: torch.device) -> str:
+    """Touch the device once and return its description (`cuda:0 (NVIDIA H100 80GB HBM3)`); a GPU that is
+    visible but unusable (broken mount, driver mismatch) fails here with its reason, before any work."""
+    if dev.type != "cuda":
+        return str(dev)
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device: unknown device {device!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} asked for but CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    elif dev.type != "cpu":
-        raise ValueError(f"device: unsupported device type {dev.type!r}; expected cpu or cuda")
-    return dev
+        torch.empty(1, device=dev).add_(1)
+        name = torch.cuda.get_device_name(dev)
+    except Exception as e:  # noqa: BLE001 - whatever CUDA raises, the trial cannot use this GPU
+        raise RuntimeError(f"device {dev}: assigned but unusable by torch {torch.__version__} (CUDA "
+                           f"{torch.version.cuda}): {type(e).__name__}: {e}") from e
+    return f"{dev} ({name})"
 
 
 def init_from_env(device: str = "auto") -> DistEnv:
@@ -55,13 +112,16 @@ def init_from_env(device: str = "auto") -> DistEnv:
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # A gloo group (Ray Train without GPUs) is a CPU group, even on a node whose GPUs are visible.
+        if device == "auto" and dist.get_backend() == "gloo":
+            device = "cpu"
         # Ray Train sets each worker's current CUDA device itself (its GPU ids need not equal LOCAL_RANK).
-        index = torch.cuda.current_device() if torch.cuda.is_available() else local_rank
-        return DistEnv(rank, world, local_rank, resolve_device(device, index), owns_group=False)
+        current = torch.cuda.current_device() if cuda_count() and dist.get_backend() == "nccl" else None
+        return DistEnv(rank, world, local_rank, resolve_device(device, local_rank, world, current), owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, world)
     if world <= 1:
         return DistEnv(0, 1, 0, dev, owns_group=False)
     for key in ("MASTER_ADDR", "MASTER_PORT"):
@@ -77,6 +137,18 @@ def init_from_env(device: str = "auto") -> DistEnv:
 def shutdown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_cuda_rng_states(env: DistEnv) -> list[torch.Tensor] | None:
+    """Every rank's own CUDA generator state, by rank (a collective: call on every rank); None on the CPU."""
+    if env.device.type != "cuda":
+        return None
+    own = torch.cuda.get_rng_state(env.device)
+    if not env.distributed:
+        return [own]
+    states: list = [None] * env.world_size
+    dist.all_gather_object(states, own)
+    return states
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

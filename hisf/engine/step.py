@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -64,8 +65,8 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 @dataclass
 class StepResult:
     losses: dict[str, float]  # every rank's mean of each loss term
-    finite: bool  # the loss was finite (on every rank)
-    skipped: bool  # no optimiser update happened (non-finite loss, or fp16 overflow)
+    finite: bool  # the optimised loss `loss` was finite (on every rank); logged-only terms do not count
+    skipped: bool  # no optimiser update happened (non-finite loss, or a non-finite/overflowed gradient)
 
 
 def train_step(
@@ -77,7 +78,12 @@ def train_step(
     params: Sequence[torch.nn.Parameter],
     env: DistEnv,
 ) -> StepResult:
-    """Forward the model's loss terms, backward, average trainable grads over ranks, step unless non-finite."""
+    """Forward the model's loss terms, backward, average trainable grads over ranks, step unless non-finite.
+
+    The three precisions account alike: a step is skipped exactly when no optimiser update happens, which is
+    when the optimised loss or a gradient is non-finite. A non-finite term that is only logged (a zero
+    weight keeps it out of `loss`) neither stops the update nor counts as skipped.
+    """
     names = loss_terms(model)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
@@ -97,25 +103,51 @@ def train_step(
     # The step's one host sync: the logged losses and the NaN guard need the values, and the skip decision
     # needs the flag; everything before it (forward, backward, grad sync) is queued without waiting.
     *values, grads_ok = torch.cat([terms, grads_finite.float()[None]]).tolist()
-    finite = all(math.isfinite(v) for v in values)
-    skipped = not (finite and grads_ok)
+    losses = dict(zip(names, values))
+    finite = math.isfinite(losses["loss"])
+    update = finite and bool(grads_ok)
     if scaler is not None:
-        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together, exactly when a
-        # grad is non-finite (the flag above); its own found_inf read is no stall, the device is idle by now.
-        scaler.step(optimizer)
+        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together. Its step is
+        # called only when we update: with finite grads it would otherwise step on a non-finite loss. update()
+        # still runs every step (unscale_ recorded found_inf, so an overflow backs the scale off).
+        if update:
+            scaler.step(optimizer)
         scaler.update()
-    elif not skipped:
+    elif update:
         optimizer.step()
-    return StepResult(dict(zip(names, values)), finite, skipped)
+    return StepResult(losses, finite, not update)
 
 
-def compile_losses(model: torch.nn.Module, mode: str = "default") -> None:
+def compile_losses(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:
     """Replace `model.forward_losses` by its torch.compile'd self (the model is already on the trial's device).
 
     forward_losses has no host sync and no graph break (class-set constants are computed in set_classnames),
-    so the forward and its backward are captured whole; evaluation's `model(images)` stays eager.
+    so the forward and its backward are captured whole; evaluation's `model(images)` stays eager. The
+    compiled function holds the model (model -> compiled fn -> bound method -> model, a reference cycle):
+    `release_compiled(model)` breaks it at the end of the model's life (run_trial does).
     """
-    model.forward_losses = torch.compile(model.forward_losses, mode=mode)
+    model.forward_losses = torch.compile(model.forward_losses, mode=mode, backend=backend)
+
+
+def release_compiled(model: torch.nn.Module | None) -> None:
+    """Undo compile_losses and drop every compiled graph of this process (Dynamo's caches, CUDA graph pools).
+
+    A reused Tune actor runs trial after trial in one process: without this, each finished trial's model
+    (the frozen CLIP included) stays on the GPU until a cyclic GC, and Dynamo's per-code cache (shared by
+    every PromptModel's forward_losses) fills up until the recompile limit silently turns compile and CUDA
+    graphs off for the rest of the worker's life. Each trial therefore starts with a fresh cache.
+    """
+    if model is not None:
+        vars(model).pop("forward_losses", None)
+    torch._dynamo.reset()
+
+
+def compile_stats() -> dict[str, int]:
+    """Dynamo's process-wide counters: frames compiled, and frames left eager (the recompile limit was hit)."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    return {"compiled_frames": int(frames["ok"]), "eager_fallbacks": int(frames["total"] - frames["ok"])}
 
 
 class NanGuard:
@@ -133,6 +165,33 @@ class NanGuard:
                 f"stopping instead of training on NaNs (train.max_nonfinite_steps={self.limit}): lower the "
                 f"learning rate, use precision fp32/bf16, or check the data"
             )
+
+
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """`train.deterministic`: bit-reproducible kernels for the span of a trial, then the process's flags back.
+
+    On: torch.use_deterministic_algorithms (warn_only: an op without a deterministic CUDA kernel, such as
+    NLLLoss's, warns instead of failing the trial), cuDNN deterministic and not benchmarking, TF32 off for
+    matmul and cuDNN, and CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reads it when its first handle is made,
+    so it must be set before the process's first CUDA matmul; an existing value is kept). Off: nothing is
+    touched. Resume and compiled-vs-eager equality hold exactly on the CPU; on a GPU they need this mode
+    or tolerances (CUDA atomics in index_add/index backward and TF32 change low bits).
+    """
+    if not on:
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[2:]
 
 
 def seed_everything(seed: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -15,12 +16,13 @@ import torch
 
 from hisf.config import TrialConfig
 from hisf.engine import checkpoint as ckpt
-from hisf.engine.distributed import DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, init_from_env, shutdown
+from hisf.engine.distributed import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, check_device,
+                                     gather_cuda_rng_states, init_from_env, shutdown)
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
-from hisf.engine.step import (NanGuard, Precision, compile_losses, loss_terms, resolve_precision, seed_everything,
-                              train_step)
-from hisf.engine.trial_data import TrialData, evaluate_protocol, open_trial_data
+from hisf.engine.step import (NanGuard, Precision, compile_losses, compile_stats, deterministic_mode, loss_terms,
+                              release_compiled, resolve_precision, seed_everything, train_step)
+from hisf.engine.trial_data import TrialData, check_labels, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
 
@@ -96,9 +98,24 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume:
     cfg.validate()
     env = init_from_env(cfg.device)
     try:
-        return _run(cfg, list(callbacks), resume, env)
+        with deterministic_mode(cfg.train.deterministic):
+            return _run(cfg, list(callbacks), resume, env)
     finally:
+        free_trial_memory(env, compiled=cfg.train.compile)
         shutdown(env)
+
+
+def free_trial_memory(env: DistEnv, compiled: bool) -> None:
+    """Give a finished trial's device memory back before the process (a reused Tune actor) runs the next one.
+
+    A compiled model sits in a reference cycle (compile_losses) and Dynamo's caches hold its graphs: drop
+    those, collect the cycle, then return the freed blocks to the driver so a co-located trial can use them.
+    """
+    if compiled:
+        release_compiled(None)
+    gc.collect()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @dataclass
@@ -113,22 +130,23 @@ class _Counters:
     eval_seconds: float = 0.0
 
 
-def _restore(state: dict, model, optimizer, scheduler, precision: Precision) -> _Counters:
+def _restore(state: dict, model, optimizer, scheduler, precision: Precision, env: DistEnv) -> _Counters:
     model.load_trainable_state_dict(state["trainable"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     if precision.scaler is not None and state["scaler"]:
         precision.scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"])
+    ckpt.set_rng_state(state["rng"], env.rank, env.device)
     return _Counters(**{k: state[k] for k in _Counters.__dataclass_fields__})
 
 
-def _state(cfg: TrialConfig, data: TrialData, model, optimizer, scheduler, precision: Precision, c: _Counters) -> dict:
+def _state(cfg: TrialConfig, data: TrialData, model, optimizer, scheduler, precision: Precision, c: _Counters,
+           cuda_rng: list | None = None) -> dict:
     return {
         "identity": ckpt.identity(cfg), "classnames": list(data.train.classnames), "trainable": model.trainable_state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}, "rng": ckpt.rng_state(),
+        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}, "rng": ckpt.rng_state(cuda_rng),
         **dataclasses.asdict(c),
     }
 
@@ -139,6 +157,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
 
     callbacks = [cb for cb in callbacks if env.is_main or getattr(cb, "all_ranks", False)]
     out_dir, tc = Path(cfg.output_dir), cfg.train
+    device_name = check_device(env.device)  # an assigned GPU torch cannot use fails here, not as a slow CPU trial
     precision = resolve_precision(tc.precision, env.device)
     data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
     _call(callbacks, "on_trial_start", data.describe())
@@ -147,29 +166,35 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
                          dataset=cfg.data.dataset).to(env.device)
     data.bind(backbone, cfg)
+    for what, subset in (("data.dataset train", data.train), ("data.dataset val", data.val)):
+        check_labels(subset, len(model.classnames), what)
     if tc.compile:
+        release_compiled(None)  # a fresh Dynamo cache per trial: earlier trials' class sets never count here
         compile_losses(model, tc.compile_mode)
+        fallbacks_before = compile_stats()["eager_fallbacks"]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     epochs = tc.epochs if n_trainable else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
     scheduler = build_scheduler(optimizer, tc) if optimizer else None
     params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
     state = ckpt.load_checkpoint(out_dir, cfg, data.train.classnames) if resume else None
-    c = _restore(state, model, optimizer, scheduler, precision) if state else _Counters()
+    c = _restore(state, model, optimizer, scheduler, precision, env) if state else _Counters()
     broadcast_params(params, env)
     steps_per_epoch = len(data.train_loader(epoch=0)) if epochs else 0
     total, images_per_step = steps_per_epoch * epochs, tc.batch_size * env.world_size
     guard, stop = NanGuard(tc.max_nonfinite_steps), False
     if env.is_main:
-        log.info("trial %s: %s on %s (%s), %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
-                 out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, n_trainable, env.world_size,
+        log.info("trial %s: %s on %s (%s) on %s, %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
+                 out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, device_name, n_trainable, env.world_size,
                  tc.batch_size, steps_per_epoch, precision.name, f"; resuming from epoch {c.epoch}/{epochs}" if state else "")
 
     for epoch in range(c.epoch, epochs):
         t0 = t_log = time.perf_counter()
         meter, lr, since_log = _Meter(loss_terms(model)), optimizer.param_groups[0]["lr"], 0
         for images, labels in data.train_loader(epoch=epoch):
-            res = train_step(model, images.to(env.device), labels.to(env.device), optimizer, precision, params, env)
+            # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
+            images = images.to(env.device, non_blocking=True)
+            res = train_step(model, images, labels.to(env.device, non_blocking=True), optimizer, precision, params, env)
             c.global_step += 1
             c.skipped_steps += int(res.skipped)
             meter.add(res.losses)
@@ -202,14 +227,20 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
             c.eval_seconds += time.perf_counter() - t0
         c.history.append(metrics)
         c.epoch = epoch + 1
+        cuda_rng = gather_cuda_rng_states(env)  # every rank's own device state (a collective)
         if env.is_main:
-            ckpt.save_checkpoint(out_dir, _state(cfg, data, model, optimizer, scheduler, precision, c))
+            ckpt.save_checkpoint(out_dir, _state(cfg, data, model, optimizer, scheduler, precision, c, cuda_rng))
             log.info("epoch %d/%d done: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         barrier(env)
         checkpoint_dir = str(ckpt.checkpoint_path(out_dir).parent)
         if stop := any_rank(_call(callbacks, "on_epoch_end", epoch, dict(metrics), checkpoint_dir), env):
             break
 
+    if tc.compile and epochs:
+        fallbacks = compile_stats()["eager_fallbacks"] - fallbacks_before
+        if fallbacks:
+            log.warning("torch.compile fell back to eager for %d frame(s) in this trial (Dynamo's recompile limit): "
+                        "the step timings mix compiled and eager steps", fallbacks)
     return _finish(cfg, data, model, precision, env, callbacks, c, n_trainable, stop)
 
 

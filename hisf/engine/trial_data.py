@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from hisf.config import ConfigError, TrialConfig
@@ -53,7 +54,7 @@ class TrialData:
         return make_loader(subset, train=train, batch_size=tc.batch_size if train else tc.eval_batch_size,
                            image_size=self.image_size, mean=self.mean, std=self.std, seed=self.cfg.seed,
                            epoch=epoch, rank=self.env.rank, world_size=self.env.world_size,
-                           num_workers=self.cfg.data.num_workers)
+                           num_workers=self.cfg.data.num_workers, pin_memory=self.env.device.type == "cuda")
 
     def train_loader(self, epoch: int):
         return self._loader(self.train, True, epoch)
@@ -115,12 +116,26 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     return TrialData(cfg, env, ds.template, train, val, evals, image_mode=ds.image_mode)
 
 
+def check_labels(subset: Any, n_classes: int, what: str) -> None:
+    """Every label of a subset lies in the model's class set: checked on the host once per class set/loader.
+
+    On CUDA an out-of-range label reaches cross_entropy as an asynchronous device-side assert that poisons
+    the process (no message, the Tune actor dies); here it is a clear error before the first batch.
+    """
+    labels = np.asarray(subset.labels)
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if len(bad):
+        raise ValueError(f"{what}: label {int(bad[0])} of the {subset.split!r} subset at {subset.root} lies outside the "
+                         f"model's {n_classes} classes (expected 0..{n_classes - 1}; {len(bad)} bad label(s))")
+
+
 def evaluate_protocol(model: torch.nn.Module, data: TrialData, env: DistEnv,
                       autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
     """Test accuracy of every evaluation set, each scored with only its own class names as candidates."""
     out: dict[str, float] = {}
     for ev in data.evals:
         model.set_classnames(ev.subset.classnames, template=ev.template, dataset=ev.dataset or None)
+        check_labels(ev.subset, len(model.classnames), ev.metric)
         out[ev.metric] = accuracy(model, data._loader(ev.subset, False), env, autocast)
     if "base_acc" in out:
         out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])

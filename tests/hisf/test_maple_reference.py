@@ -81,3 +81,18 @@ def test_maple_checkpoint_errors(backbone, tmp_path, classes):
     # A failed import leaves the model's prompts untouched.
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, good[k]), k
+
+
+def test_reference_moves_every_tensor_with_to(backbone, classes):
+    """`.to(device)` must carry the causal mask too (a plain attribute stayed on the CPU and broke CUDA runs)."""
+    ckpt = maple_checkpoint(3, 2, backbone.text_width, backbone.vision_width, len(classes))
+    ref = reference_from_backbone(backbone, ckpt["state_dict"], classes).to(torch.float64)
+    block = ref.transformer.resblocks[0]
+    assert "attn_mask" in dict(block.named_buffers())
+    assert "transformer.resblocks.0.attn_mask" not in ref.state_dict()  # rebuilt, not saved
+    # No module keeps a tensor outside its parameters and buffers (what .to() would leave behind).
+    stray = [f"{name}.{k}" for name, m in ref.named_modules() for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    assert stray == []
+    assert block.attn_mask.dtype == torch.float64 and block.attn_mask[0, 1] == float("-inf")
+    ref = ref.to("meta")
+    assert {b.device.type for b in ref.buffers()} == {"meta"}
