@@ -85,9 +85,11 @@ def stage_main(command: str, argv: list[str]) -> int:
             from orchestrator import preflight
             from orchestrator.status import print_dry_run
 
-            # The same checks a run makes before Ray starts (demo data not built yet is fine here).
+            # The plan first (it needs no data), then the same checks a run makes before Ray starts (demo data
+            # not built yet is fine here): exit 2 when the real run would stop there.
+            rc = print_dry_run(command, spec, opts)
             preflight.check(spec, needs_test=command != "search", dry_run=True, out=opts.out)
-            return print_dry_run(command, spec, opts)
+            return rc
         return _run(command, spec, opts)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -40,8 +40,6 @@ def settings(cfg) -> str:
     if getattr(m, "layers", None) is not None:
         keys = tuple(k for k in keys if k != "depth") + ("layers",)
     values = {k: getattr(m, k, None) for k in keys}
-    if "depth" in values:
-        values["depth"] = m.resolved_depth  # None means the method's default (maple/hisf 9, hicropl 12)
     parts = [f"{k} {'default' if v is None else v}" for k, v in values.items()]
     if m.name != "zeroshot":
         parts += [f"preset {t.preset}", f"batch {t.batch_size}"] + ([f"lr {t.lr:g}"] if t.lr is not None else [])

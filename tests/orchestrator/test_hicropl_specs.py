@@ -37,7 +37,7 @@ def test_hicropl_rows_carry_the_published_settings(spec_name, n_ctx, depth, k, e
     spec = load_spec(EXPERIMENTS / f"{spec_name}.yaml")
     cfg = _row_config(spec, "HiCroPL")
     m, t = cfg.method, cfg.train
-    assert (m.name, m.n_ctx, m.resolved_depth, m.cross_layer, m.lambda_distill, m.mapping) == (
+    assert (m.name, m.n_ctx, m.depth, m.cross_layer, m.lambda_distill, m.mapping) == (
         "hicropl", n_ctx, depth, k, 12.0, "learned")
     assert (t.preset, t.batch_size, t.epochs) == ("hicropl", 32, epochs)
     # The row's train section overrides base key by key: base's precision and warm-up stay.
@@ -54,7 +54,7 @@ def test_mapping_spec_runs_learned_against_released_with_the_released_settings()
     for row, mapping in (("HiCroPL learned", "learned"), ("HiCroPL released", "released")):
         cfg = _row_config(spec, row)
         assert cfg.method.mapping == mapping
-        assert (cfg.method.n_ctx, cfg.method.resolved_depth, cfg.method.cross_layer, cfg.method.lambda_distill) == (
+        assert (cfg.method.n_ctx, cfg.method.depth, cfg.method.cross_layer, cfg.method.lambda_distill) == (
             16, 12, 6, 12.0)
         assert (cfg.train.preset, cfg.train.batch_size, cfg.train.epochs) == ("hicropl", 32, 50)
 
@@ -64,7 +64,9 @@ def test_dry_run_lists_the_hicropl_trials_with_their_settings(tmp_path):
     out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(EXPERIMENTS / "base2new.yaml"),
                           "--dry-run", "--workdir", str(tmp_path / "wd")], cwd=tmp_path, env=cli_env(),
                          capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+    # The plan is printed; then the pre-flight says the real run would stop (no data built, no weights cached).
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "no built dataset 'imagenet'" in out.stderr
     lines = [l for l in out.stdout.splitlines() if re.match(r"final\s+final-hicropl-", l)]
     assert len(lines) == 11 * 3
     gpt = tmp_path / "data" / "gpt_file"

@@ -209,5 +209,5 @@ def test_dry_run_of_the_demo_checks_and_leaves_unbuilt_demo_data_to_the_run(tmp_
     out = capsys.readouterr().out
     assert f"preflight: data.datasets[0]: demo dataset 'demo' is built under {tmp_path / 'hisf-bench' / 'data'} " \
            "when the run starts" in out
-    assert "total: 16 trials" in out
+    assert "total: 19 trials" in out  # 5 rows x 3 seeds + 4 search trials
     assert not (tmp_path / "hisf-bench").exists()  # a dry run builds and writes nothing

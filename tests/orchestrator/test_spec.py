@@ -100,7 +100,7 @@ def test_bad_spec_fails_before_ray_starts(tmp_path):
 def test_seed_axis_in_grid_with_search_or_final_is_refused(drop, named):
     """A grid `seed` axis next to search/final used to expand into colliding trial ids and study names."""
     raw = demo_raw()
-    raw["grid"] = {"seed": [1, 2], "method.depth": [1, 2]}
+    raw["grid"] = {"seed": [1, 2], "method.depth": [2, 3]}
     for section in drop:
         raw.pop(section)
         if section == "search":
