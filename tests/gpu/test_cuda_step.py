@@ -79,8 +79,8 @@ def test_compiled_step_matches_eager_through_an_overflow(cuda, mode):
     assert all(r.finite for r in eager + comp)
     for e, c in zip(eager, comp):
         for k in ("loss", "loss_cls", "loss_le", "loss_sa"):
-            assert c.losses[k] == pytest.approx(e.losses[k], rel=2e-3, abs=1e-5), k
-    assert_same_update(before, comp_w, eager_w, 0.02)
+            assert c.losses[k] == pytest.approx(e.losses[k], rel=5e-3, abs=1e-5), k
+    assert_same_update(before, comp_w, eager_w, 0.05)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
