@@ -72,7 +72,7 @@ def summarise(out: Path) -> str:
 
     lines += ["", "## CUDA tests (`pytest -m gpu tests/gpu`)", ""]
     if not tests["present"]:
-        lines.append("No JUnit report: pytest did not run.")
+        lines.append("No JUnit report: pytest did not finish (see the sub-runs and gpu_check.log).")
     elif tests["tests"] == 0:
         lines.append("No test ran: every gpu test was deselected (no CUDA device visible).")
     else:

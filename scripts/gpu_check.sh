@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR               # on a machine whose python3 has a CUDA torch
 #   bash scripts/gpu_check.sh OUT_DIR --cpu-smoke   # the same steps on a CPU, tiny settings (CI runs this)
 #
-# Python: $PYTHON, else .venv/bin/python, else python3. Wheels: bash scripts/fetch_gpu_wheels.sh (README).
+# Python: $PYTHON, else .venv/bin/python, else python3. Wheels: bash scripts/fetch_gpu_wheels.sh (docs/gpu_check.md).
 # OUT_DIR ends with at most 8 files: summary.md, gpu_check.log, steps.tsv, pytest.xml, data_throughput.json
 # and train_step_{eager,default,reduce-overhead}.json. Each sub-run has a time limit (seconds, overridable:
 # LIMIT_TESTS, LIMIT_EAGER, LIMIT_COMPILE, LIMIT_DATA); one that runs out is reported, not fatal.
@@ -87,7 +87,7 @@ step() {
 }
 
 # --- 3. CUDA tests (tests/gpu imports no Ray/MLflow/Optuna; deselected without CUDA) ---
-step tests "${LIMIT_TESTS:-150}" "$PY" -m pytest tests/gpu -m gpu -q -rfE -p no:cacheprovider --junitxml "$OUT/pytest.xml"
+step tests "${LIMIT_TESTS:-200}" "$PY" -m pytest tests/gpu -m gpu -q -rfE -p no:cacheprovider --junitxml "$OUT/pytest.xml"
 
 # --- 4. Training step: ours against MaPLe's formulation, then the data reader ---
 BENCH=("$PY" benchmarks/train_step.py)
@@ -104,12 +104,12 @@ else
   DATA=(--images 300 --size 224 --jobs 8 --workers 4)
   NOCOMPILE=()
 fi
-step train_step_eager "${LIMIT_EAGER:-100}" "${BENCH[@]}" "${EAGER[@]}" --json "$OUT/train_step_eager.json"
+step train_step_eager "${LIMIT_EAGER:-90}" "${BENCH[@]}" "${EAGER[@]}" --json "$OUT/train_step_eager.json"
 for mode in default reduce-overhead; do
-  step "train_step_$mode" "${LIMIT_COMPILE:-95}" "${NOCOMPILE[@]}" "${BENCH[@]}" "${COMPILED[@]}" --compile "$mode" \
+  step "train_step_$mode" "${LIMIT_COMPILE:-80}" "${NOCOMPILE[@]}" "${BENCH[@]}" "${COMPILED[@]}" --compile "$mode" \
     --json "$OUT/train_step_$mode.json"
 done
-step data_throughput "${LIMIT_DATA:-40}" "$PY" benchmarks/data_throughput.py "${DATA[@]}" --json "$OUT/data_throughput.json"
+step data_throughput "${LIMIT_DATA:-30}" "$PY" benchmarks/data_throughput.py "${DATA[@]}" --json "$OUT/data_throughput.json"
 
 # --- 5. The summary ---
 "$PY" benchmarks/gpu_summary.py "$OUT" >>"$LOG" 2>&1 || { say "error: the summary failed (see $LOG)"; exit 1; }
