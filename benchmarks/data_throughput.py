@@ -1,7 +1,7 @@
 """Data pipeline throughput: images/s per loader worker (test shards, augmented train shards) and build speed
 against a plain decode + re-encode of the same images.
 
-    PYTHONPATH=. python benchmarks/data_throughput.py --images 600 --size 224 [--json rates.json]
+    PYTHONPATH=. python benchmarks/data_throughput.py --images 600 --size 224
 """
 
 from __future__ import annotations
@@ -9,19 +9,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_shards import make_loader, open_dataset  # noqa: E402
-from data_shards.builder import BuildOptions, build  # noqa: E402
-from data_shards.demo import write_demo  # noqa: E402
-from data_shards.images import eval_view, resize_shorter  # noqa: E402
+from data_shards import make_loader, open_dataset
+from data_shards.builder import BuildOptions, build
+from data_shards.demo import write_demo
+from data_shards.images import eval_view, resize_shorter
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -71,17 +68,17 @@ def loader_rate(sub, train: bool, size: int, batch: int, workers: int, epochs: i
     return n / (time.perf_counter() - t)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write the result to this file (scripts/gpu_check.sh)")
+    ap.add_argument("--workers", type=int, default=2, help="loader workers of the multi-worker rate (0: skip it)")
+    ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--size", type=int, default=224, help="evaluation image size")
     ap.add_argument("--source-side", type=int, default=500, help="width of the generated source JPEGs")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--workers", type=int, default=2, help="loader workers for the multi-worker rate (0: skip it)")
-    ap.add_argument("--train-batch", type=int, default=32)
-    ap.add_argument("--json", help="also write the result to this file")
-    args = ap.parse_args(argv)
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
         paths = write_source(tmp / "DATA", args.images, args.source_side)
@@ -105,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps({"bench": "data_throughput", **result}, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -107,10 +107,10 @@ def test_trial_loaders_feed_cuda_from_pinned_memory(cuda, demo_root, tmp_path, w
     cfg = tiny_trial(demo_root, tmp_path, device="cuda", data={"num_workers": workers})
     backbone = load_backbone(cfg.backbone)
     feeds = {}
-    for dev in (cuda, torch.device("cpu")):
+    for name, dev in (("cuda", cuda), ("cpu", torch.device("cpu"))):
         data = open_trial_data(cfg, DistEnv(0, 1, 0, dev, owns_group=False))
         data.bind(backbone, cfg)
-        feeds[dev.type] = data
+        feeds[name] = data
     pairs = [*zip(feeds["cuda"].train_loader(epoch=1), feeds["cpu"].train_loader(epoch=1)),
              *zip(feeds["cuda"].val_loader(), feeds["cpu"].val_loader())]
     assert len(pairs) == len(feeds["cpu"].train_loader(epoch=1)) + len(feeds["cpu"].val_loader()) > 2
