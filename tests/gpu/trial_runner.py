@@ -7,6 +7,7 @@ optionally inside a 1-rank NCCL group created beforehand (Ray Train's TorchTrain
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -37,6 +38,7 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=0)
     ap.add_argument("--nccl-port", type=int, default=0)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # the engine's progress lines
     deterministic_flags()
     if args.nccl_port:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.nccl_port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
