@@ -38,7 +38,8 @@ def test_gpu_check_cpu_smoke_writes_summary_and_rows(tmp_path):
         report = json.loads((out / f"train_step_{mode}.json").read_text())
         assert report["complete"] and report["mode"] == mode and report["device"] == "cpu"
         rows = report["rows"]
-        assert [r["method"] for r in rows] == ["maple", *methods]
+        # Eager times every prompt method; the compiled sub-runs time maple against the reference.
+        assert [r["method"] for r in rows] == ["maple", *(methods if mode == "eager" else ["maple"])]
         assert rows[0]["kind"] == "reference"
         for r in rows:
             assert r["ms_per_step"] > 0 and r["images_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_step"])
