@@ -73,6 +73,9 @@ def loader_rate(sub, train: bool, size: int, batch: int, workers: int, epochs: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="also write the result to this file (scripts/gpu_check.sh)")
+    ap.add_argument("--workers", type=int, default=2, help="loader workers of the multi-worker rate (0: skip it)")
+    ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--size", type=int, default=224, help="evaluation image size")
     ap.add_argument("--source-side", type=int, default=500, help="width of the generated source JPEGs")
@@ -98,10 +101,13 @@ def main() -> None:
             "build_img_s": round(build_rate, 1),
             "build_over_plain_time_ratio": round(reencode / build_rate / args.jobs, 2),
             "eval_img_s_per_worker": round(loader_rate(test, False, args.size, 100, 0), 1),
-            "train_aug_img_s_per_worker": round(loader_rate(train, True, args.size, 32, 0), 1),
-            "eval_img_s_2_workers": round(loader_rate(test, False, args.size, 100, 2), 1),
+            "train_aug_img_s_per_worker": round(loader_rate(train, True, args.size, args.train_batch, 0), 1),
         }
+        if args.workers:
+            result[f"eval_img_s_{args.workers}_workers"] = round(loader_rate(test, False, args.size, 100, args.workers), 1)
     print(json.dumps(result, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"bench": "data_throughput", **result}, indent=2))
 
 
 if __name__ == "__main__":

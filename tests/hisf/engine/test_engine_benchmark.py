@@ -8,7 +8,7 @@ import pytest
 
 
 def test_train_step_benchmark_tiny(tmp_path):
-    from benchmarks.train_step import main
+    from benchmarks.train_step import main, prompt_methods
 
     out = tmp_path / "bench.json"
     assert main(["--tiny", "--steps", "1", "--warmup", "1", "--classes", "7", "--json", str(out)]) == 0
@@ -19,7 +19,12 @@ def test_train_step_benchmark_tiny(tmp_path):
     assert check["ours_fast"] == pytest.approx(check["ours_eager_77"], abs=1e-5)
     assert check["ours_fast"] == pytest.approx(check["maple_reference"], abs=1e-5)
     rows = {r["formulation"]: r for r in report["rows"]}
-    assert set(rows) == {"maple_reference_fp32", "ours_maple_fp32", "ours_hisf_fp32"}
+    # Every registered prompt method is timed by default (zeroshot and coop, the prompt-free and text-only
+    # baselines, are not).
+    assert {"maple", "hisf"} <= set(prompt_methods()) and not {"zeroshot", "coop"} & set(prompt_methods())
+    assert set(rows) == {"maple_reference_fp32"} | {f"ours_{m}_fp32" for m in prompt_methods()}
+    assert report["complete"] and [c["classes"] for c in report["loss_checks"]] == [7]
     for r in rows.values():
+        assert r["first_loss"] > 0
         assert r["batch"] == 4 and r["classes"] == 7 and r["ms_per_step"] > 0
         assert r["images_per_s"] == pytest.approx(4000 / r["ms_per_step"])
