@@ -176,7 +176,7 @@ class StageProgress(Callback):
         if self.live:
             self.draw(force=True)
             self._write("\n")
-        elif self.line() != self._last_text:
+        elif self._changed:
             self.draw(force=True)
         self.console = None
 
