@@ -31,6 +31,7 @@ def _files(root: Path, pattern: str) -> list[Path]:
     return sorted(p for p in root.rglob(pattern)) if root.is_dir() else []
 
 
+@pytest.mark.slow
 def test_sweep_console_progress_log_and_no_checkpoints_left(tmp_path, demo_root):
     spec = write_spec(tmp_path / "c.yaml", demo_root, name="quiet", epochs=2, seeds=(1,), rows=ROWS)
     out = run_cli(["sweep", spec], cwd=tmp_path, timeout=360)
@@ -72,6 +73,7 @@ def test_sweep_console_progress_log_and_no_checkpoints_left(tmp_path, demo_root)
     assert _files(wd / "runs", "state.pt") == []
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_and_verbose_show_what_the_default_hides(tmp_path, demo_root):
     spec = write_spec(tmp_path / "k.yaml", demo_root, name="kept", epochs=2, seeds=(1,), rows=ROWS[:1])
     d = yaml.safe_load(spec.read_text())
