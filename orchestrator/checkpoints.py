@@ -4,8 +4,10 @@ A finished trial's last training checkpoint exists twice, the engine's `output_d
 (or Ray Train's) copy in the Ray storage folder; for ViT-B/16 HISF each is ~112 MB, which a large grid
 multiplies into terabytes. Both only serve resuming an unfinished trial. So: once a trial's MLflow run says
 finished (or pruned) the trial process drops the engine's folder and its Ray Train copy (DDP), and the
-driver drops Tune's copy when Tune reports the trial complete. Metrics, config and exported prompts stay.
-Failed and interrupted trials keep everything: `--resume` and Tune's retries continue from them.
+driver drops Tune's copy when Tune reports the trial complete. (DDP ranks drop their node's engine folder
+when training has ended: Ray Train's copy, kept until the run is on record, is what a retry resumes from.)
+Metrics, config and exported prompts stay. Failed and interrupted trials keep everything: `--resume` and
+Tune's retries continue from them.
 """
 
 from __future__ import annotations

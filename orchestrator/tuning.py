@@ -300,6 +300,12 @@ def _ddp_worker(loop_config: dict) -> None:
         run.log_metrics({k: v for k, v in _numbers(final or {}).items() if last.get(k) != v},
                         step=int((final or {}).get("epoch", 0)))
         run.log_artifacts(bridge.artifacts)
+    if not ctx.get("keep_checkpoints", False):
+        # Each rank drops its node's copy (on other nodes the only place it is). Ray Train's copy stays until
+        # tune_trainable has put the trial on record, so a driver killed in between still resumes from it.
+        from orchestrator.checkpoints import drop_engine_checkpoint
+
+        drop_engine_checkpoint(trial.config.output_dir)
 
 
 def _remove_stale_placement_group(run) -> None:
