@@ -113,10 +113,13 @@ def stage_main(command: str, argv: list[str]) -> int:
                    num_cpus=args.num_cpus, verbose=args.verbose).resolved()
     if not args.verbose:
         import logging
+        import os
 
-        # MLflow announces creating and migrating its SQLite tables on first use: not the user's concern.
+        # MLflow announces creating and migrating its SQLite tables on first use, and prints "View run ... at"
+        # links when a run on a server ends: not the user's concern (the summary links the runs table).
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         if command == "status":
             from orchestrator.status import print_status
