@@ -125,3 +125,16 @@ def test_keep_checkpoints_is_validated(tmp_path, demo_root):
     spec.write_text(yaml.safe_dump(d))
     with pytest.raises(SpecError, match=r"b\.yaml.*resources\.keep_checkpoints: expected true or false, got 'yes'"):
         load_spec(spec)
+
+
+def test_run_names_of_search_and_final_trials(tmp_path, demo_root):
+    from orchestrator.trials import expand_final, search_groups, search_trial
+
+    spec = load_spec(write_spec(tmp_path / "n.yaml", demo_root, name="names", seeds=(2,), rows=[
+        {"name": "CLIP", "method": {"name": "zeroshot"}}, {"name": "HISF", "method": {"name": "hisf"}, "search": True}],
+        search={"n_trials": 2, "seed": 1, "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}))
+    (group,) = search_groups(spec, "tag")
+    t = search_trial(spec, group, 3, 7, {"method.lambda_le": 0.123456}, tmp_path)
+    assert t.run_name == "HISF · demo · seed 1 · trial 3 · lambda_le=0.1235"
+    final = expand_final(spec, tmp_path, {("HISF", "demo", ()): {"method.lambda_le": 1.5}})
+    assert sorted(t.run_name for t in final) == ["CLIP · demo · seed 2", "HISF · demo · seed 2 · lambda_le=1.5"]
