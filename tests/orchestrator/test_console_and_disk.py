@@ -138,3 +138,19 @@ def test_run_names_of_search_and_final_trials(tmp_path, demo_root):
     assert t.run_name == "HISF · demo · seed 1 · trial 3 · lambda_le=0.1235"
     final = expand_final(spec, tmp_path, {("HISF", "demo", ()): {"method.lambda_le": 1.5}})
     assert sorted(t.run_name for t in final) == ["CLIP · demo · seed 2", "HISF · demo · seed 2 · lambda_le=1.5"]
+
+
+def test_experiment_kind_tag_on_new_and_older_experiments(tmp_path):
+    from orchestrator.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    old = client.create_experiment("older")  # made before the tag existed
+    mine = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("fresh", "older", "chosen"):
+        Tracker(uri, name)
+    kinds = {name: client.get_experiment_by_name(name).tags.get("mlflow.experimentKind")
+             for name in ("fresh", "older", "chosen")}
+    assert kinds == {"fresh": "custom_model_development", "older": "custom_model_development",
+                     "chosen": "genai_development"}  # a kind the user set stays
+    assert client.get_experiment_by_name("older").experiment_id == old and mine
