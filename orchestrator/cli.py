@@ -7,10 +7,33 @@ import sys
 
 STAGE_COMMANDS = ("sweep", "search", "final", "run", "status")
 USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,data,train} ..."
+HELP = f"""{USAGE}
+
+Benchmark prompt-learning methods (HISF and its baselines) on a frozen CLIP: an experiment spec
+(experiments/*.yaml) declares a table of the paper; these commands run it on Ray and report it.
+
+commands:
+  run SPEC        the whole spec: the search stage then the final stage when it has one, else the sweep
+  sweep SPEC      every row x dataset x grid point x seed of the spec
+  search SPEC     the Optuna search (validation metric only) for rows with `search: true`
+  final SPEC      every row with the final seeds; searched rows take their study's best values
+  status SPEC     each stage's progress, from MLflow and the Optuna studies
+  report SPEC     tables, plots and study reports from the finished runs
+  data ...        build datasets into shards (`hisf-bench data build`), describe them (`data info`), demo data
+  train ...       train one trial config without Ray (`python -m hisf.train`, also under torchrun)
+
+`hisf-bench COMMAND -h` shows a command's options; `hisf-bench --version` prints the version.
+Start with: hisf-bench run experiments/demo.yaml"""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"hisf-bench {version()}")
+        return 0
     if argv[:1] == ["data"]:
         from data_shards.cli import main as data_main
 
@@ -25,8 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:]) or 0
     if argv[:1] and argv[0] in STAGE_COMMANDS:
         return stage_main(argv[0], argv[1:])
-    print(USAGE, file=sys.stderr)
+    print(f"{USAGE}\nerror: unknown command {argv[0]!r} (`hisf-bench` alone lists the commands)", file=sys.stderr)
     return 2
+
+
+def version() -> str:
+    """The installed distribution's version, else the source tree's pyproject.toml (a checkout on PYTHONPATH)."""
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        # The tree this module runs from wins over whatever copy pip installed elsewhere.
+        return tomllib.loads(pyproject.read_text())["project"]["version"]
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("hisf-bench")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -55,6 +97,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--shared-storage", action="store_true",
                    help="declare that --workdir, data.root, --weights-cache and SQLite stores are on storage every "
                         "node of a multi-node cluster sees (otherwise such a cluster is refused when they look local)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own output on the console (it always goes to <workdir>/logs/<spec>-<stage>.log)")
     return p
 
 
@@ -75,7 +119,16 @@ def stage_main(command: str, argv: list[str]) -> int:
         return 2
     opts = Options(workdir=args.workdir, address=args.address, tracking_uri=args.tracking_uri,
                    optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run,
-                   num_cpus=args.num_cpus, shared_storage=args.shared_storage).resolved()
+                   num_cpus=args.num_cpus, shared_storage=args.shared_storage, verbose=args.verbose).resolved()
+    if not args.verbose:
+        import logging
+        import os
+
+        # MLflow announces creating and migrating its SQLite tables on first use, and prints "View run ... at"
+        # links when a run on a server ends: not the user's concern (the summary links the runs table).
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         if command == "status":
             from orchestrator.status import print_status

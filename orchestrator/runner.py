@@ -26,10 +26,14 @@ class Options:
     dry_run: bool = False
     # Local Ray only: CPUs the embedded cluster offers (default: enough for max_concurrent_trials).
     num_cpus: int | None = None
-    out: Any = field(default_factory=lambda: sys.stdout)  # looked up when made: capture-friendly
     # The user declares that --workdir, data.root and the stores are on storage every node sees (a
     # multi-node cluster is otherwise refused when they look local: orchestrator.preflight.check_cluster).
     shared_storage: bool = False
+    # Ray's own output on the console too (else only in <workdir>/logs/<spec>-<stage>.log).
+    verbose: bool = False
+    # Seconds between plain progress lines when the console is not a terminal.
+    progress_every: float = 10.0
+    out: Any = field(default_factory=lambda: sys.stdout)  # looked up when made: capture-friendly
 
     def resolved(self) -> "Options":
         from orchestrator.search import default_storage
@@ -40,7 +44,7 @@ class Options:
                        tracking_uri=self.tracking_uri or default_tracking_uri(wd),
                        optuna_storage=self.optuna_storage or default_storage(wd),
                        resume=self.resume, dry_run=self.dry_run, num_cpus=self.num_cpus, out=self.out,
-                       shared_storage=self.shared_storage)
+                       shared_storage=self.shared_storage, verbose=self.verbose, progress_every=self.progress_every)
 
 
 @dataclass
@@ -140,6 +144,7 @@ def run_context(spec: ExperimentSpec, opts: Options, tracker, parent_run_id: str
         "workers_per_trial": r.workers_per_trial, "gpus_per_trial": r.gpus_per_trial,
         "cpus_per_trial": r.cpus_per_trial, "max_failures": r.max_failures,
         "storage_path": str(Path(opts.workdir) / "ray_results"),
+        "keep_checkpoints": r.keep_checkpoints,
     }
 
 
@@ -171,13 +176,19 @@ def run_trials(stage: str, spec: ExperimentSpec, trials: list[Trial], opts: Opti
     if todo:
         from ray import tune
 
-        with ray_session(spec, opts):
+        from orchestrator.progress import StageProgress
+
+        prior = _statuses(finished.values())
+        with _stage_console(spec, stage, opts) as console, ray_session(spec, opts):
+            progress = StageProgress(stage, len(trials), console, prior=prior, every=opts.progress_every,
+                                     live=False if opts.verbose else None)
             grid = tune.Tuner(
                 tune.with_resources(_trainable(), trial_resources(spec)),
                 param_space={"trial": tune.grid_search([t.payload() for t in todo]), "ctx": ctx},
                 tune_config=_tune_config(spec),
-                run_config=_run_config(spec, opts, f"{spec.name}-{stage}-{parent[:8]}"),
+                run_config=_run_config(spec, opts, f"{spec.name}-{stage}-{parent[:8]}", progress),
             ).fit()
+            progress.close()
             results = _collect(grid)
     return _finish(stage, tracker, parent, len(trials), finished, results, started)
 
@@ -207,14 +218,27 @@ def run_search(spec: ExperimentSpec, opts: Options) -> StageResult:
     if todo:
         from ray import tune
 
-        with ray_session(spec, opts):
+        from orchestrator.progress import StageProgress
+
+        total = len(groups) * spec.search.n_trials
+        prior = _statuses(finished_runs.values())
+        # Asked before but with no finished run: trials that failed (a failed trial is not asked again).
+        prior["failed"] = prior.get("failed", 0) + max(0, total - todo - sum(prior.values()))
+        metric = spec.search.metric
+        done = [r[metric] for r in finished.values() if r.get("hisf_status") == "finished" and metric in r]
+        with _stage_console(spec, "search", opts) as console, ray_session(spec, opts):
+            progress = StageProgress("search", total, console, prior=prior, metric=metric,
+                                     best=max(done) if done else None, every=opts.progress_every,
+                                     live=False if opts.verbose else None)
             tc = _tune_config(spec)
             tc.search_alg = searcher
             tc.num_samples = -1
             grid = tune.Tuner(
                 tune.with_resources(_trainable(), trial_resources(spec)),
-                tune_config=tc, run_config=_run_config(spec, opts, f"{spec.name}-search-{parent[:8]}-{int(time.time())}"),
+                tune_config=tc,
+                run_config=_run_config(spec, opts, f"{spec.name}-search-{parent[:8]}-{int(time.time())}", progress),
             ).fit()
+            progress.close()
             results = _collect(grid)
     from orchestrator.search import best_values
 
@@ -264,13 +288,37 @@ def _tune_config(spec: ExperimentSpec):
                            trial_name_creator=name, trial_dirname_creator=name, reuse_actors=True)
 
 
-def _run_config(spec: ExperimentSpec, opts: Options, name: str):
+def _run_config(spec: ExperimentSpec, opts: Options, name: str, progress):
     from ray import tune
 
+    from orchestrator.checkpoints import DropFinishedCheckpoints
+
+    callbacks = [progress] + ([] if spec.resources.keep_checkpoints else [DropFinishedCheckpoints()])
     return tune.RunConfig(
         name=name, storage_path=str(Path(opts.workdir) / "ray_results"),
         failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0, callbacks=callbacks)
+
+
+@contextlib.contextmanager
+def _stage_console(spec: ExperimentSpec, stage: str, opts: Options):
+    """Ray's output to <workdir>/logs/<spec>-<stage>.log (and the console with --verbose); yields the console."""
+    from orchestrator.progress import log_path, ray_output_to_log
+
+    log = log_path(opts.workdir, spec.name, stage)
+    if not opts.verbose:
+        print(f"[{stage}] Ray's output: {log} (--verbose shows it here)", file=opts.out)
+    with ray_output_to_log(opts.out, log, opts.verbose) as console:
+        yield console
+
+
+def _statuses(runs) -> dict[str, int]:
+    """status -> count over finished child runs (MLflow runs or result dicts)."""
+    out: dict[str, int] = {}
+    for r in runs:
+        s = r.data.tags.get("hisf.status", "finished") if hasattr(r, "data") else r.get("hisf_status", "finished")
+        out[s] = out.get(s, 0) + 1
+    return out
 
 
 def _collect(grid) -> dict[str, dict]:

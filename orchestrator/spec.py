@@ -83,6 +83,8 @@ class ResourcesSpec:
     workers_per_trial: int = 1
     max_concurrent_trials: int = 2
     max_failures: int = 2
+    # false: a finished trial's training checkpoints are deleted once it is on record (orchestrator/checkpoints.py)
+    keep_checkpoints: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,8 @@ def _final(v: Any) -> FinalSpec:
 def _resources(v: Any) -> ResourcesSpec:
     m = _mapping(v, "resources")
     _keys(m, "resources", required=(), optional=(
-        "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "max_concurrent_trials", "max_failures"))
+        "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "max_concurrent_trials", "max_failures",
+        "keep_checkpoints"))
     gpus = _num(m.get("gpus_per_trial", 0), "resources.gpus_per_trial")
     if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
         raise SpecError(f"resources.gpus_per_trial: expected 0 or a fraction in (0, 1] (GPUs per worker), got {gpus}")
@@ -400,6 +403,7 @@ def _resources(v: Any) -> ResourcesSpec:
         cpus_per_trial=cpus, gpus_per_trial=gpus, workers_per_trial=workers,
         max_concurrent_trials=_int(m.get("max_concurrent_trials", 2), "resources.max_concurrent_trials", minimum=1),
         max_failures=_int(m.get("max_failures", 2), "resources.max_failures", minimum=0),
+        keep_checkpoints=_bool(m.get("keep_checkpoints", False), "resources.keep_checkpoints"),
     )
 
 

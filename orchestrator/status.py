@@ -128,9 +128,29 @@ def print_where(spec: ExperimentSpec, opts) -> None:
     print("", file=out)
     print("Where things are:", file=out)
     print(f"  trial outputs:   {Path(opts.workdir) / 'runs' / spec.name}", file=out)
-    print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(opts.tracking_uri)} --host 127.0.0.1", file=out)
+    local = not opts.tracking_uri.startswith(("http://", "https://"))
+    if local:
+        print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(opts.tracking_uri)} --host 127.0.0.1", file=out)
+    link = mlflow_ui_link("http://127.0.0.1:5000" if local else opts.tracking_uri, spec.name, opts.tracking_uri)
+    if link:
+        print(f"  {'then open:' if local else 'MLflow UI:':<17}{link}", file=out)
     if spec.search is not None:
         print(f"  Optuna dashboard: optuna-dashboard {shlex.quote(opts.optuna_storage)}", file=out)
     optuna = f" --optuna-storage {shlex.quote(opts.optuna_storage)}" if spec.search is not None else ""
     print(f"  report:          hisf-bench report {shlex.quote(spec.path)}"
           f" --tracking-uri {shlex.quote(opts.tracking_uri)}{optuna}", file=out)
+
+
+def mlflow_ui_link(server: str, experiment: str, tracking_uri: str | None = None) -> str | None:
+    """The experiment's runs table in the MLflow UI at `server`. MLflow 3's UI opens an experiment on what its
+    global "GenAI / Model training" switch says (GenAI by default, whatever `mlflow.experimentKind` says), so
+    the link names the workflow type itself."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        exp = MlflowClient(tracking_uri or server).get_experiment_by_name(experiment)
+    except Exception:  # an unreachable server: the rest of the summary still prints
+        return None
+    if exp is None:
+        return None
+    return f"{server.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"

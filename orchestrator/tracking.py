@@ -18,6 +18,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 _MAX_BATCH = 900  # MLflow's log_batch limit is 1000 entries
+# MLflow 3's UI opens an experiment by this tag: without it an experiment with no traces lands on the GenAI
+# overview ("Traces: 0"); this value opens the runs table (the value set in mlflow's server js bundle).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
@@ -52,9 +55,14 @@ class Tracker:
         self.client = MlflowClient(tracking_uri)
         exp = _retry(lambda: self.client.get_experiment_by_name(experiment))
         if exp is None:
-            exp_id = _retry(lambda: self.client.create_experiment(experiment, artifact_location=artifact_root))
+            exp_id = _retry(lambda: self.client.create_experiment(experiment, artifact_location=artifact_root,
+                                                                  tags=EXPERIMENT_KIND))
         else:
             exp_id = exp.experiment_id
+            # Experiments created before the tag existed (or by hand) get it too; a user's own kind stays.
+            if "mlflow.experimentKind" not in exp.tags:
+                for k, v in EXPERIMENT_KIND.items():
+                    _retry(lambda: self.client.set_experiment_tag(exp_id, k, v))
         self.experiment_id = exp_id
 
     def stage_run(self, stage: str, spec_hash: str, resume: bool, extra_tags: Mapping[str, str] | None = None) -> str:
@@ -108,7 +116,7 @@ class TrialRun:
     """Worker side: the child run of one trial, found or created by (parent, trial id)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                 tags: Mapping[str, Any], params: Mapping[str, Any]):
+                 tags: Mapping[str, Any], params: Mapping[str, Any], run_name: str | None = None):
         self.client = MlflowClient(tracking_uri)
         flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`hisf.trial_id` = '{trial_id}'"
         found = _retry(lambda: self.client.search_runs([experiment_id], filter_string=flt, max_results=1))
@@ -120,7 +128,7 @@ class TrialRun:
         else:
             all_tags = {"mlflow.parentRunId": parent_run_id, "hisf.trial_id": trial_id, "hisf.status": "running"}
             all_tags.update({k: str(v) for k, v in tags.items()})
-            run = _retry(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=trial_id))
+            run = _retry(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or trial_id))
             self.run_id = run.info.run_id
             self.resumed = False
             logged = {}

@@ -42,6 +42,17 @@ class Trial:
             "study": self.study, "optuna_number": self.optuna_number, "optuna_trial_id": self.optuna_trial_id,
         }
 
+    @property
+    def run_name(self) -> str:
+        """What a row of the MLflow runs table says: `HISF · oxford_pets · seed 1 · depth=9` (search trials
+        add their number and sampled values, final trials of searched rows the best values they took)."""
+        parts = [self.row, self.dataset, f"seed {self.seed}"]
+        if self.optuna_number is not None:
+            parts.append(f"trial {self.optuna_number}")
+        if self.point:
+            parts.append(", ".join(f"{k.rsplit('.', 1)[-1]}={_label(v)}" for k, v in self.point))
+        return " · ".join(parts)
+
     @classmethod
     def from_payload(cls, d: Mapping[str, Any]) -> "Trial":
         return cls(
@@ -241,6 +252,15 @@ def _short(v: Any) -> str:
         return f"{v:g}"
     if isinstance(v, (list, tuple)):
         return "_".join(str(x) for x in v)
+    return str(v)
+
+
+def _label(v: Any) -> str:
+    """A grid or sampled value short enough for a run name (floats to 4 significant digits)."""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_label(x) for x in v) + "]"
     return str(v)
 
 

@@ -130,7 +130,7 @@ def tune_trainable(config: dict) -> None:
     import ray
 
     run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
-                   trial_tags(trial, ctx), trial.config.flatten())
+                   trial_tags(trial, ctx), trial.config.flatten(), run_name=trial.run_name)
     resumed_epochs = _restore_checkpoint(trial)
     attempt = run.next_attempt()
     run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt,
@@ -146,8 +146,9 @@ def tune_trainable(config: dict) -> None:
     from hisf.config import ConfigError
 
     try:
+        ddp_result = None
         if workers > 1:
-            status = _fit_ddp(trial, ctx, config, run)
+            status, ddp_result = _fit_ddp(trial, ctx, config, run)
             final = run.latest_metrics()
         else:
             final = _run_engine(trial, bridge, float(ctx.get("gpus_per_trial", 0)))
@@ -175,6 +176,13 @@ def tune_trainable(config: dict) -> None:
     overhead = time.perf_counter() - started - engine_seconds
     run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
     run.finish(status)
+    if not ctx.get("keep_checkpoints", False):
+        # On record as finished: its checkpoints only served resuming it (Tune's copy goes on the driver).
+        from orchestrator.checkpoints import drop_engine_checkpoint, drop_ray_checkpoints
+
+        drop_engine_checkpoint(trial.config.output_dir)
+        if ddp_result is not None:
+            drop_ray_checkpoints(ddp_result.filesystem, ddp_result.path)
     tune.report({**final, STATUS_KEY: status, FINAL_KEY: True, "engine_seconds": engine_seconds,
                  "orchestration_seconds": overhead})
 
@@ -273,7 +281,7 @@ def _ddp_worker(loop_config: dict) -> None:
     bridge = run = None
     if rank == 0:
         run = TrialRun(ctx["tracking_uri"], ctx["experiment_id"], ctx["parent_run_id"], trial.trial_id,
-                       trial_tags(trial, ctx), trial.config.flatten())
+                       trial_tags(trial, ctx), trial.config.flatten(), run_name=trial.run_name)
         bridge = _Bridge(trial, run, ctx, report_to_tune=False)
         # Worker-group starts of this trial, FailureConfig restarts included (hisf.attempts counts Tune's).
         from ray.util.placement_group import get_current_placement_group
@@ -301,6 +309,12 @@ def _ddp_worker(loop_config: dict) -> None:
         run.log_metrics({k: v for k, v in _numbers(final or {}).items() if last.get(k) != v},
                         step=int((final or {}).get("epoch", 0)))
         run.log_artifacts(bridge.artifacts)
+    if not ctx.get("keep_checkpoints", False):
+        # Each rank drops its node's copy (on other nodes the only place it is). Ray Train's copy stays until
+        # tune_trainable has put the trial on record, so a driver killed in between still resumes from it.
+        from orchestrator.checkpoints import drop_engine_checkpoint
+
+        drop_engine_checkpoint(trial.config.output_dir)
 
 
 def _remove_stale_placement_group(run) -> None:
@@ -326,8 +340,9 @@ def _remove_stale_placement_group(run) -> None:
         remove_placement_group(pg)
 
 
-def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> str:
-    """Run the DDP workers; returns the trial's status (finished or pruned); raises a worker's ConfigError."""
+def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> tuple[str, Any]:
+    """Run the DDP workers; returns the trial's status (finished or pruned) and Ray Train's result; raises a
+    worker's ConfigError."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -354,7 +369,7 @@ def _fit_ddp(trial: Trial, ctx: Mapping[str, Any], config: dict, run) -> str:
     tags = run.tags()
     if tags.get("hisf.status") == "failed":
         raise ConfigError(tags.get("hisf.error", "a DDP worker reported a bad trial config"))
-    return "pruned" if (result.metrics or {}).get(STATUS_KEY) == "pruned" else "finished"
+    return ("pruned" if (result.metrics or {}).get(STATUS_KEY) == "pruned" else "finished"), result
 
 
 def _numbers(d: Mapping[str, Any]) -> dict[str, float]:

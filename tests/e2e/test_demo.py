@@ -1,6 +1,7 @@
 """README's main command: `hisf-bench run experiments/demo.yaml` end to end on embedded defaults."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,14 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     assert (wd / "data" / "demo" / "manifest.parquet").is_file()  # demo data built on the spot
     for line in ("mlflow ui --backend-store-uri", "optuna-dashboard sqlite:///", "hisf-bench report"):
         assert line in out.stdout
+    # What the README promises a new user: a progress line per stage, none of Ray's own chatter.
+    last = re.findall(r"^\[search\] (\d)/4 finished, 0 running, 0 failed, (\d) pruned · .* · best val_acc \d+\.\d\d$",
+                      out.stdout, re.M)
+    assert last and int(last[-1][0]) + int(last[-1][1]) == 4, out.stdout[-3000:]  # median pruning may stop some
+    assert re.search(r"^\[final\] 12/12 finished, 0 running, 0 failed, 0 pruned · ", out.stdout, re.M), out.stdout[-3000:]
+    for chatter in ("Configuration for experiment", "TensorBoard", "Checkpoint successfully created",
+                    "RAY_DEDUP_LOGS", "Token authentication", "(tune_trainable pid="):
+        assert chatter not in out.stdout + out.stderr, chatter
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     exp = client.get_experiment_by_name("demo")
     runs = client.search_runs([exp.experiment_id], max_results=1000)

@@ -26,7 +26,14 @@ def test_two_worker_trial_equals_one_process_with_double_batch(tmp_path, demo_ro
     spec_path.write_text(yaml.safe_dump(raw))
     out = run_cli(["sweep", spec_path], cwd=tmp_path, timeout=280)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "world_size=2" in out.stdout + out.stderr
+    # The workers' own output goes to the stage's log, not the console.
+    assert "world_size=2" in (tmp_path / "hisf-bench" / "logs" / "ddp-sweep.log").read_text()
+    assert "world_size=2" not in out.stdout + out.stderr
+    # Finished and on record: no rank's engine checkpoint, nor Ray Train's or Tune's copy, is left.
+    wd = tmp_path / "hisf-bench"
+    assert not list((wd / "runs").rglob("state.pt"))
+    assert [p for p in (wd / "ray_results").rglob("checkpoint_*") if p.is_dir()] == []
+    assert list((wd / "ray_results").glob("*-ddp-*"))  # Ray Train's run folder was there (and is now empty of them)
     (run,) = mlflow_children(f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}", "ddp")
     assert run.data.tags["hisf.status"] == "finished"
     client = MlflowClient(f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}")
