@@ -149,7 +149,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     data.bind(backbone, cfg)
     if tc.compile:
         compile_losses(model, tc.compile_mode)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = model.num_trainable()
     epochs = tc.epochs if n_trainable else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
     scheduler = build_scheduler(optimizer, tc) if optimizer else None
