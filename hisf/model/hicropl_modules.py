@@ -182,6 +182,9 @@ class HiCroPLPrompts(nn.Module):
         vision = {l: (mapped_v[l] if l < k else self.cross_prompts_visual[l]) for l in range(d)}
         return text, vision
 
+    # Outside any compiled graph: aot_autograd cannot mutate inputs that share a storage (the aliased visual
+    # prompts), so a compiled `released` step breaks here once and runs the write-back eagerly.
+    @torch.compiler.disable
     @torch.no_grad()
     def write_back(self) -> None:
         """The released code's in-place update: text→vision first, then vision→text from the written values."""
