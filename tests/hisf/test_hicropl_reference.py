@@ -395,3 +395,41 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     ours, theirs = _engine_steps(model, opt, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=2e-5)
     _assert_prompts_equal(model, ref, atol=1e-5)
+
+
+def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descriptions, tmp_path):
+    """A checkpoint (trainable state + optimiser state, as the engine saves them) resumes the released training exactly."""
+    from hisf.config import TrainConfig
+    from hisf.engine.optim import build_optimizer
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        m = hicropl(backbone, classes, descriptions).train()
+        return m, build_optimizer(TrainConfig(preset="hicropl"), m.param_groups())
+
+    x1, x2 = batches()
+    labels = torch.tensor([0, 1, 2, 1])
+    model, opt = fresh(0)
+    _engine_steps(model, opt, [x1], labels)
+    torch.save({"trainable": model.trainable_state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sum(k.startswith("prompts.cross_prompts_visual.") for k in state["trainable"]) == DEPTH
+    resumed, ropt = fresh(1)
+    assert not torch.equal(resumed.prompts.cross_prompts_visual[0], model.prompts.cross_prompts_visual[0])
+    resumed.load_trainable_state_dict(state["trainable"])
+    ropt.load_state_dict(state["optimizer"])
+    pr = resumed.prompts
+    for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
+        assert len({p.untyped_storage().data_ptr() for p in plist}) == 1  # copied into the storage, still shared
+    # Each alias got its own moment estimates back (they differ: one per layer's gradient).
+    moments = [ropt.state[p]["exp_avg"] for p in pr.cross_prompts_visual]
+    assert not torch.equal(moments[0], moments[DEPTH - 1])
+    a, b = _engine_steps(model, opt, [x2], labels), _engine_steps(resumed, ropt, [x2], labels)
+    assert a == b
+    for (k, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), k
+    # A state dict that gives aliases different values cannot load into one storage.
+    bad = dict(state["trainable"])
+    bad["prompts.cross_prompts_visual.2"] = bad["prompts.cross_prompts_visual.2"] + 1
+    with pytest.raises(ValueError, match=r"'prompts.cross_prompts_visual.2' differs from 'prompts.cross_prompts_visual.0'"):
+        resumed.load_trainable_state_dict(bad)
