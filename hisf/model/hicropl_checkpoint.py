@@ -158,7 +158,7 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
             raise HiCroPLCheckpointError(
                 f"{where}: {key!r} differs from {source_of[first]!r}; the model holds them in one storage, as "
                 "the released code builds them (and keeps them on CPU), so their values must be equal (a checkpoint "
-                "from the released code on a GPU, where `.to(device)` unties them, needs per-layer storage)")
+                "from the released code on a GPU, where `.to(device)` unties them, needs method.released_storage: per_layer)")
         source_of.setdefault(first, key)
         new.setdefault(first, value)
         new[ours] = value

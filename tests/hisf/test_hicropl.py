@@ -176,6 +176,10 @@ def test_bad_hicropl_config(backbone, classes):
         _hicropl(backbone, classes, mapper_heads=3)
     with pytest.raises(ConfigError, match=r"method.mapping: unknown value 'paper'; expected one of \['learned', 'released'\]"):
         _hicropl(backbone, classes, mapping="paper")
+    with pytest.raises(ConfigError, match=r"method.released_storage: unknown value 'one'; expected one of \['shared', 'per_layer'\]"):
+        _hicropl(backbone, classes, mapping="released", released_storage="one")
+    with pytest.raises(ConfigError, match=r"method.released_storage: 'per_layer' applies to mapping 'released' only; got mapping 'learned'"):
+        _hicropl(backbone, classes, released_storage="per_layer")
     # Defaults are the released base-to-novel settings.
     cfg = MethodConfig(name="hicropl")
     assert (cfg.depth, cfg.cross_layer, cfg.lambda_distill, cfg.mapping) == (12, 6, 12.0, "learned")

@@ -357,8 +357,6 @@ def test_one_parameter_for_the_shared_visual_prompt_would_train_otherwise(backbo
 def test_shared_storage_survives_conversion_which_unties_the_released_code(backbone, classes, descriptions, tmp_path):
     """`Module.to` converts each parameter on its own: the released model's aliases come apart (as on `.to("cuda")`),
     ours are re-tied, so one config trains alike on every device; a per-layer-storage model imports that state."""
-    from hisf.model.hicropl_modules import HiCroPLPrompts
-
     ref = released_reference(backbone, classes, descriptions)
     ref.double().float()  # exact round trip; the same per-parameter copy as a device move
     pl = ref.prompt_learner
@@ -380,10 +378,12 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     _reference_steps(ref, dassl_optimizer(ref), [x1], labels)
     assert not torch.equal(pl.cross_prompts_visual[0], pl.cross_prompts_visual[DEPTH - 1])
     path = save_dassl_checkpoint(ref, tmp_path)
-    with pytest.raises(HiCroPLCheckpointError, match=r"cross_prompts_visual.\d' differs .* needs per-layer storage"):
+    with pytest.raises(HiCroPLCheckpointError,
+                       match=r"cross_prompts_visual.\d' differs .* needs method.released_storage: per_layer"):
         import_hicropl_prompts(model, path)
-    model.prompts = HiCroPLPrompts(DEPTH, K, N_CTX, backbone.text_width, backbone.vision_width, None,
-                                   mapping="released", shared_storage=False)
+    cfg = MethodConfig(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released",
+                       released_storage="per_layer", descriptions=descriptions)
+    model = build_method(cfg, backbone, classes, dataset="pets3")
     assert len({p.untyped_storage().data_ptr() for p in model.prompts.cross_prompts_visual}) == DEPTH
     import_hicropl_prompts(model, path)
     from hisf.config import TrainConfig
