@@ -74,7 +74,7 @@ def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.
 
 def shares_storage(params: Sequence[torch.nn.Parameter]) -> bool:
     """True when two parameters are views of one storage (HiCroPL's `mapping: released` aliases)."""
-    ptrs = [p.untyped_storage().data_ptr() for p in params]
+    ptrs = [p.untyped_storage().data_ptr() for p in params if p.numel()]  # empty tensors have no storage to share
     return len(set(ptrs)) < len(ptrs)
 
 
