@@ -11,7 +11,10 @@ released code runs it (the differences from the paper that matter for reproducin
 - the D visual prompt parameters are `nn.Parameter(t)` of one tensor `t` (one storage); so are the text
   proxy tokens, and the visual proxy tokens; the LKPs of a side are deep copies of one module. Dassl's Adam
   over `model.parameters()` (`dassl_optimizer`) keeps one moment estimate per parameter, so each step adds
-  D Adam updates (one per layer's gradient) to the shared visual prompt values;
+  D Adam updates (one per layer's gradient) to the shared visual prompt values. The sharing lasts only while
+  the model stays where it was built: the released trainer's `model.to(device)` (like any `.to()` that moves
+  or casts, e.g. `.double()`) converts each parameter on its own and so unties them (on a GPU each layer then
+  has its own visual prompt, equal at first);
 - the frozen teachers: the zero-shot image encoder (saved as `prompt_learner.ZS_image_encoder.*`) and the
   text teacher from class descriptions, computed once per class set by a float32 CLIP; both are added to
   the normalised prompted features before the logits, and the loss is CE + λ·(two cosine distillations);

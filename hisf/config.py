@@ -16,6 +16,9 @@ from typing import Any, Mapping
 
 METHODS = ("zeroshot", "coop", "maple", "hisf", "hicropl")
 MAPPINGS = ("learned", "released")
+# `mapping: released`: its D visual prompt parameters over one storage (as the released code builds them and
+# keeps them on CPU) or one storage each (as they become when the released code moves the model to a GPU).
+RELEASED_STORAGES = ("shared", "per_layer")
 # Prompt depth D when `method.depth` is not given: MaPLe/HISF 9, HiCroPL 12 (docs/method.md).
 DEFAULT_DEPTH = {"hicropl": 12}
 MAPLE_DEPTH = 9
@@ -81,6 +84,7 @@ class MethodConfig:
     lambda_distill: float = 12.0
     descriptions: str = "templates"
     mapping: str = "learned"
+    released_storage: str = "shared"
 
     def validate(self, path: str = "method") -> None:
         _check_choice(self.name, METHODS, f"{path}.name")
@@ -90,6 +94,10 @@ class MethodConfig:
         if self.depth < 1:
             raise ConfigError(f"{path}.depth: expected an integer >= 1, got {self.depth}")
         _check_choice(self.mapping, MAPPINGS, f"{path}.mapping")
+        _check_choice(self.released_storage, RELEASED_STORAGES, f"{path}.released_storage")
+        if self.released_storage != "shared" and self.mapping != "released":
+            raise ConfigError(f"{path}.released_storage: {self.released_storage!r} applies to mapping 'released' only; "
+                              f"got mapping {self.mapping!r}")
         if self.name == "hicropl":
             if self.layers is not None:
                 raise ConfigError(f"{path}.layers: hicropl prompts layers 0..depth-1; set method.depth, not layers")

@@ -72,16 +72,30 @@ def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.
     return [{"name": n, "params": ps, "lr": g_lr, "weight_decay": g_wd} for n, ps, g_lr, g_wd in spec if ps]
 
 
+def shares_storage(params: Sequence[torch.nn.Parameter]) -> bool:
+    """True when two parameters are views of one storage (HiCroPL's `mapping: released` aliases)."""
+    ptrs = [p.untyped_storage().data_ptr() for p in params if p.numel()]  # empty tensors have no storage to share
+    return len(set(ptrs)) < len(ptrs)
+
+
 def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    """The preset's optimiser over `build_param_groups`; aliased parameters are each their own entry.
+
+    Parameters that share a storage (distinct objects, so `_unique_trainable` keeps each, as Dassl's Adam
+    over `model.parameters()` does) get one update each, applied one after the other: the per-tensor
+    (for-loop) implementation is forced for them, because the multi-tensor one reads every parameter
+    before writing any (and on CUDA one kernel writing one storage from several blocks races).
+    """
     param_groups = build_param_groups(cfg, groups)
     if not param_groups:
         raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
+    sequential = {"foreach": False} if shares_storage([p for g in param_groups for p in g["params"]]) else {}
     if cfg.preset == "paper":
-        return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum)
+        return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum, **sequential)
     if cfg.preset == "hicropl":
         # torch's Adam weight_decay is the coupled L2 term (added to the gradient), as Dassl's Adam.
-        return torch.optim.Adam(param_groups, lr=base_lr(cfg), betas=HICROPL_BETAS, eps=HICROPL_EPS)
-    return torch.optim.AdamW(param_groups, lr=base_lr(cfg))
+        return torch.optim.Adam(param_groups, lr=base_lr(cfg), betas=HICROPL_BETAS, eps=HICROPL_EPS, **sequential)
+    return torch.optim.AdamW(param_groups, lr=base_lr(cfg), **sequential)
 
 
 def lr_factor(epoch: int, cfg: TrainConfig, group_lr: float) -> float:

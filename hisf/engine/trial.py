@@ -172,7 +172,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
         release_compiled(None)  # a fresh Dynamo cache per trial: earlier trials' class sets never count here
         compile_losses(model, tc.compile_mode)
         fallbacks_before = compile_stats()["eager_fallbacks"]
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = model.num_trainable()
     epochs = tc.epochs if n_trainable else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
     scheduler = build_scheduler(optimizer, tc) if optimizer else None

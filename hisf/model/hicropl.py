@@ -97,5 +97,6 @@ def build_hicropl(cfg: MethodConfig, backbone: Backbone) -> HiCroPLModel:
     # when n_ctx fits in ctx_init's tokens ("a photo of a" = 4), else "X X ... X" and N(0, 0.02).
     prefix, init = prefix_text(backbone, n_ctx, cfg.ctx_init)
     prompts = HiCroPLPrompts(len(layers), cfg.cross_layer, n_ctx, backbone.text_width, backbone.vision_width, init,
-                             cfg.lkp_heads, cfg.mapper_heads, cfg.mapping)
+                             cfg.lkp_heads, cfg.mapper_heads, cfg.mapping,
+                             shared_storage=cfg.released_storage == "shared")
     return HiCroPLModel(cfg, backbone, n_ctx, layers, prefix, prompts)

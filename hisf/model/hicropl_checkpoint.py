@@ -2,9 +2,12 @@
 
 The released trainer saves its whole `CustomCLIP` state dict: the prompt learner (`prompt_learner.*`), which
 we load, and frozen CLIP weights (`prompt_learner.ZS_image_encoder.*`, the image teacher; `image_encoder.*`,
-`text_encoder.*`, `logit_scale`), which must equal our backbone's and are checked, never loaded. Its D
-visual prompts are one storage (every `cross_prompts_visual.{i}` holds the same values), as are its text
-and its visual proxy tokens; a `released` model keeps one parameter for each of those.
+`text_encoder.*`, `logit_scale`), which must equal our backbone's and are checked, never loaded. Every
+released key loads into the parameter of the same name (`ctx` is `cross_prompts_text.0`). Where our model's
+parameters share one storage (the D visual prompts, each side's proxy tokens; docs/method.md), the
+checkpoint's values for them must be equal, as a checkpoint saved by the released code on CPU holds them;
+one saved after the released code moved the model to a GPU holds per-layer visual prompts and imports into
+a model built with per-layer storage.
 """
 
 from __future__ import annotations
@@ -60,20 +63,28 @@ def _count(sd: Mapping[str, torch.Tensor], name: str) -> int:
 
 
 def hicropl_key_map(depth: int, cross_layer: int) -> dict[str, str]:
-    """Released `prompt_learner.*` key -> our `released` PromptModel parameter name.
-
-    Several released keys map to one of ours where the released parameters share one storage
-    (visual prompts, proxy tokens) or are one parameter (`ctx` is `cross_prompts_text.0`).
-    """
+    """Released `prompt_learner.*` prompt and proxy key -> our `released` PromptModel parameter name (the same name;
+    `ctx` is one parameter with `cross_prompts_text.0`)."""
     mapping = {"prompt_learner.ctx": "prompts.cross_prompts_text.0"}
     for i in range(depth):
         mapping[f"prompt_learner.cross_prompts_text.{i}"] = f"prompts.cross_prompts_text.{i}"
-        mapping[f"prompt_learner.cross_prompts_visual.{i}"] = "prompts.cross_prompts_visual.0"
+        mapping[f"prompt_learner.cross_prompts_visual.{i}"] = f"prompts.cross_prompts_visual.{i}"
     for i in range(cross_layer):
-        mapping[f"prompt_learner.text_proxy_token.{i}"] = "prompts.text_proxy_token.0"
+        mapping[f"prompt_learner.text_proxy_token.{i}"] = f"prompts.text_proxy_token.{i}"
     for i in range(depth - cross_layer):
-        mapping[f"prompt_learner.visual_proxy_token.{i}"] = "prompts.visual_proxy_token.0"
+        mapping[f"prompt_learner.visual_proxy_token.{i}"] = f"prompts.visual_proxy_token.{i}"
     return mapping
+
+
+def _storage_owner(model) -> dict[str, str]:
+    """Our trainable parameter name -> the first parameter name over the same storage (itself when unshared)."""
+    first: dict[tuple, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+            out[name] = first.setdefault(key, name)
+    return out
 
 
 def _check_frozen(where: str, sd: Mapping[str, torch.Tensor], backbone_sd: Mapping[str, torch.Tensor]) -> None:
@@ -131,8 +142,9 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
     if missing or unexpected:
         raise HiCroPLCheckpointError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
 
+    owner = _storage_owner(model)
     new: dict[str, torch.Tensor] = {}
-    source_of: dict[str, str] = {}
+    source_of: dict[str, str] = {}  # storage owner -> the released key that gave its values
     for key, ours in mapping.items():
         value = sd[key]
         if tuple(value.shape) != tuple(own[ours].shape):
@@ -141,12 +153,15 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
                 f"(n_ctx={model.n_ctx} and the backbone's widths)")
         # The released fp16 run stores these in fp16; our trainable parameters stay float32.
         value = value.float()
-        if ours in new and not torch.equal(new[ours], value):
+        first = owner[ours]
+        if first in source_of and not torch.equal(new[first], value):
             raise HiCroPLCheckpointError(
-                f"{where}: {key!r} differs from {source_of[ours]!r}; the released code keeps them as one tensor "
-                "(shared storage), so a released checkpoint holds equal values")
-        new.setdefault(ours, value)
-        source_of.setdefault(ours, key)
+                f"{where}: {key!r} differs from {source_of[first]!r}; the model holds them in one storage, as "
+                "the released code builds them (and keeps them on CPU), so their values must be equal (a checkpoint "
+                "from the released code on a GPU, where `.to(device)` unties them, needs method.released_storage: per_layer)")
+        source_of.setdefault(first, key)
+        new.setdefault(first, value)
+        new[ours] = value
     missing_own = sorted(set(own) - set(new))
     if missing_own:
         raise HiCroPLCheckpointError(f"{where}: the model's parameters {missing_own} have no released key")

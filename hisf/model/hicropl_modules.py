@@ -75,17 +75,24 @@ class HiCroPLPrompts(nn.Module):
     text = raw P_t^l for l < k, M_v→t(...) for l >= k; vision = M_t→v(...) for l < k, raw P_v^l for l >= k;
     gradients reach every prompt, proxy, LKP and mapper.
 
-    `mapping="released"` (the released code, docs/method.md): ONE visual prompt tensor for every layer
-    (`cross_prompts_visual.0`) and one text / one visual proxy token; each forward maps without grad and
-    writes the mapper outputs into the stored prompts (visual: the mapped prompt of layer k-1, the last
-    write to the shared storage; text: layers k..D-1), then the encoders read the stored prompts. So the
-    mappers and LKPs get no gradient, and every forward (eval too) changes the prompts. The released code
-    keeps these parameters in fp16; we keep fp32 master parameters (the mapping runs in the step's autocast
-    dtype and is stored in fp32).
+    `mapping="released"` (the released code, docs/method.md): each forward maps without grad and writes the
+    mapper outputs into the stored prompts (visual: layers 0..k-1; text: layers k..D-1), then the encoders
+    read the stored prompts. So the mappers and LKPs get no gradient, and every forward (eval too) changes
+    the prompts. As in the released code there are D visual prompt parameters, k text and D-k visual proxy
+    parameters, each its own `nn.Parameter` (so Adam keeps one moment state per layer and adds one update
+    per layer's gradient); with `shared_storage=True` (the released code as built, and as it stays on CPU)
+    the D visual prompts are `nn.Parameter(t)` of ONE tensor `t`, and so are each side's proxy tokens: the
+    text->vision write-back then leaves layer k-1's mapped prompt in every layer. `shared_storage=False` is
+    the released code after `model.to(device)` moves it to another device or dtype (torch copies each
+    parameter separately, which unties them): same initial values, then per-layer storages. The sharing
+    survives our own `.to()` (`_apply` re-ties it), so one config trains alike on every device. The released
+    code keeps these parameters in fp16; we keep fp32 master parameters (the mapping runs in the step's
+    autocast dtype and is stored in fp32).
     """
 
     def __init__(self, depth: int, cross_layer: int, n_ctx: int, text_width: int, vision_width: int,
-                 init: torch.Tensor | None, lkp_heads: int = 8, mapper_heads: int = 8, mapping: str = "learned"):
+                 init: torch.Tensor | None, lkp_heads: int = 8, mapper_heads: int = 8, mapping: str = "learned",
+                 shared_storage: bool = True):
         super().__init__()
         widths = {"text": text_width, "vision": vision_width}
         check_heads(lkp_heads, widths, "method.lkp_heads")
@@ -96,10 +103,17 @@ class HiCroPLPrompts(nn.Module):
         if init is not None:
             text[0] = nn.Parameter(init.detach().clone().float())
         self.cross_prompts_text = nn.ParameterList(text)
-        self.cross_prompts_visual = nn.ParameterList(_normal((n_ctx, vision_width)) for _ in range(1 if released else depth))
         k, late = cross_layer, depth - cross_layer
-        self.text_proxy_token = nn.ParameterList(_normal((1, text_width), 1.0) for _ in range(1 if released else k))
-        self.visual_proxy_token = nn.ParameterList(_normal((1, vision_width), 1.0) for _ in range(1 if released else late))
+        # Released: one tensor behind all of a list's parameters (the released `nn.Parameter(t) for _ in ...`).
+        self.shared_storage = released and shared_storage
+        if released:
+            self.cross_prompts_visual = self._aliases(_normal((n_ctx, vision_width)), depth)
+            self.text_proxy_token = self._aliases(_normal((1, text_width), 1.0), k)
+            self.visual_proxy_token = self._aliases(_normal((1, vision_width), 1.0), late)
+        else:
+            self.cross_prompts_visual = nn.ParameterList(_normal((n_ctx, vision_width)) for _ in range(depth))
+            self.text_proxy_token = nn.ParameterList(_normal((1, text_width), 1.0) for _ in range(k))
+            self.visual_proxy_token = nn.ParameterList(_normal((1, vision_width), 1.0) for _ in range(late))
         # The released code deep-copies one LKP per layer (identical start); we do the same in both mappings.
         self.attn_pooling_text_nets = nn.ModuleList(copy.deepcopy(m) for m in [AttentionPooling(text_width, lkp_heads)] * k)
         self.attn_pooling_visual_nets = nn.ModuleList(
@@ -107,16 +121,37 @@ class HiCroPLPrompts(nn.Module):
         self.text2visual_net = CrossPromptAttention(vision_width, text_width, mapper_heads)
         self.visual2text_net = CrossPromptAttention(text_width, vision_width, mapper_heads)
 
+    def _aliases(self, t: torch.Tensor, count: int) -> nn.ParameterList:
+        """`count` parameters over `t`: one storage when shared, else equal copies (the released code after .to())."""
+        return nn.ParameterList(nn.Parameter(t.data if self.shared_storage else t.detach().clone()) for _ in range(count))
+
+    def shared_lists(self) -> tuple[nn.ParameterList, ...]:
+        """The parameter lists whose members share one storage (empty unless released with shared storage)."""
+        if not self.shared_storage:
+            return ()
+        return self.cross_prompts_visual, self.text_proxy_token, self.visual_proxy_token
+
+    def _apply(self, fn, recurse: bool = True):
+        # Module._apply converts each parameter on its own (`param.data = fn(param)`), which would give every
+        # alias its own copy on a device or dtype change, as happens to the released code on `.to("cuda")`.
+        super()._apply(fn, recurse)
+        for plist in self.shared_lists():
+            first = plist[0]
+            for p in list(plist)[1:]:
+                if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+                    p.data = first.data
+        return self
+
     # ----- the pieces (shared by both mappings) -----
     def _text_proxy(self, i: int) -> torch.Tensor:
-        return self.text_proxy_token[0 if len(self.text_proxy_token) == 1 else i]
+        return self.text_proxy_token[i]
 
     def _visual_proxy(self, j: int) -> torch.Tensor:
-        return self.visual_proxy_token[0 if len(self.visual_proxy_token) == 1 else j]
+        return self.visual_proxy_token[j]
 
     def visual(self, l: int) -> torch.Tensor:
-        """The stored visual prompt of layer l (the shared one under `released`)."""
-        return self.cross_prompts_visual[0 if len(self.cross_prompts_visual) == 1 else l]
+        """The stored visual prompt of layer l (under `released` with shared storage, an alias of all the others)."""
+        return self.cross_prompts_visual[l]
 
     def text_to_vision(self) -> torch.Tensor:
         """[k, n, Wv]: M_t→v(visual prompts of layers 0..k-1, text proxies of layers 0..k-1)."""
@@ -147,11 +182,14 @@ class HiCroPLPrompts(nn.Module):
         vision = {l: (mapped_v[l] if l < k else self.cross_prompts_visual[l]) for l in range(d)}
         return text, vision
 
+    # Outside any compiled graph: aot_autograd cannot mutate inputs that share a storage (the aliased visual
+    # prompts), so a compiled `released` step breaks here once and runs the write-back eagerly.
+    @torch.compiler.disable
     @torch.no_grad()
     def write_back(self) -> None:
         """The released code's in-place update: text→vision first, then vision→text from the written values."""
         mapped_v = self.text_to_vision()
-        for l in range(self.k):  # every layer shares one tensor: the last write (layer k-1) is what stays
+        for l in range(self.k):  # with shared storage every layer is one tensor: the last write (layer k-1) stays
             self.visual(l).copy_(mapped_v[l])
         mapped_t = self.vision_to_text()
         for l in range(self.k, self.depth):

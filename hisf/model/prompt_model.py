@@ -188,6 +188,13 @@ class PromptModel(nn.Module):
         for k, v in state_dict.items():
             if tuple(v.shape) != tuple(own[k].shape):
                 raise ValueError(f"trainable state dict: key {k!r} has shape {tuple(v.shape)}; expected {tuple(own[k].shape)}")
+        # Parameters over one storage (HiCroPL's `released` aliases) take one value: a state dict that gives
+        # them different values cannot be loaded (copying them in turn would keep only the last).
+        first: dict[tuple, str] = {}
+        for k, p in own.items():
+            a = first.setdefault((p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape)), k)
+            if a != k and not torch.equal(state_dict[a].to(p.device, p.dtype), state_dict[k].to(p.device, p.dtype)):
+                raise ValueError(f"trainable state dict: {k!r} differs from {a!r}; the model holds them in one storage")
         for k, v in state_dict.items():
             own[k].copy_(v.to(own[k].device, own[k].dtype))
         self._cache = None
@@ -200,7 +207,14 @@ class PromptModel(nn.Module):
         return {g: [p for p in ps if p.requires_grad] for g, ps in groups.items()}
 
     def num_trainable(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Trainable numbers, each storage counted once (HiCroPL's `released` aliases share one tensor's values)."""
+        seen, total = set(), 0
+        for p in self.parameters():
+            key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+            if p.requires_grad and key not in seen:
+                seen.add(key)
+                total += p.numel()
+        return total
 
 
 def prompt_layers(cfg: MethodConfig, backbone: Backbone) -> tuple[int, ...]:

@@ -119,7 +119,11 @@ def test_text_teacher_is_computed_once_per_class_set(backbone, classes, novel, i
 def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbone, classes, images, labels):
     model = _hicropl(backbone, classes, mapping="released").train()
     pr = model.prompts
-    assert (len(pr.cross_prompts_visual), len(pr.text_proxy_token), len(pr.visual_proxy_token)) == (1, 1, 1)
+    # As released: D visual prompt parameters over one storage, and one storage per side's proxy tokens.
+    assert (len(pr.cross_prompts_visual), len(pr.text_proxy_token), len(pr.visual_proxy_token)) == (D, K, D - K)
+    for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
+        assert len({id(p) for p in plist}) == len(plist)
+        assert len({p.untyped_storage().data_ptr() for p in plist}) == 1
     assert not model.cache_text and model.forward_writes_params
     with torch.no_grad():
         # What the write-back will compute: text->vision first (shared storage keeps layer k-1's result) ...
@@ -139,7 +143,8 @@ def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbon
     for l in range(K, D):
         torch.testing.assert_close(pr.cross_prompts_text[l], mapped_t[l - K], atol=1e-6, rtol=0)
     p = model.compute_prompts()
-    assert all(p.vision[l] is pr.cross_prompts_visual[0] for l in range(D))
+    assert all(p.vision[l] is pr.cross_prompts_visual[l] for l in range(D))  # each layer's own alias
+    assert all(torch.equal(pr.cross_prompts_visual[l], pr.cross_prompts_visual[0]) for l in range(D))
     out["loss"].backward()
     for k, prm in model.named_parameters():
         if not prm.requires_grad:
@@ -171,6 +176,10 @@ def test_bad_hicropl_config(backbone, classes):
         _hicropl(backbone, classes, mapper_heads=3)
     with pytest.raises(ConfigError, match=r"method.mapping: unknown value 'paper'; expected one of \['learned', 'released'\]"):
         _hicropl(backbone, classes, mapping="paper")
+    with pytest.raises(ConfigError, match=r"method.released_storage: unknown value 'one'; expected one of \['shared', 'per_layer'\]"):
+        _hicropl(backbone, classes, mapping="released", released_storage="one")
+    with pytest.raises(ConfigError, match=r"method.released_storage: 'per_layer' applies to mapping 'released' only; got mapping 'learned'"):
+        _hicropl(backbone, classes, released_storage="per_layer")
     # Defaults are the released base-to-novel settings.
     cfg = MethodConfig(name="hicropl")
     assert (cfg.depth, cfg.cross_layer, cfg.lambda_distill, cfg.mapping) == (12, 6, 12.0, "learned")

@@ -263,3 +263,173 @@ def test_released_adam_adds_one_update_per_layer_to_the_shared_visual_prompt(bac
     one_param = lr * sum(grads) / (sum(grads).abs() + eps)
     # Not the step of one parameter holding the summed gradient (the two agree only where |g| << eps).
     assert (per_layer - one_param).abs().max() > 5e-4  # 1e-3 here, as large as the step itself
+
+
+def _engine_steps(model, optimizer, xs, labels):
+    """Our engine's training step (fp32, one rank) on each batch; the loss terms of each step."""
+    from hisf.engine.distributed import DistEnv
+    from hisf.engine.step import resolve_precision, train_step
+
+    env, precision = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False), resolve_precision("fp32", torch.device("cpu"))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = []
+    for x in xs:
+        res = train_step(model, x, labels, optimizer, precision, params, env)
+        assert not res.skipped
+        out.append(res.losses)
+    return out
+
+
+def _reference_steps(ref, optimizer, xs, labels):
+    out = []
+    for x in xs:
+        terms = ref(x, labels)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        out.append({k: float(v.detach()) for k, v in terms.items() if k != "logits"})
+    return out
+
+
+def _assert_prompts_equal(model, ref, atol):
+    pl, pr = ref.prompt_learner, model.prompts
+    for name in ("cross_prompts_text", "cross_prompts_visual", "text_proxy_token", "visual_proxy_token"):
+        for i, (a, b) in enumerate(zip(getattr(pr, name), getattr(pl, name), strict=True)):
+            torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}.{i}: {m}")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, descriptions, tmp_path, steps):
+    """Our `released` model with the `hicropl` preset trains as the released code's Dassl Adam does (D = 3)."""
+    from hisf.config import TrainConfig
+    from hisf.engine.optim import build_optimizer
+
+    ref = released_reference(backbone, classes, descriptions)
+    model = hicropl(backbone, classes, descriptions)
+    import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
+    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
+    # Every alias is its own optimiser entry, as in Dassl's Adam over model.parameters(); updated one by one.
+    # (`ctx` is the same object as `cross_prompts_text.0`: one entry in both.)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(
+        1 for n, _ in ref.prompt_learner.named_parameters() if not n.startswith("ZS_image_encoder."))
+    assert opt.defaults["foreach"] is False and opt.param_groups[0]["weight_decay"] == 5e-4
+    ref_opt = dassl_optimizer(ref)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(steps)]
+    labels = torch.tensor([0, 1, 2, 1])
+    model.train()
+    ref.train()
+    start = model.prompts.cross_prompts_visual[0].detach().clone()
+    ours, theirs = _engine_steps(model, opt, xs, labels), _reference_steps(ref, ref_opt, xs, labels)
+    for a, b in zip(ours, theirs, strict=True):
+        for term in model.loss_terms:
+            assert a[term] == pytest.approx(b[term], abs=2e-5), term
+    _assert_prompts_equal(model, ref, atol=1e-5)
+    pr = model.prompts
+    assert len({p.untyped_storage().data_ptr() for p in pr.cross_prompts_visual}) == 1  # still one storage
+    # The steps are D Adam updates on the shared values (~D * lr per element on the first step), not one.
+    moved = (pr.cross_prompts_visual[0].detach() - start).abs().mean()
+    assert moved > 2 * 0.0025 if steps == 1 else moved > 0.0025
+
+
+def test_one_parameter_for_the_shared_visual_prompt_would_train_otherwise(backbone, classes, descriptions, tmp_path):
+    """The test above can fail: Adam over one visual prompt parameter (one update from the summed gradient) differs."""
+    from hisf.config import TrainConfig
+    from hisf.engine.optim import build_optimizer
+
+    ref = released_reference(backbone, classes, descriptions)
+    model = hicropl(backbone, classes, descriptions)
+    import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
+    groups = model.param_groups()
+    groups["prompts"] = [p for p in groups["prompts"] if p is not model.prompts.cross_prompts_visual[1]
+                         and p is not model.prompts.cross_prompts_visual[2]]
+    opt = build_optimizer(TrainConfig(preset="hicropl"), groups)
+    x = batches()[0]
+    labels = torch.tensor([0, 1, 2, 1])
+    model.train()
+    ref.train()
+    _engine_steps(model, opt, [x], labels)
+    _reference_steps(ref, dassl_optimizer(ref), [x], labels)
+    diff = (model.prompts.cross_prompts_visual[0] - ref.prompt_learner.cross_prompts_visual[0]).abs().max()
+    assert diff > 1e-3
+
+
+def test_shared_storage_survives_conversion_which_unties_the_released_code(backbone, classes, descriptions, tmp_path):
+    """`Module.to` converts each parameter on its own: the released model's aliases come apart (as on `.to("cuda")`),
+    ours are re-tied, so one config trains alike on every device; a per-layer-storage model imports that state."""
+    ref = released_reference(backbone, classes, descriptions)
+    ref.double().float()  # exact round trip; the same per-parameter copy as a device move
+    pl = ref.prompt_learner
+    assert len({p.untyped_storage().data_ptr() for p in pl.cross_prompts_visual}) == DEPTH
+    model = hicropl(backbone, classes, descriptions)
+    model.double().float()
+    pr = model.prompts
+    for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
+        assert len({p.untyped_storage().data_ptr() for p in plist}) == 1
+    with torch.no_grad():
+        pr.cross_prompts_visual[2].add_(1.0)
+    assert torch.equal(pr.cross_prompts_visual[0], pr.cross_prompts_visual[2])
+
+    # Trained untied, the released visual prompts differ per layer: a shared model refuses them, a per-layer one
+    # (the released code as it runs on a GPU) imports them and trains as it does.
+    x1, x2 = batches()
+    labels = torch.tensor([0, 1, 2, 1])
+    ref.train()
+    _reference_steps(ref, dassl_optimizer(ref), [x1], labels)
+    assert not torch.equal(pl.cross_prompts_visual[0], pl.cross_prompts_visual[DEPTH - 1])
+    path = save_dassl_checkpoint(ref, tmp_path)
+    with pytest.raises(HiCroPLCheckpointError,
+                       match=r"cross_prompts_visual.\d' differs .* needs method.released_storage: per_layer"):
+        import_hicropl_prompts(model, path)
+    cfg = MethodConfig(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released",
+                       released_storage="per_layer", descriptions=descriptions)
+    model = build_method(cfg, backbone, classes, dataset="pets3")
+    assert len({p.untyped_storage().data_ptr() for p in model.prompts.cross_prompts_visual}) == DEPTH
+    import_hicropl_prompts(model, path)
+    from hisf.config import TrainConfig
+    from hisf.engine.optim import build_optimizer
+
+    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
+    assert opt.defaults["foreach"] is None  # nothing aliased: torch's default implementation
+    model.train()
+    ours, theirs = _engine_steps(model, opt, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
+    assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=2e-5)
+    _assert_prompts_equal(model, ref, atol=1e-5)
+
+
+def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descriptions, tmp_path):
+    """A checkpoint (trainable state + optimiser state, as the engine saves them) resumes the released training exactly."""
+    from hisf.config import TrainConfig
+    from hisf.engine.optim import build_optimizer
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        m = hicropl(backbone, classes, descriptions).train()
+        return m, build_optimizer(TrainConfig(preset="hicropl"), m.param_groups())
+
+    x1, x2 = batches()
+    labels = torch.tensor([0, 1, 2, 1])
+    model, opt = fresh(0)
+    _engine_steps(model, opt, [x1], labels)
+    torch.save({"trainable": model.trainable_state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sum(k.startswith("prompts.cross_prompts_visual.") for k in state["trainable"]) == DEPTH
+    resumed, ropt = fresh(1)
+    assert not torch.equal(resumed.prompts.cross_prompts_visual[0], model.prompts.cross_prompts_visual[0])
+    resumed.load_trainable_state_dict(state["trainable"])
+    ropt.load_state_dict(state["optimizer"])
+    pr = resumed.prompts
+    for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
+        assert len({p.untyped_storage().data_ptr() for p in plist}) == 1  # copied into the storage, still shared
+    # Each alias got its own moment estimates back (they differ: one per layer's gradient).
+    moments = [ropt.state[p]["exp_avg"] for p in pr.cross_prompts_visual]
+    assert not torch.equal(moments[0], moments[DEPTH - 1])
+    a, b = _engine_steps(model, opt, [x2], labels), _engine_steps(resumed, ropt, [x2], labels)
+    assert a == b
+    for (k, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), k
+    # A state dict that gives aliases different values cannot load into one storage.
+    bad = dict(state["trainable"])
+    bad["prompts.cross_prompts_visual.2"] = bad["prompts.cross_prompts_visual.2"] + 1
+    with pytest.raises(ValueError, match=r"'prompts.cross_prompts_visual.2' differs from 'prompts.cross_prompts_visual.0'"):
+        resumed.load_trainable_state_dict(bad)

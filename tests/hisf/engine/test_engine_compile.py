@@ -57,8 +57,10 @@ def test_compiled_trial_matches_eager(demo_root, tmp_path):
 
 @pytest.mark.slow
 def test_released_mapping_compiles_to_one_graph_and_matches_eager():
-    """`mapping: released` writes its prompts in place (under no_grad) inside the forward; dynamo captures that
-    too: one graph, no break, and the compiled write-back leaves the same values as the eager one."""
+    """`mapping: released` writes its prompts in place (under no_grad) inside the forward. Its D visual prompt
+    parameters share one storage, and aot_autograd cannot mutate aliased inputs, so the write-back runs eagerly:
+    one break before the graph of the encoders and the loss; the compiled step leaves the same values and
+    gradients as the eager one."""
     backbone = load_backbone(TINY)
     cfg = MethodConfig(name="hicropl", depth=3, n_ctx=4, cross_layer=1, mapping="released")
     images, labels = torch.randn(2, 3, backbone.image_size, backbone.image_size), torch.tensor([0, 2])
@@ -69,13 +71,18 @@ def test_released_mapping_compiles_to_one_graph_and_matches_eager():
 
     torch._dynamo.reset()
     ex = torch._dynamo.explain(fresh().forward_losses)(images, labels)
-    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [r.reason for r in ex.break_reasons]
+    assert (ex.graph_count, ex.graph_break_count) == (2, 1), [r.reason for r in ex.break_reasons]
     eager, compiled = fresh(), fresh()
     step = torch.compile(compiled.forward_losses)
     for _ in range(2):  # the second forward re-maps what the first wrote
         e, c = eager.forward_losses(images, labels), step(images, labels)
         for k in compiled.loss_terms:
             torch.testing.assert_close(c[k], e[k], atol=1e-5, rtol=1e-5)
+        c["loss"].backward()
+        e["loss"].backward()
         for (k, pe), (_, pc) in zip(eager.named_parameters(), compiled.named_parameters()):
             if pe.requires_grad:
                 torch.testing.assert_close(pc, pe, atol=1e-5, rtol=1e-5, msg=k)
+                assert (pc.grad is None) == (pe.grad is None), k
+                if pe.grad is not None:
+                    torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=k)
