@@ -84,7 +84,11 @@ class MethodConfig:
     lambda_distill: float = 12.0
     descriptions: str = "templates"
     mapping: str = "learned"
-    released_storage: str = "shared"
+    # `released` only: how the D visual prompts (and the proxy tokens) are stored. The released code creates
+    # them over one tensor, but its trainer's `.to(cuda)` copies each parameter on its own, so the published
+    # GPU runs trained D separate prompts that start equal: `per_layer` (the default under `released`);
+    # `shared` keeps one storage, as that code runs on a CPU. Unset (None) for `learned`.
+    released_storage: str | None = None
 
     def validate(self, path: str = "method") -> None:
         _check_choice(self.name, METHODS, f"{path}.name")
@@ -94,8 +98,9 @@ class MethodConfig:
         if self.depth < 1:
             raise ConfigError(f"{path}.depth: expected an integer >= 1, got {self.depth}")
         _check_choice(self.mapping, MAPPINGS, f"{path}.mapping")
-        _check_choice(self.released_storage, RELEASED_STORAGES, f"{path}.released_storage")
-        if self.released_storage != "shared" and self.mapping != "released":
+        if self.released_storage is not None:
+            _check_choice(self.released_storage, RELEASED_STORAGES, f"{path}.released_storage")
+        if self.released_storage is not None and self.mapping != "released":
             raise ConfigError(f"{path}.released_storage: {self.released_storage!r} applies to mapping 'released' only; "
                               f"got mapping {self.mapping!r}")
         if self.name == "hicropl":
@@ -135,6 +140,8 @@ class MethodConfig:
         # identities always record the depth that ran (9 for maple/hisf, 12 for hicropl).
         if self.depth is None:
             object.__setattr__(self, "depth", DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH))
+        if self.released_storage is None and self.mapping == "released":
+            object.__setattr__(self, "released_storage", "per_layer")
 
 
 @dataclass(frozen=True)

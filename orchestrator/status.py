@@ -29,7 +29,7 @@ SETTINGS = {
     "coop": ("n_ctx",),
     "maple": ("n_ctx", "depth"),
     "hisf": ("n_ctx", "depth"),
-    "hicropl": ("n_ctx", "depth", "cross_layer", "lambda_distill", "mapping", "descriptions"),
+    "hicropl": ("n_ctx", "depth", "cross_layer", "lambda_distill", "mapping", "released_storage", "descriptions"),
 }
 
 
@@ -40,6 +40,8 @@ def settings(cfg) -> str:
     if getattr(m, "layers", None) is not None:
         keys = tuple(k for k in keys if k != "depth") + ("layers",)
     values = {k: getattr(m, k, None) for k in keys}
+    if values.get("released_storage", "") is None:  # set under `mapping: released` only
+        del values["released_storage"]
     parts = [f"{k} {'default' if v is None else v}" for k, v in values.items()]
     if m.name != "zeroshot":
         parts += [f"preset {t.preset}", f"batch {t.batch_size}"] + ([f"lr {t.lr:g}"] if t.lr is not None else [])

@@ -30,7 +30,7 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     last = re.findall(r"^\[search\] (\d)/4 finished, 0 running, 0 failed, (\d) pruned · .* · best val_acc \d+\.\d\d$",
                       out.stdout, re.M)
     assert last and int(last[-1][0]) + int(last[-1][1]) == 4, out.stdout[-3000:]  # median pruning may stop some
-    assert re.search(r"^\[final\] 12/12 finished, 0 running, 0 failed, 0 pruned · ", out.stdout, re.M), out.stdout[-3000:]
+    assert re.search(r"^\[final\] 15/15 finished, 0 running, 0 failed, 0 pruned · ", out.stdout, re.M), out.stdout[-3000:]
     for chatter in ("Configuration for experiment", "TensorBoard", "Checkpoint successfully created",
                     "RAY_DEDUP_LOGS", "Token authentication", "(tune_trainable pid="):
         assert chatter not in out.stdout + out.stderr, chatter

@@ -117,7 +117,7 @@ def test_text_teacher_is_computed_once_per_class_set(backbone, classes, novel, i
 
 
 def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbone, classes, images, labels):
-    model = _hicropl(backbone, classes, mapping="released").train()
+    model = _hicropl(backbone, classes, mapping="released", released_storage="shared").train()
     pr = model.prompts
     # As released: D visual prompt parameters over one storage, and one storage per side's proxy tokens.
     assert (len(pr.cross_prompts_visual), len(pr.text_proxy_token), len(pr.visual_proxy_token)) == (D, K, D - K)
@@ -133,7 +133,7 @@ def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbon
     torch.testing.assert_close(pr.cross_prompts_visual[0], mapped_v[K - 1].detach(), atol=1e-6, rtol=0)
     with torch.no_grad():
         # ... then vision->text from the written visual prompt; early text prompts are untouched.
-        tmp = _hicropl(backbone, classes, mapping="released")
+        tmp = _hicropl(backbone, classes, mapping="released", released_storage="shared")
         tmp.load_trainable_state_dict(model.trainable_state_dict())
         for l in range(K, D):
             tmp.prompts.cross_prompts_text[l].copy_(before_text[l])
@@ -156,7 +156,7 @@ def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbon
 
 
 def test_released_evaluation_changes_the_prompts_batch_by_batch(backbone, classes, images):
-    model = _hicropl(backbone, classes, mapping="released").eval()
+    model = _hicropl(backbone, classes, mapping="released", released_storage="shared").eval()
     learned = _hicropl(backbone, classes).eval()
     with torch.no_grad():
         a, b = model(images), model(images)
@@ -184,5 +184,8 @@ def test_bad_hicropl_config(backbone, classes):
     cfg = MethodConfig(name="hicropl")
     assert (cfg.depth, cfg.cross_layer, cfg.lambda_distill, cfg.mapping) == (12, 6, 12.0, "learned")
     assert MethodConfig(name="maple").depth == 9
+    # `released` stores per layer by default (the released code as its trainer runs it on a GPU); unset otherwise.
+    assert MethodConfig(name="hicropl", mapping="released").released_storage == "per_layer"
+    assert cfg.released_storage is None
     with pytest.raises(ConfigError, match=r"method.cross_layer: k=6 outside 1..2"):
         MethodConfig(name="hicropl", depth=3).validate()

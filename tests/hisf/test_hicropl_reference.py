@@ -51,7 +51,7 @@ def released_reference(backbone, classes, descriptions, dtype=torch.float32, see
 
 def hicropl(backbone, classes, descriptions, n_ctx=N_CTX, depth=DEPTH, k=K):
     cfg = MethodConfig(name="hicropl", n_ctx=n_ctx, depth=depth, cross_layer=k, mapping="released",
-                       descriptions=descriptions)
+                       released_storage="shared", descriptions=descriptions)
     return build_method(cfg, backbone, classes, dataset="pets3")
 
 
@@ -234,8 +234,11 @@ def test_import_errors(backbone, classes, descriptions, tmp_path):
 ])
 def test_checkpoint_from_another_setting(backbone, classes, descriptions, tmp_path, kw, message):
     path = save_dassl_checkpoint(released_reference(backbone, classes, descriptions), tmp_path)
-    cfg = dict(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released", descriptions=descriptions)
+    cfg = dict(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released", released_storage="shared",
+               descriptions=descriptions)
     cfg.update(kw)
+    if cfg["mapping"] != "released":
+        cfg.pop("released_storage")
     model = build_method(MethodConfig(**cfg), backbone, classes, dataset="pets3")
     with pytest.raises(HiCroPLCheckpointError, match=message):
         import_hicropl_prompts(model, path)

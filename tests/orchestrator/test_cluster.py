@@ -168,15 +168,23 @@ def test_ray_job_submit_runs_the_demo_spec(tmp_path, head_with_dashboard):
          "--tracking-uri", uri, "--optuna-storage", f"sqlite:///{wd / 'optuna.db'}"],
         env=cli_env(), capture_output=True, text=True, timeout=180)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    client = JobSubmissionClient(head_with_dashboard)
-    status = wait_for(lambda: (lambda s: s if s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None)(
-        client.get_job_status("hisf-demo")), 780, 2.0, "the job to end")
-    logs = client.get_job_logs("hisf-demo")
-    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    # The job client runs in its own process with the cluster's token in its environment, as a user's shell
+    # has it: Ray reads the auth mode once per process, and this test process may have used Ray without it.
+    def job(call: str) -> str:
+        code = f"from ray.job_submission import JobSubmissionClient as C; print(C({head_with_dashboard!r}).{call})"
+        return subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True,
+                              timeout=120, check=True).stdout
+
+    ended = {s.value for s in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)}
+    status = wait_for(lambda: (lambda s: s if s in ended else None)(
+        job("get_job_status('hisf-demo').value").strip()), 780, 2.0, "the job to end")
+    logs = job("get_job_logs('hisf-demo')")
+    assert status == JobStatus.SUCCEEDED.value, logs[-5000:]
     assert "[final] done" in logs
     runs = mlflow_children(uri, "demo")
     final = sorted(r.data.tags["hisf.trial_id"] for r in runs if r.data.tags["hisf.stage"] == "final")
-    assert final == sorted(f"final-{row}-demo-s{s}" for row in ("clip", "coop", "maple", "hisf") for s in (1, 2, 3))
+    assert final == sorted(f"final-{row}-demo-s{s}" for row in ("clip", "coop", "maple", "hisf", "hicropl")
+                           for s in (1, 2, 3))
     search = [r for r in runs if r.data.tags["hisf.stage"] == "search"]
     assert len(search) == 4 and all(r.data.tags["hisf.status"] in ("finished", "pruned") for r in search)
     assert all(r.data.tags["hisf.status"] == "finished" and 0 <= r.data.metrics["hm"] <= 100

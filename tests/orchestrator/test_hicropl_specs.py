@@ -49,11 +49,12 @@ def test_hicropl_rows_carry_the_published_settings(spec_name, n_ctx, depth, k, e
 
 def test_mapping_spec_runs_learned_against_released_with_the_released_settings():
     spec = load_spec(EXPERIMENTS / "hicropl_mapping.yaml")
-    assert [r.name for r in spec.rows] == ["HiCroPL learned", "HiCroPL released"]
+    assert [r.name for r in spec.rows] == ["HiCroPL learned", "HiCroPL released", "HiCroPL released shared"]
     assert spec.data.datasets == load_spec(EXPERIMENTS / "base2new.yaml").data.datasets
-    for row, mapping in (("HiCroPL learned", "learned"), ("HiCroPL released", "released")):
+    for row, mapping, storage in (("HiCroPL learned", "learned", None), ("HiCroPL released", "released", "per_layer"),
+                                  ("HiCroPL released shared", "released", "shared")):
         cfg = _row_config(spec, row)
-        assert cfg.method.mapping == mapping
+        assert (cfg.method.mapping, cfg.method.released_storage) == (mapping, storage)
         assert (cfg.method.n_ctx, cfg.method.depth, cfg.method.cross_layer, cfg.method.lambda_distill) == (
             16, 12, 6, 12.0)
         assert (cfg.train.preset, cfg.train.batch_size, cfg.train.epochs) == ("hicropl", 32, 50)

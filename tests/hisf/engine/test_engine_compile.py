@@ -62,7 +62,7 @@ def test_released_mapping_compiles_to_one_graph_and_matches_eager():
     one break before the graph of the encoders and the loss; the compiled step leaves the same values and
     gradients as the eager one."""
     backbone = load_backbone(TINY)
-    cfg = MethodConfig(name="hicropl", depth=3, n_ctx=4, cross_layer=1, mapping="released")
+    cfg = MethodConfig(name="hicropl", depth=3, n_ctx=4, cross_layer=1, mapping="released", released_storage="shared")
     images, labels = torch.randn(2, 3, backbone.image_size, backbone.image_size), torch.tensor([0, 2])
 
     def fresh():

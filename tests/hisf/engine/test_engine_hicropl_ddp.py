@@ -17,7 +17,10 @@ TERMS = ("train/loss", "train/loss_cls", "train/loss_distill_text", "train/loss_
 
 
 def _method(mapping: str) -> dict:
-    return {"name": "hicropl", "depth": 2, "cross_layer": 1, "n_ctx": 4, "mapping": mapping, "lambda_distill": 2.0}
+    # `released` with its visual prompts over one storage (aliased parameters): the case DDP and resume must keep.
+    storage = {"released_storage": "shared"} if mapping == "released" else {}
+    return {"name": "hicropl", "depth": 2, "cross_layer": 1, "n_ctx": 4, "mapping": mapping, "lambda_distill": 2.0,
+            **storage}
 
 
 @pytest.mark.slow
