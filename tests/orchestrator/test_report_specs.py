@@ -18,7 +18,7 @@ SPECS = {
     "base2new": ("base2new", ("CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL"), 11 * 20 + 5 * 11 * 3),
     "cross_dataset": ("cross_dataset", ("CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL"), 12 + 5 * 3),
     "domain_generalization": ("domain_generalization", ("CLIP", "CoOp", "MaPLe", "HISF", "HiCroPL"), 12 + 5 * 3),
-    "hicropl_mapping": ("base2new", ("HiCroPL learned", "HiCroPL released"), 2 * 11 * 3),
+    "hicropl_mapping": ("base2new", ("HiCroPL learned", "HiCroPL released", "HiCroPL released shared"), 3 * 11 * 3),
     "ablation_modules": ("ablation_modules", ("MaPLe setting", "w/o PI", "w/o SF", "PI+SF"), 4 * 11 * 3),
     "ablation_losses": ("ablation_losses", ("Full", "w/o L_cls", "w/o L_le", "w/o L_sa"), 4 * 11 * 3),
     "ablation_depth": ("ablation_depth", ("HISF",), 12 * 11 * 3),
