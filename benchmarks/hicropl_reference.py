@@ -36,20 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.maple_reference import LayerNorm, QuickGELU  # OpenAI CLIP's fp32 LayerNorm and QuickGELU, shared by both references
+
 _OPENAI_META = ("input_resolution", "context_length", "vocab_size")
-
-
-class LayerNorm(nn.LayerNorm):
-    """OpenAI CLIP's LayerNorm: computed in float32, cast back."""
-
-    def forward(self, x):
-        orig = x.dtype
-        return super().forward(x.float()).to(orig)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
 
 
 class Block(nn.Module):
@@ -73,7 +62,8 @@ class Block(nn.Module):
                 x = torch.cat([x[:1], ctx, x[1 + self.n_ctx:]], dim=0)
             else:
                 x = torch.cat([x[: x.shape[0] - self.n_ctx], ctx], dim=0)
-        mask = self.attn_mask.to(x.dtype) if self.attn_mask is not None else None
+        # Moved to the input's device at use, as OpenAI's CLIP block does (the mask is no buffer, so .to() skips it).
+        mask = self.attn_mask.to(dtype=x.dtype, device=x.device) if self.attn_mask is not None else None
         y = self.ln_1(x)
         x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
