@@ -18,16 +18,11 @@ from typing import Mapping
 
 import torch
 
-PREFIX = "prompt_learner."
-# Buffers the released code rebuilds from the class names at load time; never prompt parameters.
-IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+from hisf.model.dassl_checkpoint import IGNORED, PREFIX, read_dassl_state_dict
+
 TEACHER = "prompt_learner.ZS_image_encoder."
 # Frozen CLIP keys of the released CustomCLIP -> our backbone's (open_clip, OpenAI layout) key prefix.
 FROZEN = {TEACHER: "visual.", "image_encoder.": "visual.", "text_encoder.": ""}
-_STRIP_HINT = (
-    "Dassl also pickles the optimizer and the LR scheduler objects, which weights_only loading refuses; "
-    "keep only the weights, in an environment you trust: python -c \"import torch; c = torch.load('IN', "
-    "weights_only=False); torch.save({'state_dict': c['state_dict'], 'epoch': c['epoch']}, 'OUT')\"")
 
 
 class HiCroPLCheckpointError(ValueError):
@@ -36,25 +31,7 @@ class HiCroPLCheckpointError(ValueError):
 
 def read_hicropl_state_dict(source: str | Path | Mapping) -> tuple[str, dict[str, torch.Tensor]]:
     """(where, the checkpoint's state dict) from a file or a dict (`{"state_dict": ...}` or bare); `module.` stripped."""
-    where = str(source) if not isinstance(source, Mapping) else "HiCroPL state dict"
-    if not isinstance(source, Mapping):
-        path = Path(source)
-        if not path.is_file():
-            raise HiCroPLCheckpointError(f"{where}: HiCroPL checkpoint file not found")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            lines = [l.strip() for l in str(e).splitlines() if l.strip()] or [repr(e)]
-            reason = next((l for l in lines if "WeightsUnpickler error" in l), lines[0])
-            raise HiCroPLCheckpointError(f"{where}: cannot read as a torch checkpoint with weights_only=True: "
-                                         f"{reason}" + (f". {_STRIP_HINT}" if "Unsupported global" in reason else "")) from e
-    sd = source.get("state_dict", source) if isinstance(source, Mapping) else None
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise HiCroPLCheckpointError(f"{where}: expected a dict with a 'state_dict' mapping of tensors")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    if not any(k.startswith(PREFIX) for k in sd):
-        raise HiCroPLCheckpointError(f"{where}: no 'prompt_learner.*' keys; found {sorted(sd)[:5]}")
-    return where, sd
+    return read_dassl_state_dict(source, "HiCroPL", HiCroPLCheckpointError)
 
 
 def _count(sd: Mapping[str, torch.Tensor], name: str) -> int:

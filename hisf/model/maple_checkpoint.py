@@ -8,9 +8,8 @@ from typing import Mapping
 
 import torch
 
-PREFIX = "prompt_learner."
-# Buffers MaPLe rebuilds from the class names at load time; never prompt parameters.
-IGNORED = ("prompt_learner.token_prefix", "prompt_learner.token_suffix")
+from hisf.model.dassl_checkpoint import IGNORED, PREFIX, read_dassl_state_dict
+
 _TEXT = re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$")
 
 
@@ -20,19 +19,7 @@ class MapleCheckpointError(ValueError):
 
 def read_maple_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The `prompt_learner.*` tensors of a MaPLe checkpoint (file or dict, `{"state_dict": ...}` or bare)."""
-    where = str(source) if not isinstance(source, Mapping) else "MaPLe state dict"
-    if not isinstance(source, Mapping):
-        path = Path(source)
-        if not path.is_file():
-            raise MapleCheckpointError(f"{where}: MaPLe checkpoint file not found")
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise MapleCheckpointError(f"{where}: cannot read as a torch checkpoint: {e}") from e
-    sd = source.get("state_dict", source) if isinstance(source, Mapping) else None
-    if not isinstance(sd, Mapping):
-        raise MapleCheckpointError(f"{where}: expected a dict with a 'state_dict' mapping, got {type(sd).__name__}")
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    where, sd = read_dassl_state_dict(source, "MaPLe", MapleCheckpointError)
     out = {k: v for k, v in sd.items() if k.startswith(PREFIX) and k not in IGNORED}
     if not out:
         raise MapleCheckpointError(f"{where}: no 'prompt_learner.*' keys; found {sorted(sd)[:5]}")
