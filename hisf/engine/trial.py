@@ -16,7 +16,7 @@ import torch
 
 from hisf.config import TrialConfig
 from hisf.engine import checkpoint as ckpt
-from hisf.engine.distributed import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_params, check_device,
+from hisf.engine.distributed import (DistEnv, any_rank, barrier, broadcast_params, check_device,
                                      gather_cuda_rng_states, init_from_env, shutdown)
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler

@@ -134,7 +134,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         # open_clip's (and OpenAI's) half storage: matmul weights in half, LayerNorms and embeddings float32.
         convert_weights_to_lp(model, dtype)
 
-    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    vision_cfg = model_cfg["vision_cfg"]
     image_size = vision_cfg.get("image_size", 224)
     image_size = image_size if isinstance(image_size, int) else image_size[0]
     context_length = model.context_length

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -169,3 +171,28 @@ def sweep_and_kill(spec_path: Path, cwd: Path, ready, what: str, pid_file: Path,
             driver.kill()
         kill_pids(leftover)
     return driver.returncode, out, killed_at
+
+
+@contextlib.contextmanager
+def mlflow_server_at(store: Path, workers: int = 2):
+    """A real `mlflow server` on 127.0.0.1 and a free port over a SQLite store in `store`; yields its URL."""
+    port = free_port()
+    store.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", str(workers)],
+        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 120, 0.5, "mlflow server health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(proc, marker=str(store))
+

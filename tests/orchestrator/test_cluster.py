@@ -1,19 +1,17 @@
 """Real multi-process infrastructure: a two-node Ray cluster on this machine, and a real `mlflow server`."""
 
-import os
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import ROOT, cli_env, free_port, mlflow_children, run_cli, stop_group, wait_for, write_spec
+from orch_helpers import (ROOT, cli_env, free_port, mlflow_children, mlflow_server_at, run_cli, stop_group, wait_for,
+                          write_spec)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent
@@ -83,26 +81,8 @@ def test_sweep_spreads_over_two_nodes(tmp_path, demo_root, two_node_cluster):
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "2"],
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(healthy, 120, 0.5, "mlflow server health")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc, marker=str(store))
+    with mlflow_server_at(tmp_path / "server", workers=2) as url:  # two workers: concurrent trial writers
+        yield url
 
 
 def test_tracking_to_a_real_mlflow_server_loses_nothing(tmp_path, demo_root, mlflow_server):
@@ -154,7 +134,7 @@ def head_with_dashboard(monkeypatch):
 def test_ray_job_submit_runs_the_demo_spec(tmp_path, head_with_dashboard):
     """The documented cluster path: `ray job submit --working-dir . -- hisf-bench run SPEC --address auto ...`
     (orchestrator/README.md), the demo spec, tracked where the test reads it back."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     job_dir = tmp_path / "project"  # what `--working-dir .` uploads: here just the spec
     (job_dir / "experiments").mkdir(parents=True)

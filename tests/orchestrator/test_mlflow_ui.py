@@ -21,7 +21,7 @@ from orchestrator.trials import expand_sweep
 from orchestrator.spec import load_spec
 from orchestrator.tuning import trial_tags
 
-from orch_helpers import free_port, stop_group, wait_for, write_spec
+from orch_helpers import free_port, mlflow_server_at, stop_group, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent
@@ -37,19 +37,8 @@ def _get(url: str):
 
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200, 120, 0.5, "mlflow server health")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_group(proc, marker=str(store))
+    with mlflow_server_at(tmp_path / "server", workers=1) as url:
+        yield url
 
 
 class Browser:
