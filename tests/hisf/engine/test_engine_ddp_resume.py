@@ -77,14 +77,14 @@ run_trial(TrialConfig.from_yaml(sys.argv[1]), [KillAt()])
 """
 
 
-def test_trial_killed_mid_epoch_resumes_to_the_same_metrics(demo_root, tmp_path):
-    # 3 epochs x 3 steps; the kill lands at step 5, inside epoch 2, after epoch 1's checkpoint.
-    sections = {"train": {"epochs": 3}}
+def kill_then_finish(demo_root, tmp_path, sections: dict, timeout: int = 240) -> dict[str, str]:
+    """Two copies of a 3-epoch x 3-step trial: `killed` is SIGKILLed at step 5 (inside epoch 2, after epoch 1's
+    checkpoint, which is checked) and rerun; `whole` runs uninterrupted. Returns each rerun's stderr."""
     killed = _write(tmp_path / "killed.yaml", tiny_trial_dict(demo_root, tmp_path / "killed", **sections))
     whole = _write(tmp_path / "whole.yaml", tiny_trial_dict(demo_root, tmp_path / "whole", **sections))
 
     proc = subprocess.run([sys.executable, "-c", KILLER, str(killed), "5"], env=_env(), cwd=WORKTREE,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     state = torch.load(tmp_path / "killed" / "checkpoint" / "state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 3
@@ -94,9 +94,14 @@ def test_trial_killed_mid_epoch_resumes_to_the_same_metrics(demo_root, tmp_path)
     logs = {}
     for name, cfg in (("killed", killed), ("whole", whole)):
         proc = subprocess.run([sys.executable, "-m", "hisf.train", str(cfg)], env=_env(), cwd=WORKTREE,
-                              capture_output=True, text=True, timeout=240)
+                              capture_output=True, text=True, timeout=timeout)
         assert proc.returncode == 0, proc.stderr[-3000:]
         logs[name] = proc.stderr
+    return logs
+
+
+def test_trial_killed_mid_epoch_resumes_to_the_same_metrics(demo_root, tmp_path):
+    logs = kill_then_finish(demo_root, tmp_path, {"train": {"epochs": 3}})
     assert "from epoch 1/3" in logs["killed"] and "resuming" not in logs["whole"]
     resumed, uninterrupted = _final(tmp_path / "killed"), _final(tmp_path / "whole")
     assert without_timing(resumed) == without_timing(uninterrupted)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import torch
 
 from engine_helpers import free_port, tiny_trial, tiny_trial_dict, without_timing
 from hisf.engine import run_trial
-from test_engine_ddp_resume import KILLER, WORKTREE, _env, _final, _write
+from test_engine_ddp_resume import WORKTREE, _env, _final, _write, kill_then_finish
 
 TERMS = ("train/loss", "train/loss_cls", "train/loss_distill_text", "train/loss_distill_image")
 
@@ -63,17 +62,7 @@ def test_hicropl_two_gloo_ranks_equal_one_rank_with_twice_the_batch(demo_root, t
 @pytest.mark.parametrize("mapping", ["learned", "released"])
 def test_hicropl_trial_killed_mid_epoch_resumes_to_the_same_metrics(demo_root, tmp_path, mapping):
     sections = {"train": {"epochs": 3, "preset": "hicropl", "lr": 0.01}, "method": _method(mapping)}
-    killed = _write(tmp_path / "killed.yaml", tiny_trial_dict(demo_root, tmp_path / "killed", **sections))
-    whole = _write(tmp_path / "whole.yaml", tiny_trial_dict(demo_root, tmp_path / "whole", **sections))
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(killed), "5"], env=_env(), cwd=WORKTREE,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    state = torch.load(tmp_path / "killed" / "checkpoint" / "state.pt", weights_only=True)
-    assert state["epoch"] == 1 and state["global_step"] == 3
-    for name, cfg in (("killed", killed), ("whole", whole)):
-        proc = subprocess.run([sys.executable, "-m", "hisf.train", str(cfg)], env=_env(), cwd=WORKTREE,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    kill_then_finish(demo_root, tmp_path, sections, timeout=600)
     resumed, uninterrupted = _final(tmp_path / "killed"), _final(tmp_path / "whole")
     assert without_timing(resumed) == without_timing(uninterrupted)
     assert set(TERMS) <= set(resumed)
