@@ -141,6 +141,22 @@ class BuiltDataset:
         if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classnames)):
             raise DataError(f"{man}: labels outside 0..{len(self.classnames) - 1}")
 
+    @property
+    def fingerprint(self) -> str:
+        """What the build holds, as 16 hex digits: the same images (by checksum), splits, labels, class names,
+        template and image mode give the same value on any machine, wherever the folder lives. Resume and the
+        reuse of finished trials compare it: a rebuilt dataset with other images is another trial's data."""
+        import hashlib
+
+        h = hashlib.sha256()
+        facts = {k: self.info.get(k) for k in ("key", "source", "image_mode", "classnames", "template", "image_size")}
+        h.update(json.dumps(facts, sort_keys=True, default=str).encode())
+        for col in ("key", "split", "checksum"):
+            h.update("\0".join(self._columns[col]).encode())
+        h.update(np.ascontiguousarray(self._labels, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(self._bad, dtype=np.bool_).tobytes())
+        return h.hexdigest()[:16]
+
     def counts(self, bad: bool = False) -> dict[str, dict[str, int]]:
         """Loadable samples per split and class name (bad=True: those that failed to decode instead)."""
         out: dict[str, dict[str, int]] = {}

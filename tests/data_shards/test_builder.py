@@ -94,3 +94,12 @@ def test_bad_build_options_are_named(data, tmp_path):
         build("oxford_pets", data, tmp_path / "o", BuildOptions(image_size=32, train_size=16), progress=False)
     with pytest.raises(DataError, match="unknown key"):
         build("imagenet21k", data, tmp_path / "o", progress=False)
+
+
+def test_fingerprint_names_what_the_build_holds(data, tmp_path):
+    """Same images, splits and settings: one fingerprint wherever the folder is; another image size: another."""
+    build("oxford_pets", data, tmp_path / "a", BuildOptions(image_size=16), progress=False)
+    build("oxford_pets", data, tmp_path / "elsewhere" / "b", BuildOptions(image_size=16, jobs=2), progress=False)
+    build("oxford_pets", data, tmp_path / "c", BuildOptions(image_size=20), progress=False)
+    a, b, c = (open_dataset(tmp_path / p).fingerprint for p in ("a", "elsewhere/b", "c"))
+    assert len(a) == 16 and a == b and a != c
