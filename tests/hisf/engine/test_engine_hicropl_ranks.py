@@ -55,6 +55,7 @@ out["after_eval"] = spread()
 broadcast_params(params, env)  # what the engine does after validation for forward-writing models
 out["after_broadcast"] = spread()
 json.dump(out, open(sys.argv[1] + f".{env.rank}", "w"))
+dist.barrier()  # teardown together (a gloo pair torn down on one side can abort the other)
 shutdown(env)
 """
 

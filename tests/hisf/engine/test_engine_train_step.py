@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from engine_helpers import TinyPromptModel, free_port
 from hisf.config import TrainConfig
-from hisf.engine.distributed import DistEnv, init_from_env, shutdown
+from hisf.engine.distributed import DistEnv, barrier, init_from_env, shutdown
 from hisf.engine import NanGuard, NonFiniteLossError, resolve_precision, train_step
 from hisf.engine.optim import build_optimizer
 
@@ -101,6 +101,9 @@ def _rank_steps(rank, world, port, images, labels, steps, out):
         losses.append(res.losses["loss"])
     # numpy copies: tensors would travel as shared-memory handles that die with this process.
     out.put((rank, losses, {k: v.numpy() for k, v in model.trainable_state_dict().items()}))
+    # Both ranks reach teardown together: a rank destroying its gloo group while the other still holds the
+    # pair can abort the process ("terminate called without an active exception").
+    barrier(env)
     shutdown(env)
 
 
