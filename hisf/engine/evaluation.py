@@ -32,8 +32,8 @@ def count_correct(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with autocast():
-                logits = model(images)
-            correct += (logits.argmax(dim=-1) == labels).sum()
+                logits = model(images, shared=True)  # [K, B, C]: every member scores the same images
+            correct += (logits[0].argmax(dim=-1) == labels).sum()
             total += labels.numel()
     finally:
         model.train(was_training)

@@ -88,8 +88,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         out = model.forward_losses(images, labels)
-    terms = torch.stack([out[k].detach().float() for k in names])
-    loss = out["loss"].float()
+    # Each term is per member ([K]); a one-member model is a plain trial.
+    terms = torch.stack([out[k].detach().float().reshape(-1)[0] for k in names])
+    loss = out["loss"].float().sum()
     scaler = precision.scaler
     (scaler.scale(loss) if scaler is not None else loss).backward()
     all_reduce_grads(list(params), env)

@@ -164,7 +164,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
-                         dataset=cfg.data.dataset).to(env.device)
+                         dataset=cfg.data.dataset, seeds=[cfg.seed]).to(env.device)
     data.bind(backbone, cfg)
     for what, subset in (("data.dataset train", data.train), ("data.dataset val", data.val)):
         check_labels(subset, len(model.classnames), what)

@@ -94,7 +94,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     x1, x2 = batches()
     model.eval()
     with torch.no_grad():
-        before = model(x1)
+        before = model(x1)[0]
     import_hicropl_prompts(model, path)
     # The text teachers agree (descriptions matched to the class names, mean of normalised sentence features).
     torch.testing.assert_close(model.teacher_text, ref.fixed_embeddings, atol=1e-6, rtol=0)
@@ -102,7 +102,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     ref.eval()
     stored = ref.prompt_learner.cross_prompts_visual[0].detach().clone()
     with torch.no_grad():
-        ours = [model(x1), model(x2)]
+        ours = [model(x1)[0], model(x2)[0]]
         theirs = [ref(x1), ref(x2)]
     assert (before - ours[0]).abs().max() > 1e-3  # the import changed the prompts
     for a, b in zip(ours, theirs):
@@ -111,7 +111,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     # Evaluation rewrote the prompts: the stored visual prompt moved, and batch 1 again gives other logits.
     assert (ref.prompt_learner.cross_prompts_visual[0] - stored).abs().max() > 1e-3
     with torch.no_grad():
-        again = model(x1)
+        again = model(x1)[0]
         torch.testing.assert_close(again, ref(x1), atol=1e-5, rtol=0)
     assert (again - ours[0]).abs().max() > 1e-4
 
@@ -123,14 +123,14 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     want = ref(x2, labels)
     assert tuple(model.loss_terms) == ("loss", "loss_cls", "loss_distill_text", "loss_distill_image")
     for term in model.loss_terms:
-        torch.testing.assert_close(out[term], want[term], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out[term][0], want[term], atol=2e-5, rtol=0)
     assert want["loss_distill_text"] > 1e-2 and want["loss_distill_image"] > 2e-4
     # The comparison sees the text side too: moving a deep text prompt of the reference changes its logits.
     ref.eval()
     model.eval()
     with torch.no_grad():
         ref.prompt_learner.cross_prompts_text[k - 1].add_(torch.randn_like(ref.prompt_learner.cross_prompts_text[k - 1]))
-        assert (ref(x1) - model(x1)).abs().max() > 1e-3
+        assert (ref(x1) - model(x1)[0]).abs().max() > 1e-3
 
 
 def test_novel_classes_after_import_equal_the_released_code_rebuilt_on_them(backbone, classes, novel, descriptions,
@@ -154,7 +154,7 @@ def test_novel_classes_after_import_equal_the_released_code_rebuilt_on_them(back
     ref.eval()
     with torch.no_grad():
         for x in batches():
-            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(x)[0], ref(x), atol=1e-5, rtol=0)
 
 
 def test_fp16_checkpoint_imports_and_matches_within_half_precision(backbone, classes, descriptions, tmp_path):
@@ -171,7 +171,7 @@ def test_fp16_checkpoint_imports_and_matches_within_half_precision(backbone, cla
     ref.eval()
     with torch.no_grad():
         for x in (x1, x2):
-            a, b = model(x), ref(x)
+            a, b = model(x)[0], ref(x)
             assert b.dtype == torch.float16
             torch.testing.assert_close(a, b.float(), atol=3e-2, rtol=0)
 
@@ -298,7 +298,7 @@ def _assert_prompts_equal(model, ref, atol):
     pl, pr = ref.prompt_learner, model.prompts
     for name in ("cross_prompts_text", "cross_prompts_visual", "text_proxy_token", "visual_proxy_token"):
         for i, (a, b) in enumerate(zip(getattr(pr, name), getattr(pl, name), strict=True)):
-            torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}.{i}: {m}")
+            torch.testing.assert_close(a.detach()[0], b.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}.{i}: {m}")
 
 
 @pytest.mark.parametrize("steps", [1, 3])
