@@ -321,6 +321,13 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (a field's annotation: int, float, str, bool, Mapping, tuple[...], Optional, a config
+    dataclass), strictly; raises ConfigError naming `key`, what was expected and what was given. The experiment
+    spec checks its own keys with it too, so both speak alike."""
+    return _coerce(value, tp, key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
