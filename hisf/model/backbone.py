@@ -269,3 +269,9 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
                 f"backbone.pretrained: {source!r} key {k!r} has shape {tuple(v.shape)}; expected {tuple(own[k].shape)}"
             )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Raise BackboneError unless `path` is a weights file `load_backbone` reads (the pre-flight calls it on the
+    driver before Ray starts: a file that is not a checkpoint would fail every retry of every trial)."""
+    _read_checkpoint(Path(path))

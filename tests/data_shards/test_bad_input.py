@@ -174,3 +174,41 @@ def test_rows_without_a_shard_must_be_flagged_bad(tmp_path, pets):
 def test_not_a_built_dataset(tmp_path):
     with pytest.raises(DataError, match="info.json: not found"):
         open_dataset(tmp_path)
+
+
+def _write_info(out: Path, edit) -> None:
+    info = json.loads((out / "info.json").read_text())
+    (out / "info.json").write_text(json.dumps(edit(info)))
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda out: (out / "manifest.parquet").write_bytes(b""), "manifest.parquet: not a readable Parquet manifest"),
+    (lambda out: (out / "manifest.parquet").write_bytes(b"PAR1 not really parquet PAR1"),
+     "manifest.parquet: not a readable Parquet manifest"),
+    (lambda out: (out / "info.json").write_text("{\"key\": \"oxford_pets\", "),
+     "info.json: not valid JSON (Expecting property name"),
+    (lambda out: (out / "info.json").write_text("[1, 2]"), "info.json: expected a JSON object, got a list"),
+    (lambda out: _write_info(out, lambda i: {k: v for k, v in i.items() if k != "template"}),
+     "info.json: missing 'template' (a string); expected the info.json `hisf-bench data build` writes"),
+    (lambda out: _write_info(out, lambda i: {**i, "classnames": "a,b,c"}),
+     "info.json: 'classnames' should be a list of strings, got str"),
+    (lambda out: _write_info(out, lambda i: {**i, "splits": {"test": {"count": "9"}}}),
+     "info.json: splits.test should be {\"count\": integer, \"shards\": {file: bytes}}"),
+])
+def test_a_spoilt_info_or_manifest_is_named_with_what_was_expected(tmp_path, pets, spoil, message):
+    out = built(tmp_path, pets)
+    spoil(out)
+    with pytest.raises(DataError) as e:
+        open_dataset(out)
+    assert message in str(e.value) and str(out) in str(e.value)
+    assert "rebuild" in str(e.value)
+
+
+def test_a_manifest_without_a_column_is_named(tmp_path, pets):
+    import pyarrow.parquet as pq
+
+    out = built(tmp_path, pets)
+    table = pq.read_table(out / "manifest.parquet")
+    pq.write_table(table.drop(["checksum"]), out / "manifest.parquet")
+    with pytest.raises(DataError, match=r"manifest.parquet: missing column\(s\) \['checksum'\]"):
+        open_dataset(out)
