@@ -282,6 +282,8 @@ def _finish(source, name, listing, out: Path, opts, tasks, results, rows, skippe
         "template": listing.template, "templates": list(listing.templates or (listing.template,)),
         "image_mode": opts.image_mode, "image_size": opts.image_size,
         "train_size": None if opts.exact else opts.stored_train_size, "splits": splits, "skipped": skipped,
+        # How the splits were made when the source has none of its own (a flat image folder), else absent.
+        **({"split_rule": listing.notes["split_rule"]} if listing.notes.get("split_rule") else {}),
     }
     _write_atomic(out / "info.json", json.dumps(info, indent=1))
     return info
