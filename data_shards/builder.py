@@ -211,6 +211,8 @@ def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = Buil
     root, out = Path(root), Path(out)
     if not root.exists():
         raise DataError(f"{root}: data root folder not found")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; expected a folder")
     listing = entry.read(root)
     if not any(listing.splits.values()):
         raise DataError(f"{root}: dataset {key!r} lists no images")

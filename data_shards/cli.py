@@ -13,7 +13,7 @@ def _size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # "nanM", "infM"
         raise argparse.ArgumentTypeError(f"expected a size like 256M or 65536, got {text!r}") from None
 
 

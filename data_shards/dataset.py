@@ -7,7 +7,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.compute as pc
@@ -246,6 +246,11 @@ def read_info(path: Path) -> dict:
                 and all(isinstance(n, int) for n in s["shards"].values())):
             raise DataError(f"{path}: splits.{split} should be {{\"count\": integer, \"shards\": {{file: bytes}}}}, got "
                             f"{s!r}; {REBUILD}")
+        for name in s["shards"]:
+            # Shards are read as folder / name: a name that leaves the folder would read some other file.
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name or not name:
+                raise DataError(f"{path}: shard {name!r} of split {split!r} is not a file inside {path.parent}; "
+                                f"expected a path like '{split}/{split}-00000.tar'; {REBUILD}")
     return info
 
 

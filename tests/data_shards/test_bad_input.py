@@ -212,3 +212,37 @@ def test_a_manifest_without_a_column_is_named(tmp_path, pets):
     pq.write_table(table.drop(["checksum"]), out / "manifest.parquet")
     with pytest.raises(DataError, match=r"manifest.parquet: missing column\(s\) \['checksum'\]"):
         open_dataset(out)
+
+
+def test_shard_paths_that_leave_the_dataset_folder_are_refused(tmp_path, pets):
+    out = built(tmp_path, pets)
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes(b"x" * 10)
+    for name in ("../elsewhere.tar", str(outside)):
+        def move(info, name=name):
+            shards = info["splits"]["test"]["shards"]
+            info["splits"]["test"]["shards"] = {name: 10, **{k: v for k, v in list(shards.items())[1:]}}
+            return info
+        original = (out / "info.json").read_text()
+        _write_info(out, move)
+        with pytest.raises(DataError, match=f"info.json: shard {name!r} of split 'test' is not a file inside {out}"):
+            open_dataset(out)
+        (out / "info.json").write_text(original)
+
+
+def test_data_commands_name_a_bad_out_folder_or_count(tmp_path, pets, capsys):
+    from orchestrator.cli import main
+
+    data, _ = pets
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["data", "demo", "--out", str(a_file)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --out {a_file}: is a file; expected a folder"
+    assert main(["data", "demo", "--out", str(tmp_path / "d"), "--classes", "9"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --classes: expected 1..6 (the demo has 6 classes), got 9"
+    assert main(["data", "build", "--dataset", "oxford_pets", "--root", str(data), "--out", str(a_file), "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --out {a_file}: is a file; expected a folder"
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--dataset", "oxford_pets", "--root", str(data), "--out", str(tmp_path / "o"),
+              "--shard-size", "infM"])
+    assert "expected a size like 256M or 65536, got 'infM'" in capsys.readouterr().err
