@@ -9,14 +9,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
-import itertools
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from hisf.config import PROTOCOLS, ConfigError, TrialConfig, check_seed, coerce, replace_path
+from hisf.config import PROTOCOLS, ConfigError, TrialConfig, check_seed, coerce
+from orchestrator.spec_checks import ParamRange, check_trial_configs  # noqa: F401 - ParamRange is part of the spec
 
 REPORTS = ("base2new", "cross_dataset", "domain_generalization", "ablation_modules", "ablation_losses", "ablation_depth")
 SAMPLERS = ("tpe", "random")
@@ -28,8 +28,6 @@ SEARCH_METRICS = ("val_acc",)
 # prefixes, MLflow names and parts of ':'-separated Optuna study names: one plain path component, never `.`,
 # `..` or `a/b`. (Catalogue keys and the names `data build` gives custom builds are all of this form.)
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-# An integer search range is checked at every value it can draw when it has at most this many.
-_INT_VALUES_CHECKED = 1000
 # Keys a spec may not set per trial: the orchestrator owns them (one output folder per trial id,
 # the protocol and data from the spec's own sections).
 _RESERVED = ("protocol", "output_dir", "data")
@@ -57,17 +55,6 @@ class RowSpec:
     name: str
     overrides: Mapping[str, Any]
     search: bool = False
-
-
-@dataclass(frozen=True)
-class ParamRange:
-    key: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    # An integer parameter (e.g. method.depth) is sampled with suggest_int.
-    int: bool = False
-    choices: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -196,77 +183,18 @@ def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
 
 
 def _check_trial_configs(spec: ExperimentSpec) -> None:
-    """Every config a trial can get, built and checked against its backbone's shape now: what fails here would
-    fail the same way in every retry of a trial (docs/refusals.md). Per row: the row merged with base, each grid
-    value, each grid point, and (searched rows) every searched value at each grid point."""
-    points = [tuple(zip([k for k, _ in spec.grid], values)) for values in
-              itertools.product(*(v for _, v in spec.grid))] if spec.grid else []
+    """Each row merged with base parses; then every config its trials can get fits (orchestrator/spec_checks.py)."""
+    rows = []
     for i, row in enumerate(spec.rows):
         where = f"rows[{i}] ({row.name})"
         try:
-            cfg = _fits(TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0])))
+            rows.append((where, TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0])), row.search))
         except ConfigError as e:
             raise SpecError(f"{where} merged with base: {e}") from None
-        for key, values in spec.grid:
-            for j, v in enumerate(values):
-                try:
-                    _fits(replace_path(cfg, key, v))
-                except ConfigError as e:
-                    raise SpecError(f"grid.{key}[{j}]: {e} ({where})") from None
-        # Whole grid points: values that fit one by one may not fit together (HiCroPL's depth and cross layer).
-        at_points = []
-        for point in points:
-            try:
-                at = cfg
-                for key, v in point:
-                    at = replace_path(at, key, v)
-                at_points.append(_fits(at))
-            except ConfigError as e:
-                shown = ", ".join(f"{k}: {v}" for k, v in point)
-                raise SpecError(f"grid point {{{shown}}} ({where}): {e}") from None
-        at_points = at_points or [cfg]
-        if row.search and spec.search is not None:
-            for p in spec.search.params:
-                for label, v in _search_values(p):
-                    for at in at_points:
-                        try:
-                            _fits(replace_path(at, p.key, v))
-                        except ConfigError as e:
-                            raise SpecError(f"search.params.{p.key}{label}: {e}{_int_hint(at, p)} ({where})") from None
-
-
-def _fits(cfg: TrialConfig) -> TrialConfig:
-    """Validated, and its method checked against the backbone's shape (read from the model config)."""
-    from hisf.model.backbone_shape import backbone_shape, check_fits
-
-    cfg.validate()
-    check_fits(cfg.method, backbone_shape(cfg.backbone))
-    return cfg
-
-
-def _search_values(p: ParamRange) -> list[tuple[str, Any]]:
-    """(where, value) for what a study can draw: every choice; a range's low and high, and every integer of
-    a small integer range (so 3 fusion heads between 1 and 4 fail here, not in trial 7)."""
-    if p.choices is not None:
-        return [(f".choices[{j}]", v) for j, v in enumerate(p.choices)]
-    if not p.int:
-        return [(".low", p.low), (".high", p.high)]
-    low, high = int(p.low), int(p.high)
-    if high - low + 1 > _INT_VALUES_CHECKED:
-        return [(".low", low), (".high", high)]
-    return [(".low" if v == low else ".high" if v == high else f" = {v} (between low and high)", v)
-            for v in range(low, high + 1)]
-
-
-def _int_hint(cfg: TrialConfig, p: ParamRange) -> str:
-    """A float range on an integer key: say how to make it an integer range."""
-    if p.choices is not None or p.int or p.low != int(p.low):
-        return ""
     try:
-        replace_path(cfg, p.key, int(p.low))
-    except ConfigError:
-        return ""
-    return f"; {p.key} takes integers: add `int: true` to the range"
+        check_trial_configs(rows, spec.grid, spec.search.params if spec.search is not None else ())
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
 
 
 def _check_seed_axis(grid, search: SearchSpec | None, final: FinalSpec | None) -> None:

@@ -95,8 +95,35 @@ def test_a_grid_point_is_checked_whole():
     raw["grid"] = {"method.depth": [3, 2], "method.cross_layer": [1, 2]}
     with pytest.raises(SpecError) as e:
         parse_spec(raw)
-    assert ("grid point {method.depth: 2, method.cross_layer: 2} (rows[0] (HiCroPL)): method.cross_layer: k=2 outside "
-            "1..1") in str(e.value)
+    assert ("grid point {method.depth: 2, method.cross_layer: 2}: method.cross_layer: k=2 outside 1..1 (1 <= k <= "
+            "depth-1 with depth 2) (rows[0] (HiCroPL))") in str(e.value)
+
+
+def test_what_a_grid_or_the_search_sets_is_not_held_against_the_row():
+    """The row's own value never reaches a trial when a grid axis or the search sets the key."""
+    raw = demo_raw()
+    raw["rows"][2]["method"].pop("depth")  # MaPLe's default depth 9: more than the tiny model's 3 layers
+    raw["grid"] = {"method.depth": [2, 3]}
+    parse_spec(raw)
+    raw["grid"] = {"train.lr": [0.01]}  # a grid that does not set the depth: the trial would get 9
+    with pytest.raises(SpecError, match=r"grid.train.lr\[0\]: method.depth: 9 exceeds the 3 layers .* \(rows\[2\] "
+                                        r"\(MaPLe\)\)"):
+        parse_spec(raw)
+    raw = demo_raw()
+    raw["rows"][3]["method"].pop("depth")  # HISF, searched: every trial takes the depth from the search
+    raw["search"]["params"]["method.depth"] = {"choices": [1, 3]}
+    assert parse_spec(raw).search.params[-1].choices == (1, 3)
+    # HiCroPL searched over depth and cross layer: a pair that does not fit (depth 2, k 2) is known only when a
+    # study draws it; it fails that trial at once (a ConfigError), so the spec loads.
+    raw = demo_raw()
+    raw["rows"][4]["search"] = True
+    raw["search"]["params"] = {"method.depth": {"low": 2, "high": 3, "int": True},
+                               "method.cross_layer": {"low": 1, "high": 2, "int": True}}
+    parse_spec(raw)
+    raw["search"]["params"]["method.depth"]["high"] = 4  # but 4 exceeds the model whatever k is
+    with pytest.raises(SpecError, match=r"search.params.method.depth.high: method.depth: 4 exceeds .* \(rows\[3\] "
+                                        r"\(HISF\)\)"):
+        parse_spec(raw)
 
 
 def test_a_backbone_grid_axis_is_checked_against_each_backbone():
