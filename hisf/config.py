@@ -8,6 +8,7 @@ through `to_dict`/`flatten`. Errors name the key path (`method.depth`) and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ PROTOCOLS = ("base2new", "all", "cross_dataset", "domain_generalization")
 PRECISIONS = ("fp16", "bf16", "fp32")
 PRESETS = ("paper", "adamw", "hicropl")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -206,6 +208,12 @@ class TrainConfig:
             raise ConfigError(f"{path}.batch_size: expected >= 1, got {self.batch_size}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"{path}.lr: expected > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{path}.momentum: expected 0 <= momentum < 1, got {self.momentum}")
+        for name in ("weight_decay", "warmup_epochs", "warmup_lr", "prompt_lr_mult", "log_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{path}.{name}: expected >= 0, got {value}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"{path}.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
 
@@ -228,6 +236,7 @@ class TrialConfig:
 
     def validate(self) -> "TrialConfig":
         _check_choice(self.protocol, PROTOCOLS, "protocol")
+        check_seed(self.seed, "seed")
         self.backbone.validate()
         self.method.validate()
         self.data.validate()
@@ -261,11 +270,15 @@ class TrialConfig:
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
         import yaml
 
+        from hisf.yaml_io import load_yaml, yaml_error
+
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: trial config file not found")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         try:
@@ -308,6 +321,13 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (a field's annotation: int, float, str, bool, Mapping, tuple[...], Optional, a config
+    dataclass), strictly; raises ConfigError naming `key`, what was expected and what was given. The experiment
+    spec checks its own keys with it too, so both speak alike."""
+    return _coerce(value, tp, key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -345,13 +365,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return check_number(value, key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def check_number(value: Any, key: str) -> float:
+    """A finite int or float as float: YAML's `.nan`/`.inf` would fail every retry of a trial (or poison a search)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: int, key: str) -> int:
+    """numpy's and Optuna's seeds are 32-bit unsigned: anything else fails in every retry."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key}: expected an integer in 0..{MAX_SEED}, got {value}")
     return value
 
 

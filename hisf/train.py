@@ -14,10 +14,15 @@ from hisf.config import ConfigError, TrialConfig, replace_path
 def _parse_set(item: str) -> tuple[str, object]:
     import yaml
 
+    from hisf.yaml_io import load_yaml, yaml_error
+
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_error(e)}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hisf.config import ConfigError
+
 
 class SemanticFusion(nn.Module):
     """P_final = P_fused + MLP([P_fused ; ē]), P_fused = P + softmax(Q Kᵀ/√d) V (one prompt layer).
@@ -17,7 +19,7 @@ class SemanticFusion(nn.Module):
     def __init__(self, width: int, heads: int = 8, bottleneck: int = 64, zero_values: bool = True):
         super().__init__()
         if width % heads:
-            raise ValueError(f"method.fusion_heads: {heads} heads do not divide the prompt width {width}")
+            raise ConfigError(f"method.fusion_heads: {heads} heads do not divide the prompt width {width}")
         self.heads = heads
         self.norm = nn.LayerNorm(width)
         self.q = nn.Linear(width, width, bias=False)
