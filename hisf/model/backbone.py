@@ -113,7 +113,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     state_dict = None
     if pretrained:
         if Path(pretrained).exists():
-            state_dict, openai_format = _read_checkpoint(Path(pretrained))
+            state_dict, openai_format = _read_weights(Path(pretrained))
             # OpenAI's weights were trained with QuickGELU; open_clip's plain configs default to GELU.
             if openai_format:
                 model_cfg["quick_gelu"] = True
@@ -121,7 +121,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             tag_cfg, _, _ = _tag_sources(cfg)
             if tag_cfg.get("quick_gelu", False):
                 model_cfg["quick_gelu"] = True
-            state_dict, _ = _read_checkpoint(Path(fetch_weights(cfg)))
+            state_dict, _ = _read_weights(Path(fetch_weights(cfg)))
 
     dtype = _DTYPES[cfg.precision]
     # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
@@ -253,7 +253,7 @@ def _unreachable(hf: list, url: str, timeout: float) -> str:
     return ""
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Weights from a file: OpenAI's TorchScript archive, or a (wrapped) OpenAI/open_clip state dict."""
     if not path.is_file():
         raise BackboneError(f"backbone.pretrained: {str(path)!r} is not a file; expected a checkpoint file")
