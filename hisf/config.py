@@ -201,8 +201,9 @@ class TrainConfig:
             raise ConfigError(f"{path}.deterministic: expected true or false, got {self.deterministic!r}")
         if self.epochs < 0:
             raise ConfigError(f"{path}.epochs: expected >= 0, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: expected >= 1, got {self.batch_size}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"{path}.lr: expected > 0, got {self.lr}")
         if self.max_nonfinite_steps < 1:

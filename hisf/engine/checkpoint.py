@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hisf.config import ConfigError, TrialConfig
+from hisf.safe_load import safe_load
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -117,9 +118,10 @@ def load_checkpoint(output_dir: str | Path, cfg: TrialConfig, classnames: tuple[
     path = checkpoint_path(output_dir)
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: checkpoint format {state.get('version')!r}, expected {FORMAT_VERSION}")
+    state = safe_load(path, "trial checkpoint", ConfigError)
+    if not isinstance(state, dict) or state.get("version") != FORMAT_VERSION:
+        got = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path}: checkpoint format {got!r}, expected {FORMAT_VERSION}")
     saved, now = state["identity"], identity(cfg)
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
@@ -160,7 +162,7 @@ def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: exported prompts file not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = safe_load(path, "prompts file", ConfigError)
     if cfg is not None:
         for section in ("method", "backbone"):
             # Where the backbone's weights are cached is not which weights they are.

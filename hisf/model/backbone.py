@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from hisf.config import BackboneConfig, ConfigError, PRECISIONS
+from hisf.safe_load import safe_load
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -268,10 +269,7 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         openai_format = True
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise BackboneError(f"backbone.pretrained: cannot read {str(path)!r} as a torch checkpoint: {e}") from e
+        sd = safe_load(path, "checkpoint", BackboneError, key="backbone.pretrained")
     if isinstance(sd, Mapping) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not sd:
