@@ -12,12 +12,12 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def safe_load(path: str | Path, what: str, error: type[Exception] = ValueError, key: str = "",
+def safe_load(path: str | Path, what: str, error: Callable[[str], Exception] = ValueError, key: str = "",
               pickled_hint: str = "") -> Any:
     """torch.load(path, weights_only=True) on the CPU, or `error("KEY: PATH: not a WHAT we load: why")` when the
     file is missing or holds anything but tensors and plain containers (a pickled object, another format,
