@@ -68,15 +68,6 @@ def resolved_yaml(cfg: TrialConfig) -> str:
     return text + (f"# null: {'; '.join(nulls)}\n" if nulls else "")
 
 
-def _input_errors() -> tuple[type[Exception], ...]:
-    """What bad input raises (config, data, backbone, prompt sizes): one line, never a traceback."""
-    from data_shards import DataError
-    from hisf.model.backbone import BackboneError
-    from hisf.model.prompts import PromptError
-
-    return ConfigError, DataError, BackboneError, PromptError
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(resolved_yaml(cfg), end="")
         return 0
 
-    from hisf.engine import NonFiniteLossError, run_trial
+    from hisf.engine import INPUT_ERRORS, NonFiniteLossError, run_trial
     from hisf.engine.checkpoint import ResumeError, clear_checkpoint
 
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -107,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "saved training state only), or give another --output-dir")
         print(f"{where}error: {e}{hint}", file=sys.stderr)
         return 2
-    except _input_errors() as e:
+    except INPUT_ERRORS as e:
         print(f"{where}error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:

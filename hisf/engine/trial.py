@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from hisf.config import TrialConfig
+from hisf.config import ConfigError, TrialConfig
 from hisf.engine import checkpoint as ckpt
 from hisf.engine.atomic import atomic_write_text
 from hisf.engine.callbacks import StopTrial, TrialCallback, call, listeners
@@ -24,11 +24,17 @@ from hisf.engine.optim import build_optimizer, build_scheduler
 from hisf.engine.progress import LossMeter, Progress
 from hisf.engine.step import (NanGuard, Precision, compile_losses, compile_stats, deterministic_mode, loss_terms,
                               release_compiled, resolve_precision, seed_everything, train_step)
-from hisf.engine.trial_data import TrialData, check_labels, open_trial_data
+from hisf.engine.trial_data import DataError, TrialData, check_labels, open_trial_data
+from hisf.model.backbone import BackboneError, load_backbone
+from hisf.model.prompts import PromptError
 
-__all__ = ["StopTrial", "TrialCallback", "free_trial_memory", "run_trial"]
+__all__ = ["INPUT_ERRORS", "StopTrial", "TrialCallback", "free_trial_memory", "run_trial"]
 
 log = logging.getLogger("hisf.engine")
+
+# What bad input raises (config, data, backbone, prompt sizes), before or while a trial starts: the same every
+# time, so a caller reports it as one line (`hisf-bench train`) rather than a traceback.
+INPUT_ERRORS = (ConfigError, DataError, BackboneError, PromptError)
 
 
 def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume: bool = True) -> dict[str, float]:
@@ -103,8 +109,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
 
 def _build(cfg: TrialConfig, callbacks: list[TrialCallback], env: DistEnv) -> Trial:
     """Open the data (every data error is raised here, before the model), then build the model and its optimiser."""
-    from hisf.model.backbone import load_backbone
-    from hisf.model.methods import build_method
+    from hisf.model.methods import build_method  # imports open_clip: only where a trial runs
 
     tc = cfg.train
     device_name = check_device(env.device)  # an assigned GPU torch cannot use fails here, not as a slow CPU trial
@@ -128,8 +133,9 @@ def _build(cfg: TrialConfig, callbacks: list[TrialCallback], env: DistEnv) -> Tr
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
     state = ckpt.TrialState(model, optimizer, build_scheduler(optimizer, tc) if optimizer else None, precision.scaler)
     params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
-    return Trial(cfg, env, callbacks, data, precision, state, ckpt.ResumeIdentity.of(cfg, env.world_size, data.fingerprints),
-                 params, epochs, NanGuard(tc.max_nonfinite_steps), device_name, fallbacks)
+    return Trial(cfg=cfg, env=env, callbacks=callbacks, data=data, precision=precision, state=state,
+                 identity=ckpt.ResumeIdentity.of(cfg, env.world_size, data.fingerprints), params=params, epochs=epochs,
+                 guard=NanGuard(tc.max_nonfinite_steps), device_name=device_name, eager_fallbacks=fallbacks)
 
 
 def _log_start(t: Trial, resumed: bool) -> None:

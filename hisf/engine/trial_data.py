@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from data_shards import DataError  # the engine's data errors are data_shards' own (re-raised, never wrapped twice)
 
 from hisf.config import ConfigError, TrialConfig
 from hisf.engine.distributed import DistEnv
@@ -66,7 +67,7 @@ class TrialData:
 
 
 def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
-    from data_shards import DataError, open_dataset
+    from data_shards import open_dataset
 
     path = Path(root) / key
     if not path.is_dir():
@@ -133,8 +134,6 @@ def check_labels(subset: Any, n_classes: int, what: str) -> None:
     On CUDA an out-of-range label reaches cross_entropy as an asynchronous device-side assert that poisons
     the process (no message, the Tune actor dies); here it is a clear error before the first batch.
     """
-    from data_shards import DataError
-
     labels = np.asarray(subset.labels)
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if len(bad):
