@@ -175,3 +175,11 @@ def test_export_and_load_prompts(tmp_path, tiny_model):
     assert load_prompts(path, other, replace_path(cfg, "backbone.cache_dir", "/elsewhere"))["classnames"] == ["a", "b", "c"]
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_prompts(tmp_path / "missing.pt", other)
+    (tmp_path / "junk.pt").write_text("not prompts")
+    with pytest.raises(ConfigError, match=r"junk.pt: not a prompts file we load: it is not a torch file"):
+        load_prompts(tmp_path / "junk.pt", other)
+    torch.save({"trainable": {"prompt": _Payload(tmp_path / "pwned")}}, tmp_path / "evil.pt")
+    with pytest.raises(ConfigError, match=r"evil.pt: not a prompts file we load: it holds a pickled Python object "
+                                          r"\(posix.system\)") as err:
+        load_prompts(tmp_path / "evil.pt", other)
+    assert "weights_only=False" not in str(err.value) and not (tmp_path / "pwned").exists()
