@@ -15,17 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("zeroshot", "coop", "maple", "hisf", "hicropl")
+from hisf.model.facts import METHODS
+from hisf.presets import PRESETS
+
 MAPPINGS = ("learned", "released")
 # `mapping: released`: its D visual prompt parameters over one storage (as the released code builds them and
 # keeps them on CPU) or one storage each (as they become when the released code moves the model to a GPU).
 RELEASED_STORAGES = ("shared", "per_layer")
-# Prompt depth D when `method.depth` is not given: MaPLe/HISF 9, HiCroPL 12 (docs/method.md).
-DEFAULT_DEPTH = {"hicropl": 12}
-MAPLE_DEPTH = 9
 PROTOCOLS = ("base2new", "all", "cross_dataset", "domain_generalization")
 PRECISIONS = ("fp16", "bf16", "fp32")
-PRESETS = ("paper", "adamw", "hicropl")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 MAX_SEED = 2**32 - 1
 
@@ -57,10 +55,11 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "hisf"
-    # Prompt tokens per layer; None means the method's own default (coop 16, maple/hisf 2, hicropl 16).
+    # Prompt tokens per layer; None means the method's own default (hisf/model/facts.py: coop 16, maple/hisf 2,
+    # hicropl 16).
     n_ctx: int | None = None
     # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given. None (unset)
-    # becomes the method's default at construction: 9 (maple, hisf), 12 (hicropl).
+    # becomes the method's default at construction (hisf/model/facts.py): 9 (maple, hisf), 12 (hicropl).
     depth: int | None = None
     layers: tuple[int, ...] | None = None
     ctx_init: str = "a photo of a"
@@ -93,7 +92,7 @@ class MethodConfig:
     released_storage: str | None = None
 
     def validate(self, path: str = "method") -> None:
-        _check_choice(self.name, METHODS, f"{path}.name")
+        _check_choice(self.name, tuple(METHODS), f"{path}.name")
         _check_choice(self.label_embedding, ("learnable", "frozen"), f"{path}.label_embedding")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ConfigError(f"{path}.n_ctx: expected a positive integer, got {self.n_ctx}")
@@ -140,8 +139,8 @@ class MethodConfig:
     def __post_init__(self) -> None:
         # An unset depth becomes the method's default at construction, so params, tags and checkpoint
         # identities always record the depth that ran (9 for maple/hisf, 12 for hicropl).
-        if self.depth is None:
-            object.__setattr__(self, "depth", DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH))
+        if self.depth is None and self.name in METHODS:
+            object.__setattr__(self, "depth", METHODS[self.name].depth)
         if self.released_storage is None and self.mapping == "released":
             object.__setattr__(self, "released_storage", "per_layer")
 
@@ -169,8 +168,8 @@ class TrainConfig:
     epochs: int = 5
     # Per-rank batch size (the paper's 4).
     batch_size: int = 4
-    # None means the preset's value (docs/method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py;
-    # hicropl (docs/method.md) Adam lr 0.0025, eps 1e-3, coupled weight decay 5e-4 (batch 32 recommended).
+    # None means the preset's value (hisf/presets.py, docs/method.md): paper lr 0.0035 SGD; adamw lr 1e-3;
+    # hicropl Adam lr 0.0025, eps 1e-3, coupled weight decay 5e-4 (batch 32 recommended).
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
@@ -195,7 +194,7 @@ class TrainConfig:
     deterministic: bool = False
 
     def validate(self, path: str = "train") -> None:
-        _check_choice(self.preset, PRESETS, f"{path}.preset")
+        _check_choice(self.preset, tuple(PRESETS), f"{path}.preset")
         _check_choice(self.precision, PRECISIONS, f"{path}.precision")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"{path}.compile: expected true or false, got {self.compile!r}")
@@ -204,8 +203,9 @@ class TrainConfig:
             raise ConfigError(f"{path}.deterministic: expected true or false, got {self.deterministic!r}")
         if self.epochs < 0:
             raise ConfigError(f"{path}.epochs: expected >= 0, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: expected >= 1, got {self.batch_size}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"{path}.lr: expected > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -241,6 +241,10 @@ class TrialConfig:
         self.method.validate()
         self.data.validate()
         self.train.validate()
+        accepted = METHODS[self.method.name].presets
+        if self.train.preset not in accepted:
+            raise ConfigError(f"train.preset: method {self.method.name!r} does not train with preset "
+                              f"{self.train.preset!r}; expected one of {list(accepted)}")
         if self.protocol in ("cross_dataset", "domain_generalization") and not self.data.targets:
             raise ConfigError(f"data.targets: protocol {self.protocol!r} needs at least one target dataset")
         return self

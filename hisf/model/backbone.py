@@ -14,6 +14,7 @@ from hisf.config import BackboneConfig, ConfigError, PRECISIONS
 # Resolving the model config needs no torch: it lives with the shape checks spec validation runs.
 from hisf.model.backbone_shape import (MODEL_CONFIG_DIR, BackboneError, available_model_configs,  # noqa: F401
                                        resolve_model_cfg)
+from hisf.safe_load import safe_load
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys OpenAI's own checkpoints carry besides the weights (clip.load's JIT archive, its state_dict()).
@@ -73,7 +74,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     state_dict = None
     if pretrained:
         if Path(pretrained).exists():
-            state_dict, openai_format = _read_checkpoint(Path(pretrained))
+            state_dict, openai_format = _read_weights(Path(pretrained))
             # OpenAI's weights were trained with QuickGELU; open_clip's plain configs default to GELU.
             if openai_format:
                 model_cfg["quick_gelu"] = True
@@ -81,7 +82,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             tag_cfg, _, _ = _tag_sources(cfg)
             if tag_cfg.get("quick_gelu", False):
                 model_cfg["quick_gelu"] = True
-            state_dict, _ = _read_checkpoint(Path(fetch_weights(cfg)))
+            state_dict, _ = _read_weights(Path(fetch_weights(cfg)))
 
     dtype = _DTYPES[cfg.precision]
     # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
@@ -213,7 +214,7 @@ def _unreachable(hf: list, url: str, timeout: float) -> str:
     return ""
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Weights from a file: OpenAI's TorchScript archive, or a (wrapped) OpenAI/open_clip state dict."""
     if not path.is_file():
         raise BackboneError(f"backbone.pretrained: {str(path)!r} is not a file; expected a checkpoint file")
@@ -228,10 +229,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         openai_format = True
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise BackboneError(f"backbone.pretrained: cannot read {str(path)!r} as a torch checkpoint: {e}") from e
+        sd = safe_load(path, "checkpoint", BackboneError, key="backbone.pretrained")
     if isinstance(sd, Mapping) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not sd:
@@ -274,4 +272,4 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
 def check_weights_file(path: str | Path) -> None:
     """Raise BackboneError unless `path` is a weights file `load_backbone` reads (the pre-flight calls it on the
     driver before Ray starts: a file that is not a checkpoint would fail every retry of every trial)."""
-    _read_checkpoint(Path(path))
+    _read_weights(Path(path))

@@ -124,9 +124,9 @@ def check_fits(method: MethodConfig, shape: BackboneShape, path: str = "method")
     widths). The rest of a method config is checked by `MethodConfig.validate` on its own."""
     if method.name == "zeroshot":
         return
-    from hisf.model.prompt_model import DEFAULT_N_CTX
+    from hisf.model.facts import METHODS
 
-    n_ctx = method.n_ctx if method.n_ctx is not None else DEFAULT_N_CTX[method.name]
+    n_ctx = method.n_ctx if method.n_ctx is not None else METHODS[method.name].n_ctx
     limit = shape.context_length - 4  # [SOS] + n_ctx + at least one name token + "." + [EOS]
     if not 1 <= n_ctx <= limit:
         raise ConfigError(f"{path}.n_ctx: {n_ctx} does not fit the context length {shape.context_length} of "

@@ -1,4 +1,8 @@
-"""The method registry (name -> builder) and the baselines zeroshot, coop and maple; HISF and HiCroPL have their own modules."""
+"""The method registry (name -> builder) and the baselines zeroshot, coop and maple; HISF and HiCroPL have their own modules.
+
+What each method is (default n_ctx and depth, presets, the settings a run shows) is declared once in
+`hisf/model/facts.py`, under the same names as the builders here.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,11 @@ from hisf.config import ConfigError, MethodConfig
 from hisf.model.backbone import Backbone
 from hisf.model.hicropl import build_hicropl
 from hisf.model.hisf import HisfModel, build_hisf
-from hisf.model.prompt_model import (DEFAULT_N_CTX, DEFAULT_TEMPLATE, GROUPS, Features, PromptModel, Prompts,
-                                     prompt_layers, prompt_n_ctx)
+from hisf.model.prompt_model import DEFAULT_TEMPLATE, Features, PromptModel, Prompts, prompt_layers, prompt_n_ctx
 from hisf.model.prompts import MultiModalPrompts, PromptError, prefix_text
 
-__all__ = ["DEFAULT_N_CTX", "DEFAULT_TEMPLATE", "GROUPS", "METHODS", "Features", "HisfModel", "PromptModel", "Prompts",
-           "ZeroShotModel", "build_method"]
+__all__ = ["BUILDERS", "DEFAULT_TEMPLATE", "Features", "HisfModel", "PromptModel", "Prompts", "ZeroShotModel",
+           "build_method"]
 
 
 class ZeroShotModel(PromptModel):
@@ -51,7 +54,7 @@ def build_maple(cfg: MethodConfig, backbone: Backbone) -> PromptModel:
     return PromptModel(cfg, backbone, n_ctx, layers, prefix, prompts)
 
 
-METHODS: dict[str, Callable[[MethodConfig, Backbone], PromptModel]] = {
+BUILDERS: dict[str, Callable[[MethodConfig, Backbone], PromptModel]] = {
     "zeroshot": build_zeroshot,
     "coop": build_coop,
     "maple": build_maple,
@@ -64,10 +67,10 @@ def build_method(cfg: MethodConfig, backbone: Backbone, classnames: Sequence[str
                  dataset: str | None = None) -> PromptModel:
     """Build method `cfg.name` on a frozen backbone over `classnames` (zeroshot reads `template`; HiCroPL's
     text teacher reads the descriptions of `dataset`, the catalogue key)."""
-    if cfg.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {cfg.name!r}; expected one of {sorted(METHODS)}")
+    if cfg.name not in BUILDERS:
+        raise ConfigError(f"method.name: unknown method {cfg.name!r}; expected one of {sorted(BUILDERS)}")
     cfg.validate()
-    model = METHODS[cfg.name](cfg, backbone)
+    model = BUILDERS[cfg.name](cfg, backbone)
     model.to(backbone.device)
     model.set_classnames(classnames, template, dataset)
     return model

@@ -30,6 +30,8 @@ def test_from_dict_fills_defaults_and_coerces_types():
         ({"seed": True}, "seed"),
         ({"train": {"compile": "yes"}}, "train.compile"),
         ({"train": {"compile_mode": "fast"}}, "train.compile_mode"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: expected >= 1, got 0"),
+        ({"train": {"eval_batch_size": 0}}, "train.eval_batch_size: expected >= 1, got 0"),
         ({"bogus": 1}, "bogus"),
     ],
 )
