@@ -38,8 +38,9 @@ from hisf.model.backbone import load_backbone  # noqa: E402
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
 from hisf.engine.distributed import DistEnv  # noqa: E402
 from hisf.engine import Precision, compile_losses, resolve_precision, seed_everything, train_step  # noqa: E402
-from hisf.model.maple_checkpoint import maple_key_map  # noqa: E402
-from hisf.model.methods import METHODS, build_method  # noqa: E402
+from hisf.model.maple_import import maple_key_map  # noqa: E402
+from hisf.model.facts import METHODS  # noqa: E402
+from hisf.model.methods import build_method  # noqa: E402
 from hisf.engine.optim import build_optimizer  # noqa: E402
 
 

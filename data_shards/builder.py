@@ -211,6 +211,8 @@ def build(key: str, root: str | Path, out: str | Path, opts: BuildOptions = Buil
     root, out = Path(root), Path(out)
     if not root.exists():
         raise DataError(f"{root}: data root folder not found")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; expected a folder")
     listing = entry.read(root)
     if not any(listing.splits.values()):
         raise DataError(f"{root}: dataset {key!r} lists no images")
@@ -282,6 +284,8 @@ def _finish(source, name, listing, out: Path, opts, tasks, results, rows, skippe
         "template": listing.template, "templates": list(listing.templates or (listing.template,)),
         "image_mode": opts.image_mode, "image_size": opts.image_size,
         "train_size": None if opts.exact else opts.stored_train_size, "splits": splits, "skipped": skipped,
+        # How the splits were made when the source has none of its own (a flat image folder), else absent.
+        **({"split_rule": listing.notes["split_rule"]} if listing.notes.get("split_rule") else {}),
     }
     _write_atomic(out / "info.json", json.dumps(info, indent=1))
     return info

@@ -62,7 +62,8 @@ def _variant(sub: str, numbered: bool):
 
 
 def _image_folder(root: Path, template: str) -> Listing:
-    return _listing(sources.read_image_folder(root), template)
+    names, splits, split_rule = sources.read_image_folder(root)
+    return Listing(names, template, splits, notes={"split_rule": split_rule} if split_rule else {})
 
 
 def _clip_benchmark(root: Path, template: str) -> Listing:

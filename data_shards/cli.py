@@ -13,7 +13,7 @@ def _size(text: str) -> int:
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
         return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):  # "nanM", "infM"
         raise argparse.ArgumentTypeError(f"expected a size like 256M or 65536, got {text!r}") from None
 
 
@@ -63,6 +63,8 @@ def _info(ds) -> None:
         print(f"{split}: {sum(c.values())} samples in {len(built['shards'])} shard(s){left}")
         for name in ds.classnames:
             print(f"  {c.get(name, 0):7d}  {name}" + (f"  ({b[name]} left out)" if name in b else ""))
+    if ds.info.get("split_rule"):
+        print(f"split: {ds.info['split_rule']}")
 
 
 def main(argv: list[str]) -> int:
@@ -77,6 +79,8 @@ def main(argv: list[str]) -> int:
             counts = ", ".join(f"{s} {v['count']}" for s, v in info["splits"].items())
             print(f"built {info['key']} ({info['source']}, {info['image_mode']} images) into {args.out}: "
                   f"{len(info['classnames'])} classes, {counts}")
+            if info.get("split_rule"):
+                print(f"split: {info['split_rule']}")
             if info["skipped"]:
                 print(f"{len(info['skipped'])} image(s) failed to decode; they stay in the manifest, flagged, so "
                       "few-shot draws match Dassl's, and are left out when a selection draws them:")

@@ -7,7 +7,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow.compute as pc
@@ -82,8 +82,8 @@ class BuiltDataset:
             raise DataError(f"{info_path}: not found; is {self.path} a dataset built with `hisf-bench data build`?")
         if not man_path.is_file():
             raise DataError(f"{man_path}: manifest not found")
-        self.info = json.loads(info_path.read_text())
-        self.manifest = pq.read_table(man_path)
+        self.info = read_info(info_path)
+        self.manifest = read_manifest(man_path)
         self.key: str = self.info["key"]  # catalogue key, or the name a generic (imagefolder/clip_benchmark) build got
         self.source: str = self.info.get("source", self.key)
         # "exact": shards hold the original files, loaders apply CoOp's transforms to them; "fast": re-encoded
@@ -215,6 +215,62 @@ class BuiltDataset:
             labels=np.asarray([relabel[int(self._labels[i])] for i in idx], dtype=np.int64),
             checksums=tuple(self._columns["checksum"][i] for i in idx), left_out=len(bad),
         )
+
+
+REBUILD = "rebuild the dataset with `hisf-bench data build`"
+# info.json keys BuiltDataset reads, with what each must be.
+INFO_KEYS = {"key": (str, "a string"), "classnames": (list, "a list of strings"), "template": (str, "a string"),
+             "splits": (dict, "an object of splits")}
+MANIFEST_COLUMNS = {"key": "string", "split": "string", "shard": "string", "label": "integer", "offset": "integer",
+                    "size": "integer", "checksum": "string", "path": "string"}
+
+
+def read_info(path: Path) -> dict:
+    """info.json as `data build` writes it; a DataError names the file and what was expected otherwise."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}); {REBUILD}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); {REBUILD}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object, got a {type(info).__name__}; {REBUILD}")
+    for key, (tp, what) in INFO_KEYS.items():
+        if key not in info:
+            raise DataError(f"{path}: missing {key!r} ({what}); expected the info.json `hisf-bench data build` "
+                            f"writes; {REBUILD}")
+        if not isinstance(info[key], tp) or (key == "classnames" and not all(isinstance(c, str) for c in info[key])):
+            raise DataError(f"{path}: {key!r} should be {what}, got {type(info[key]).__name__}; {REBUILD}")
+    for split, s in info["splits"].items():
+        if not (isinstance(s, dict) and isinstance(s.get("count"), int) and isinstance(s.get("shards"), dict)
+                and all(isinstance(n, int) for n in s["shards"].values())):
+            raise DataError(f"{path}: splits.{split} should be {{\"count\": integer, \"shards\": {{file: bytes}}}}, got "
+                            f"{s!r}; {REBUILD}")
+        for name in s["shards"]:
+            # Shards are read as folder / name: a name that leaves the folder would read some other file.
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts or "\\" in name or not name:
+                raise DataError(f"{path}: shard {name!r} of split {split!r} is not a file inside {path.parent}; "
+                                f"expected a path like '{split}/{split}-00000.tar'; {REBUILD}")
+    return info
+
+
+def read_manifest(path: Path):
+    """manifest.parquet with the columns BuiltDataset reads; a DataError names the file otherwise."""
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet manifest ({e}); {REBUILD}") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; {REBUILD}")
+    checks = {"string": pa.types.is_string, "integer": pa.types.is_integer}
+    for column, kind in MANIFEST_COLUMNS.items():
+        tp = table.schema.field(column).type
+        if not checks[kind](tp):
+            raise DataError(f"{path}: column {column!r} holds {tp}, expected {kind}s; {REBUILD}")
+    return table
 
 
 def open_dataset(path: str | Path) -> BuiltDataset:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from data_shards.errors import DataError
+
 # (folder, class name, colour, shape): colour and shape both separate the classes.
 CLASSES = (
     ("red_circle", "red circle", (220, 40, 40), "circle"),
@@ -89,8 +91,10 @@ def write_demo(out: str | Path, n_classes: int = 6, train: int = 16, val: int = 
     """Write OUT/demo/images/<class>/*.png, OUT/demo/split_zhou_Demo.json and the classes' descriptions
     OUT/descriptions/demo_prompt.json; returns OUT (the DATA root)."""
     if not 1 <= n_classes <= len(CLASSES):
-        raise ValueError(f"n_classes: expected 1..{len(CLASSES)}, got {n_classes}")
+        raise DataError(f"--classes: expected 1..{len(CLASSES)} (the demo has {len(CLASSES)} classes), got {n_classes}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; expected a folder")
     image_dir = out / "demo" / "images"
     rng = random.Random(seed)
     split: dict[str, list] = {"train": [], "val": [], "test": []}

@@ -217,9 +217,15 @@ def read_imagenet_variant(image_dir: Path, data_root: Path, numbered: bool) -> t
     return tuple(names), {"test": read_class_folders(image_dir, "test", classes, names)}
 
 
-def read_image_folder(root: Path) -> tuple[tuple[str, ...], dict[str, list[Record]]]:
+# How read_image_folder splits a flat folder; `data build` and `data info` print it (docs/protocols.md).
+FLAT_SPLIT = ("a flat folder (ROOT/<class>/) is split per class into 50% train, 20% val, 30% test (Dassl's "
+              "read_and_split_data), shuffled with a seed made of the folder and class names")
+
+
+def read_image_folder(root: Path) -> tuple[tuple[str, ...], dict[str, list[Record]], str]:
     """A folder of class sub-folders, either split (root/{train,val,test}/<class>/) or flat (root/<class>/),
-    split flat ones per class as Dassl's read_and_split_data does (50% train, 20% val, 30% test)."""
+    split flat ones per class as Dassl's read_and_split_data does (50% train, 20% val, 30% test).
+    Returns (class names, records per split, how the splits were made: FLAT_SPLIT, or "" for split folders)."""
     require_dir(root, "image folder")
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     if split_dirs:
@@ -239,7 +245,8 @@ def read_image_folder(root: Path) -> tuple[tuple[str, ...], dict[str, list[Recor
             for i, img in enumerate(images):
                 split = "train" if i < n_train else "val" if i < n_train + n_val else "test"
                 splits[split].append(Record(split, str(img.relative_to(root)), label, names[label], str(img)))
-    return tuple(names), splits
+        return tuple(names), splits, FLAT_SPLIT
+    return tuple(names), splits, ""
 
 
 def _clip_benchmark_split(split_dir: Path, split: str, classnames: list[str]) -> list[Record]:

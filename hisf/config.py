@@ -8,24 +8,24 @@ through `to_dict`/`flatten`. Errors name the key path (`method.depth`) and what 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-METHODS = ("zeroshot", "coop", "maple", "hisf", "hicropl")
+from hisf.model.facts import METHODS
+from hisf.presets import PRESETS
+
 MAPPINGS = ("learned", "released")
 # `mapping: released`: its D visual prompt parameters over one storage (as the released code builds them and
 # keeps them on CPU) or one storage each (as they become when the released code moves the model to a GPU).
 RELEASED_STORAGES = ("shared", "per_layer")
-# Prompt depth D when `method.depth` is not given: MaPLe/HISF 9, HiCroPL 12 (docs/method.md).
-DEFAULT_DEPTH = {"hicropl": 12}
-MAPLE_DEPTH = 9
 PROTOCOLS = ("base2new", "all", "cross_dataset", "domain_generalization")
 PRECISIONS = ("fp16", "bf16", "fp32")
-PRESETS = ("paper", "adamw", "hicropl")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -55,10 +55,11 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "hisf"
-    # Prompt tokens per layer; None means the method's own default (coop 16, maple/hisf 2, hicropl 16).
+    # Prompt tokens per layer; None means the method's own default (hisf/model/facts.py: coop 16, maple/hisf 2,
+    # hicropl 16).
     n_ctx: int | None = None
     # Prompt layers J = {0..depth-1}; `layers` (an explicit list) overrides depth when given. None (unset)
-    # becomes the method's default at construction: 9 (maple, hisf), 12 (hicropl).
+    # becomes the method's default at construction (hisf/model/facts.py): 9 (maple, hisf), 12 (hicropl).
     depth: int | None = None
     layers: tuple[int, ...] | None = None
     ctx_init: str = "a photo of a"
@@ -91,7 +92,7 @@ class MethodConfig:
     released_storage: str | None = None
 
     def validate(self, path: str = "method") -> None:
-        _check_choice(self.name, METHODS, f"{path}.name")
+        _check_choice(self.name, tuple(METHODS), f"{path}.name")
         _check_choice(self.label_embedding, ("learnable", "frozen"), f"{path}.label_embedding")
         if self.n_ctx is not None and self.n_ctx < 1:
             raise ConfigError(f"{path}.n_ctx: expected a positive integer, got {self.n_ctx}")
@@ -138,8 +139,8 @@ class MethodConfig:
     def __post_init__(self) -> None:
         # An unset depth becomes the method's default at construction, so params, tags and checkpoint
         # identities always record the depth that ran (9 for maple/hisf, 12 for hicropl).
-        if self.depth is None:
-            object.__setattr__(self, "depth", DEFAULT_DEPTH.get(self.name, MAPLE_DEPTH))
+        if self.depth is None and self.name in METHODS:
+            object.__setattr__(self, "depth", METHODS[self.name].depth)
         if self.released_storage is None and self.mapping == "released":
             object.__setattr__(self, "released_storage", "per_layer")
 
@@ -167,8 +168,8 @@ class TrainConfig:
     epochs: int = 5
     # Per-rank batch size (the paper's 4).
     batch_size: int = 4
-    # None means the preset's value (docs/method.md): paper lr 0.0035 SGD; adamw see hisf/engine/optim.py;
-    # hicropl (docs/method.md) Adam lr 0.0025, eps 1e-3, coupled weight decay 5e-4 (batch 32 recommended).
+    # None means the preset's value (hisf/presets.py, docs/method.md): paper lr 0.0035 SGD; adamw lr 1e-3;
+    # hicropl Adam lr 0.0025, eps 1e-3, coupled weight decay 5e-4 (batch 32 recommended).
     lr: float | None = None
     weight_decay: float | None = None
     momentum: float = 0.9
@@ -193,7 +194,7 @@ class TrainConfig:
     deterministic: bool = False
 
     def validate(self, path: str = "train") -> None:
-        _check_choice(self.preset, PRESETS, f"{path}.preset")
+        _check_choice(self.preset, tuple(PRESETS), f"{path}.preset")
         _check_choice(self.precision, PRECISIONS, f"{path}.precision")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"{path}.compile: expected true or false, got {self.compile!r}")
@@ -202,10 +203,17 @@ class TrainConfig:
             raise ConfigError(f"{path}.deterministic: expected true or false, got {self.deterministic!r}")
         if self.epochs < 0:
             raise ConfigError(f"{path}.epochs: expected >= 0, got {self.epochs}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ConfigError(f"{path}.batch_size: expected >= 1, got {self.batch_size}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"{path}.lr: expected > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"{path}.momentum: expected 0 <= momentum < 1, got {self.momentum}")
+        for name in ("weight_decay", "warmup_epochs", "warmup_lr", "prompt_lr_mult", "log_every"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{path}.{name}: expected >= 0, got {value}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(f"{path}.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}")
 
@@ -228,10 +236,15 @@ class TrialConfig:
 
     def validate(self) -> "TrialConfig":
         _check_choice(self.protocol, PROTOCOLS, "protocol")
+        check_seed(self.seed, "seed")
         self.backbone.validate()
         self.method.validate()
         self.data.validate()
         self.train.validate()
+        accepted = METHODS[self.method.name].presets
+        if self.train.preset not in accepted:
+            raise ConfigError(f"train.preset: method {self.method.name!r} does not train with preset "
+                              f"{self.train.preset!r}; expected one of {list(accepted)}")
         if self.protocol in ("cross_dataset", "domain_generalization") and not self.data.targets:
             raise ConfigError(f"data.targets: protocol {self.protocol!r} needs at least one target dataset")
         return self
@@ -261,11 +274,15 @@ class TrialConfig:
     def from_yaml(cls, path: str | Path) -> "TrialConfig":
         import yaml
 
+        from hisf.yaml_io import load_yaml, yaml_error
+
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: trial config file not found")
-        with path.open() as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            data = load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         try:
@@ -308,6 +325,13 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` as type `tp` (a field's annotation: int, float, str, bool, Mapping, tuple[...], Optional, a config
+    dataclass), strictly; raises ConfigError naming `key`, what was expected and what was given. The experiment
+    spec checks its own keys with it too, so both speak alike."""
+    return _coerce(value, tp, key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -345,13 +369,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return check_number(value, key)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    return value
+
+
+def check_number(value: Any, key: str) -> float:
+    """A finite int or float as float: YAML's `.nan`/`.inf` would fail every retry of a trial (or poison a search)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: int, key: str) -> int:
+    """numpy's and Optuna's seeds are 32-bit unsigned: anything else fails in every retry."""
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key}: expected an integer in 0..{MAX_SEED}, got {value}")
     return value
 
 

@@ -10,47 +10,105 @@ import sys
 
 from hisf.config import ConfigError, TrialConfig, replace_path
 
+EPILOG = """Results go to output_dir (default `runs/trial`, relative to the current folder): checkpoint/ (the
+training state, after every epoch), prompts.pt, config.yaml and metrics.json. A rerun with the same output_dir
+resumes from checkpoint/ only when it is the same run (config, ranks x batch size, the data's builds);
+otherwise it stops and says what differs. Example: experiments/trial.yaml."""
+
 
 def _parse_set(item: str) -> tuple[str, object]:
     import yaml
 
+    from hisf.yaml_io import load_yaml, yaml_error
+
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML: {yaml_error(e)}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hisf-bench train", description="Run one trial from a TrialConfig YAML file.",
+                                epilog=EPILOG)
+    p.add_argument("config", help="trial config YAML (TrialConfig keys: protocol, seed, backbone, method, data, train, "
+                                  "output_dir, device, evaluate_test; see experiments/trial.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one dotted key, e.g. --set train.epochs=2 (repeatable)")
+    p.add_argument("--output-dir", help="override output_dir (default runs/trial)")
+    p.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
+                   help="start from epoch 0: deletes OUTPUT_DIR/checkpoint/ (the saved training state, nothing else) "
+                        "instead of resuming from it")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config, every default filled in, as YAML, and exit")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> TrialConfig:
+    cfg = TrialConfig.from_yaml(args.config)
+    for item in args.overrides:
+        key, value = _parse_set(item)
+        cfg = replace_path(cfg, key, value)
+    if args.output_dir:
+        cfg = replace_path(cfg, "output_dir", args.output_dir)
+    return cfg.validate()
+
+
+def resolved_yaml(cfg: TrialConfig) -> str:
+    """The config as YAML with every key, and what each null stands for when the trial runs."""
+    import yaml
+
+    from hisf.model.facts import METHODS
+    from hisf.presets import PRESETS
+
+    m, t, preset = cfg.method, cfg.train, PRESETS[cfg.train.preset]
+    nulls = [f"method.n_ctx -> {METHODS[m.name].n_ctx} ({m.name}'s default)" if m.n_ctx is None else "",
+             f"train.lr -> {preset.lr:g} (preset {preset.name})" if t.lr is None else "",
+             f"train.weight_decay -> {preset.weight_decay:g} (preset {preset.name})" if t.weight_decay is None else "",
+             "backbone.cache_dir -> open_clip's own caches" if cfg.backbone.cache_dir is None else ""]
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    nulls = [n for n in nulls if n]
+    return text + (f"# null: {'; '.join(nulls)}\n" if nulls else "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hisf-bench train", description="Run one trial from a TrialConfig YAML file.")
-    parser.add_argument("config", help="trial config YAML (TrialConfig keys: protocol, seed, backbone, method, data, train, ...)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one dotted key, e.g. --set train.epochs=2 (repeatable)")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    rank = int(os.environ.get("RANK", "0"))
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = TrialConfig.from_yaml(args.config)
-        for item in args.overrides:
-            key, value = _parse_set(item)
-            cfg = replace_path(cfg, key, value)
-        if args.output_dir:
-            cfg = replace_path(cfg, "output_dir", args.output_dir)
-        cfg.validate()
+        cfg = load_config(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(resolved_yaml(cfg), end="")
+        return 0
 
-    from hisf.engine import run_trial
+    from hisf.engine import INPUT_ERRORS, NonFiniteLossError, run_trial
+    from hisf.engine.checkpoint import ResumeError, clear_checkpoint
 
+    where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        result = run_trial(cfg, resume=not args.no_resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.fresh and local_rank == 0:
+            # Every rank runs with resume=False, so none reads the folder while one node's rank 0 deletes it.
+            cleared = clear_checkpoint(cfg.output_dir)
+            if cleared is not None:
+                logging.getLogger("hisf.train").info("--fresh: deleted %s", cleared)
+        result = run_trial(cfg, resume=not args.fresh)
+    except ResumeError as e:
+        hint = "" if args.fresh else (f"\nto start this trial afresh rerun with --fresh (deletes {e.path.parent}, the "
+                                      "saved training state only), or give another --output-dir")
+        print(f"{where}error: {e}{hint}", file=sys.stderr)
         return 2
+    except INPUT_ERRORS as e:
+        print(f"{where}error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"{where}error: {e}", file=sys.stderr)
+        return 1
     if rank == 0:
         print(json.dumps(result, indent=2, sort_keys=True))
     return 0

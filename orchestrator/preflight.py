@@ -130,10 +130,11 @@ def backbone_configs(spec: ExperimentSpec) -> list[Any]:
 
 
 def check_weights(spec: ExperimentSpec, out: TextIO | None = None) -> list[str]:
-    """Local checkpoints exist; pretrained tags are fetched once here into the cache (or found there)."""
+    """Local checkpoints are weights files we load; pretrained tags are fetched once here into the cache (or found
+    there)."""
     import open_clip
 
-    from hisf.model.backbone import BackboneError, fetch_weights
+    from hisf.model.backbone import BackboneError, check_weights_file, fetch_weights
 
     problems = []
     for cfg in backbone_configs(spec):
@@ -141,8 +142,10 @@ def check_weights(spec: ExperimentSpec, out: TextIO | None = None) -> list[str]:
         if not p:
             continue
         if Path(p).exists():
-            if not Path(p).is_file():
-                problems.append(f"backbone.pretrained: {p!r} is not a file; expected a checkpoint file")
+            try:
+                check_weights_file(p)  # read once here: a file that is no checkpoint fails every trial alike
+            except BackboneError as e:
+                problems.append(str(e))
             continue
         is_tag = cfg.model_cfg is None and bool(open_clip.get_pretrained_cfg(cfg.name, p))
         if not is_tag:

@@ -10,15 +10,24 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from hisf.config import PROTOCOLS, ConfigError, TrialConfig, replace_path
+from hisf.config import PROTOCOLS, ConfigError, TrialConfig, check_seed, coerce
+from orchestrator.spec_checks import ParamRange, check_trial_configs  # noqa: F401 - ParamRange is part of the spec
 
 REPORTS = ("base2new", "cross_dataset", "domain_generalization", "ablation_modules", "ablation_losses", "ablation_depth")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
+# What a search trial reports that a study can maximise (hisf/engine/trial.py: every epoch train/<term>, lr,
+# epoch, skipped_steps and val_acc; a search trial never evaluates the test split, docs/protocols.md).
+SEARCH_METRICS = ("val_acc",)
+# The spec name and the dataset keys are folders (runs/<name>/, reports/<name>/, data.root/<key>/), log file
+# prefixes, MLflow names and parts of ':'-separated Optuna study names: one plain path component, never `.`,
+# `..` or `a/b`. (Catalogue keys and the names `data build` gives custom builds are all of this form.)
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # Keys a spec may not set per trial: the orchestrator owns them (one output folder per trial id,
 # the protocol and data from the spec's own sections).
 _RESERVED = ("protocol", "output_dir", "data")
@@ -46,17 +55,6 @@ class RowSpec:
     name: str
     overrides: Mapping[str, Any]
     search: bool = False
-
-
-@dataclass(frozen=True)
-class ParamRange:
-    key: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    # An integer parameter (e.g. method.depth) is sampled with suggest_int.
-    int: bool = False
-    choices: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,10 +132,12 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: experiment spec not found")
     import yaml
 
+    from hisf.yaml_io import load_yaml, yaml_error
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
-        raise SpecError(f"{path}: not valid YAML: {e}") from None
+        raise SpecError(f"{path}: not valid YAML: {yaml_error(e)}") from None
     try:
         return parse_spec(raw, path=str(path))
     except ConfigError as e:
@@ -150,8 +150,10 @@ def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
     _keys(m, "", required=("name", "protocol", "data", "rows"),
           optional=("report", "base", "grid", "search", "final", "resources"))
     name = _str(m["name"], "name")
-    if any(c in name for c in "/\\") or not name.strip():
-        raise SpecError(f"name: expected a non-empty name without slashes, got {name!r}")
+    if not PLAIN_NAME.fullmatch(name):
+        raise SpecError(f"name: {name!r} is not a plain name; expected 1-128 letters, digits, '_', '-' or '.', "
+                        "starting with a letter or digit (it names the trial folders runs/<name>/, the logs, the "
+                        "MLflow experiment and the Optuna studies)")
     protocol = _choice(m["protocol"], PROTOCOLS, "protocol")
     report = _choice(m.get("report", "base2new" if protocol == "base2new" else protocol), REPORTS, "report")
     data = _data(m["data"], protocol)
@@ -181,25 +183,18 @@ def parse_spec(raw: Any, path: str = "") -> ExperimentSpec:
 
 
 def _check_trial_configs(spec: ExperimentSpec) -> None:
-    """Build one TrialConfig per row so a bad switch fails now, naming where it came from."""
+    """Each row merged with base parses; then every config its trials can get fits (orchestrator/spec_checks.py)."""
+    rows = []
     for i, row in enumerate(spec.rows):
+        where = f"rows[{i}] ({row.name})"
         try:
-            cfg = TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0]))
+            rows.append((where, TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0])), row.search))
         except ConfigError as e:
-            raise SpecError(f"rows[{i}] ({row.name}) merged with base: {e}") from None
-        for key, values in spec.grid:
-            for j, v in enumerate(values):
-                try:
-                    replace_path(cfg, key, v).validate()
-                except ConfigError as e:
-                    raise SpecError(f"grid.{key}[{j}]: {e}") from None
-        if row.search and spec.search is not None:
-            for p in spec.search.params:
-                probe = p.choices[0] if p.choices else (int(p.low) if p.int else p.low)
-                try:
-                    replace_path(cfg, p.key, probe).validate()
-                except ConfigError as e:
-                    raise SpecError(f"search.params.{p.key}: {e}") from None
+            raise SpecError(f"{where} merged with base: {e}") from None
+    try:
+        check_trial_configs(rows, spec.grid, spec.search.params if spec.search is not None else ())
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
 
 
 def _check_seed_axis(grid, search: SearchSpec | None, final: FinalSpec | None) -> None:
@@ -280,33 +275,61 @@ def default_num_workers(r: ResourcesSpec) -> int:
 def _data(v: Any, protocol: str) -> DataSpec:
     m = _mapping(v, "data")
     _keys(m, "data", required=("datasets",), optional=("root", "shots", "targets", "demo", "num_workers"))
-    datasets = _str_list(m["datasets"], "data.datasets")
+    datasets = _dataset_names(m["datasets"], "data.datasets")
     if not datasets:
         raise SpecError("data.datasets: expected at least one dataset key")
-    targets = _str_list(m.get("targets", []) or [], "data.targets")
+    targets = _dataset_names(m.get("targets", []) or [], "data.targets")
     if protocol in ("cross_dataset", "domain_generalization") and not targets:
         raise SpecError(f"data.targets: protocol {protocol!r} needs at least one target dataset")
     shots = _int(m.get("shots", 16), "data.shots", minimum=1)
+    root = _str(m.get("root", "data"), "data.root")
+    if Path(root).expanduser().exists() and not Path(root).expanduser().is_dir():
+        raise SpecError(f"data.root: {root} is a file; expected a folder (the built datasets are its sub-folders, "
+                        "and `demo: true` builds demo data there)")
     return DataSpec(
-        root=_str(m.get("root", "data"), "data.root"), datasets=datasets, shots=shots, targets=targets,
+        root=root, datasets=datasets, shots=shots, targets=targets,
         demo=_bool(m.get("demo", False), "data.demo"),
         num_workers=_int(m.get("num_workers", 0), "data.num_workers", minimum=0),
     )
 
 
+def id_part(text: str) -> str:
+    """What a name becomes inside trial ids and folder names (orchestrator/trials.py): lower case, runs of other
+    characters than letters, digits and `_.=-` as one `_`."""
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).lower()
+
+
+def _dataset_names(v: Any, where: str) -> tuple[str, ...]:
+    names = _str_list(v, where)
+    for i, name in enumerate(names):
+        if not PLAIN_NAME.fullmatch(name):
+            raise SpecError(f"{where}[{i}]: {name!r} is not a dataset name; expected a catalogue key (`hisf-bench data "
+                            "list`) or the --name of a custom build (letters, digits, '_' or '-'): one folder under "
+                            "data.root, not a path")
+    return names
+
+
 def _rows(v: Any) -> tuple[RowSpec, ...]:
     if not isinstance(v, list) or not v:
         raise SpecError(f"rows: expected a non-empty list of rows, got {v!r}")
-    rows, seen = [], set()
+    rows, seen, ids = [], set(), {}
     for i, item in enumerate(v):
         where = f"rows[{i}]"
         m = _mapping(item, where)
         if "name" not in m:
             raise SpecError(f"{where}.name: missing; every row needs a label (the table row)")
         name = _str(m["name"], f"{where}.name")
+        if not name.strip():
+            raise SpecError(f"{where}.name: expected a non-empty label (the table row), got {name!r}")
         if name in seen:
             raise SpecError(f"{where}.name: duplicated row name {name!r}")
         seen.add(name)
+        # Trial ids and folders carry the row's name as id_part: two rows there would share trial folders.
+        if id_part(name) in ids:
+            j, other = ids[id_part(name)]
+            raise SpecError(f"{where}.name: {name!r} and rows[{j}].name {other!r} give the same trial ids and folders "
+                            f"({id_part(name)!r}); rename one")
+        ids[id_part(name)] = (i, name)
         overrides = {k: val for k, val in m.items() if k not in ("name", "search")}
         for k in overrides:
             if k in _RESERVED:
@@ -336,6 +359,9 @@ def _search(v: Any) -> SearchSpec:
     if not metric.startswith("val"):
         # docs/protocols.md: the search never reads the test split.
         raise SpecError(f"search.metric: expected a validation metric (val_acc), got {metric!r}; the test split never feeds the search")
+    if metric not in SEARCH_METRICS:
+        raise SpecError(f"search.metric: {metric!r} is not a metric a search trial reports; expected one of "
+                        f"{list(SEARCH_METRICS)}")
     params = []
     pm = _mapping(m["params"], "search.params")
     if not pm:
@@ -352,6 +378,10 @@ def _search(v: Any) -> SearchSpec:
         _keys(r, where, required=("low", "high"), optional=("log", "int"))
         low, high = _num(r["low"], f"{where}.low"), _num(r["high"], f"{where}.high")
         log, is_int = _bool(r.get("log", False), f"{where}.log"), _bool(r.get("int", False), f"{where}.int")
+        if is_int:
+            for end, value in (("low", low), ("high", high)):
+                if value != int(value):
+                    raise SpecError(f"{where}.{end}: an integer range (int: true) needs integer bounds, got {value}")
         if high <= low:
             raise SpecError(f"{where}.high: expected > low ({low}), got {high}")
         if log and low <= 0:
@@ -360,7 +390,7 @@ def _search(v: Any) -> SearchSpec:
     return SearchSpec(
         sampler=_choice(m.get("sampler", "tpe"), SAMPLERS, "search.sampler"),
         n_trials=_int(m.get("n_trials", 20), "search.n_trials", minimum=1),
-        seed=_int(m.get("seed", 1), "search.seed"),
+        seed=_seed(m.get("seed", 1), "search.seed"),
         metric=metric,
         pruner=_choice(m.get("pruner", "median"), PRUNERS, "search.pruner"),
         params=tuple(params),
@@ -374,7 +404,7 @@ def _final(v: Any) -> FinalSpec:
     seeds = m["seeds"]
     if not isinstance(seeds, list) or not seeds:
         raise SpecError(f"final.seeds: expected a non-empty list of integers, got {seeds!r}")
-    out = tuple(_int(s, f"final.seeds[{i}]") for i, s in enumerate(seeds))
+    out = tuple(_seed(s, f"final.seeds[{i}]") for i, s in enumerate(seeds))
     if len(set(out)) != len(out):
         raise SpecError(f"final.seeds: duplicated seed in {list(out)}")
     return FinalSpec(seeds=out)
@@ -416,9 +446,16 @@ def _deep_merge(base: dict, over: Mapping) -> dict:
     return base
 
 
+def _typed(v: Any, tp: Any, where: str) -> Any:
+    """hisf.config's strict coercion (the trial config's own: same types, same messages), as a SpecError."""
+    try:
+        return coerce(v, tp, where)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+
+
 def _mapping(v: Any, where: str) -> Mapping[str, Any]:
-    if not isinstance(v, Mapping):
-        raise SpecError(f"{where}: expected a mapping, got {type(v).__name__} {v!r}")
+    _typed(v, Mapping, where)
     for k in v:
         if not isinstance(k, str):
             raise SpecError(f"{where}: keys must be strings, got {k!r}")
@@ -437,35 +474,34 @@ def _keys(m: Mapping, where: str, required: tuple[str, ...], optional: tuple[str
 
 
 def _str(v: Any, where: str) -> str:
-    if not isinstance(v, str):
-        raise SpecError(f"{where}: expected a string, got {v!r}")
-    return v
+    return _typed(v, str, where)
 
 
 def _str_list(v: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(v, list):
-        raise SpecError(f"{where}: expected a list of strings, got {v!r}")
-    return tuple(_str(x, f"{where}[{i}]") for i, x in enumerate(v))
+    return _typed(v, tuple[str, ...], where)
 
 
 def _bool(v: Any, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise SpecError(f"{where}: expected true or false, got {v!r}")
-    return v
+    return _typed(v, bool, where)
 
 
 def _int(v: Any, where: str, minimum: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise SpecError(f"{where}: expected an integer, got {v!r}")
+    v = _typed(v, int, where)
     if minimum is not None and v < minimum:
         raise SpecError(f"{where}: expected an integer >= {minimum}, got {v}")
     return v
 
 
+def _seed(v: Any, where: str) -> int:
+    try:
+        return check_seed(_int(v, where), where)
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+
+
 def _num(v: Any, where: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise SpecError(f"{where}: expected a number, got {v!r}")
-    return float(v)
+    """A finite number (NaN or inf would fail every trial, or poison a study's ranges)."""
+    return _typed(v, float, where)
 
 
 def _choice(v: Any, choices: tuple[str, ...], where: str) -> str:

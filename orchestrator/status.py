@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from hisf.model.facts import METHODS
 from orchestrator.spec import ExperimentSpec
 from orchestrator.trials import expand_final, expand_sweep, estimate_hours, search_groups, trial_resources
 
@@ -23,27 +24,20 @@ def plan(command: str, spec: ExperimentSpec, workdir: str) -> tuple[list, list]:
     return groups, trials
 
 
-# The method keys a dry-run line shows per method (None prints as "default": the method's own value).
-SETTINGS = {
-    "zeroshot": (),
-    "coop": ("n_ctx",),
-    "maple": ("n_ctx", "depth"),
-    "hisf": ("n_ctx", "depth"),
-    "hicropl": ("n_ctx", "depth", "cross_layer", "lambda_distill", "mapping", "released_storage", "descriptions"),
-}
-
-
 def settings(cfg) -> str:
-    """`n_ctx 16, depth 12, ..., preset hicropl, batch 32`: what a trial's row sets, for the dry run."""
+    """`n_ctx 16, depth 12, ..., preset hicropl, batch 32`: what a trial's row sets, for the dry run.
+
+    The method keys shown are the method's own (`hisf.model.facts`); None prints as "default" (its own value)."""
     m, t = cfg.method, cfg.train
-    keys = SETTINGS.get(m.name, ("n_ctx", "depth"))
+    facts = METHODS[m.name]
+    keys = facts.settings
     if getattr(m, "layers", None) is not None:
         keys = tuple(k for k in keys if k != "depth") + ("layers",)
     values = {k: getattr(m, k, None) for k in keys}
     if values.get("released_storage", "") is None:  # set under `mapping: released` only
         del values["released_storage"]
     parts = [f"{k} {'default' if v is None else v}" for k, v in values.items()]
-    if m.name != "zeroshot":
+    if facts.trains:
         parts += [f"preset {t.preset}", f"batch {t.batch_size}"] + ([f"lr {t.lr:g}"] if t.lr is not None else [])
     return ", ".join(parts)
 

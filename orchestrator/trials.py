@@ -6,14 +6,13 @@ import dataclasses
 
 import itertools
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from hisf.config import TrialConfig, replace_path
 
-from orchestrator.spec import ExperimentSpec, RowSpec, SpecError
+from orchestrator.spec import ExperimentSpec, RowSpec, SpecError, id_part
 
 STAGES = ("sweep", "search", "final")
 
@@ -94,7 +93,7 @@ def trial_id(stage: str, row: str, dataset: str, point, seed: int | None = None,
         parts.append(f"t{number}")
     if seed is not None:
         parts.append(f"s{seed}")
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)).lower()
+    return id_part("-".join(parts))
 
 
 def trial_dir(workdir: str | Path, spec: ExperimentSpec, tid: str) -> str:

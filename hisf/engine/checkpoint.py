@@ -1,10 +1,15 @@
-"""Trial checkpoints (trainable weights, optimiser, scaler, schedule, RNG, data position), written atomically, and prompt export."""
+"""A trial's saved training state (`output_dir/checkpoint/state.pt`): the TrialState saved and restored whole, and
+the identity a checkpoint must match to be resumed (the config, the global batch, the data it trained on).
+
+The engine's one owner of resume: run_trial saves a TrialState after every epoch and, on a rerun, `resume`
+restores it whole or refuses it with the reason; nothing else reads or writes the folder.
+"""
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,43 +17,174 @@ import numpy as np
 import torch
 
 from hisf.config import ConfigError, TrialConfig
+from hisf.engine.atomic import atomic_save
+from hisf.safe_load import safe_load
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
-PROMPTS_FILE = "prompts.pt"
-FORMAT_VERSION = 1
+# 2: the identity holds the global batch and the data fingerprints besides the config.
+FORMAT_VERSION = 2
 
 # Keys that may change between a killed run and its restart without changing what is computed.
 _RUNTIME_KEYS = ("output_dir", "device", "data.num_workers", "data.root", "train.log_every", "train.eval_batch_size",
                  "train.compile", "train.compile_mode", "train.deterministic", "backbone.cache_dir")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class ResumeError(ConfigError):
+    """The checkpoint in a trial's output_dir cannot be resumed: unreadable, or another run's; `path` names it."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = path
 
 
-def atomic_write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_COUNTERS = ("epoch", "history", "skipped_steps", "global_step", "train_seconds", "eval_seconds")
+
+
+@dataclass
+class TrialState:
+    """One trial's training state: its trainable tensors with their optimiser, schedule and loss scaler, the data
+    position (`epoch`, the next one to run) and the running totals. A checkpoint is this whole, and so is a resume."""
+
+    model: Any  # the PromptModel whose trainable tensors these are
+    optimizer: torch.optim.Optimizer | None = None  # None when nothing trains (epochs 0, zero-shot)
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)  # each finished epoch's metrics
+    skipped_steps: int = 0
+    global_step: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def counters(self) -> dict[str, Any]:
+        """Everything but the tensors' state: the data position and the running totals."""
+        return {k: getattr(self, k) for k in _COUNTERS}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "trainable": self.model.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            **self.counters(),
+        }
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.model.load_trainable_state_dict(saved["trainable"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        for k in self.counters():
+            setattr(self, k, saved[k])
+
+
+def identity(cfg: TrialConfig) -> dict[str, Any]:
+    """The part of a trial config a checkpoint must agree with to be resumed (runtime-only keys dropped)."""
+    flat = cfg.flatten()
+    return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
+
+
+@dataclass(frozen=True)
+class ResumeIdentity:
+    """What a checkpoint must agree with to be resumed: the config (`identity`), the global batch (ranks x the
+    per-rank `train.batch_size`: it fixes every step's samples and the steps per epoch) and the data, by
+    `BuiltDataset.fingerprint` of the source dataset and of every target the trial opened."""
+
+    config: dict[str, Any]
+    world_size: int
+    batch_size: int
+    data: dict[str, str]
+
+    @classmethod
+    def of(cls, cfg: TrialConfig, world_size: int, fingerprints: Mapping[str, str]) -> "ResumeIdentity":
+        return cls(identity(cfg), world_size, cfg.train.batch_size, dict(fingerprints))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ResumeIdentity":
+        return cls(dict(d["config"]), int(d["world_size"]), int(d["batch_size"]), dict(d["data"]))
+
+    def differences(self, saved: "ResumeIdentity") -> list[str]:
+        """What differs from `saved`, one phrase per key (`method.lambda_le is 1.0 there, 0.5 now`)."""
+        out = [f"{k} is {saved.config.get(k)!r} there, {self.config.get(k)!r} now"
+               for k in sorted(set(saved.config) | set(self.config)) if saved.config.get(k) != self.config.get(k)]
+        if saved.world_size != self.world_size:
+            out.append(f"the global batch is {saved.world_size * saved.batch_size} there ({saved.world_size} rank(s) "
+                       f"x {saved.batch_size}), {self.world_size * self.batch_size} now ({self.world_size} rank(s) "
+                       f"x {self.batch_size})")
+        for key in sorted(set(saved.data) | set(self.data)):
+            there, now = saved.data.get(key, "not opened"), self.data.get(key, "not opened")
+            if there != now:
+                out.append(f"dataset {key!r} is build {there} there, {now} now (rebuilt, or other images)")
+        return out
+
+
+def checkpoint_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR / STATE_FILE
+
+
+def save_checkpoint(output_dir: str | Path, state: TrialState, ident: ResumeIdentity, classnames: tuple[str, ...],
+                    cuda_rng: list[torch.Tensor] | None = None) -> Path:
+    """Write `state` whole (plus RNG states and what resuming checks) atomically; returns the checkpoint folder."""
+    path = checkpoint_path(output_dir)
+    # A writer killed mid-save leaves its temp file behind (never the checkpoint itself); only rank 0 writes.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    atomic_save({"version": FORMAT_VERSION, "identity": ident.to_dict(), "classnames": list(classnames),
+                 "rng": rng_state(cuda_rng), **state.state_dict()}, path)
+    return path.parent
+
+
+def load_checkpoint(output_dir: str | Path, ident: ResumeIdentity, classnames: tuple[str, ...]) -> dict[str, Any] | None:
+    """This trial's latest checkpoint, or None; one that is unreadable or another run's raises ResumeError."""
+    path = checkpoint_path(output_dir)
+    if not path.is_file():
+        return None
+    state = safe_load(path, "trial checkpoint", lambda msg: ResumeError(msg, path))
+    version = state.get("version") if isinstance(state, dict) else type(state).__name__
+    if version != FORMAT_VERSION:
+        raise ResumeError(f"{path}: checkpoint format {version!r}, expected {FORMAT_VERSION} (written by another "
+                          "hisf-bench version): it cannot be resumed; a fresh start (resume=False) replaces it", path)
+    differences = ident.differences(ResumeIdentity.from_dict(state["identity"]))
+    if differences:
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise ResumeError(f"{path}: checkpoint belongs to another run: {'; '.join(differences[:3])}{more}. Resuming "
+                          "it would mix two runs; use another output_dir, or start afresh (resume=False)", path)
+    if tuple(state["classnames"]) != tuple(classnames):
+        raise ResumeError(
+            f"{path}: checkpoint's class set ({len(state['classnames'])} classes, first "
+            f"{list(state['classnames'][:3])}) does not match the dataset's training classes "
+            f"({len(classnames)}, first {list(classnames[:3])})", path)
+    return state
+
+
+def resume(output_dir: str | Path, state: TrialState, ident: ResumeIdentity, classnames: tuple[str, ...],
+           rank: int = 0, device: torch.device | None = None) -> bool:
+    """Restore `state` whole from the trial's checkpoint (and this rank's RNG states); False when there is none."""
+    saved = load_checkpoint(output_dir, ident, classnames)
+    if saved is None:
+        return False
+    state.load_state_dict(saved)
+    set_rng_state(saved["rng"], rank, device)
+    return True
+
+
+def clear_checkpoint(output_dir: str | Path) -> Path | None:
+    """Delete the trial's checkpoint folder (its saved training state, nothing else of output_dir); returns it,
+    or None when there was none. Refuses a folder that is a link or resolves outside output_dir."""
+    folder = checkpoint_path(output_dir).parent
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir() or folder.resolve().parent != Path(output_dir).resolve():
+        raise ResumeError(f"{folder}: not a checkpoint folder of this trial (a link, a file, or outside "
+                          f"{output_dir}); not deleted", folder)
+    shutil.rmtree(folder)
+    return folder
 
 
 def rng_state(cuda_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -64,11 +200,11 @@ def rng_state(cuda_states: list[torch.Tensor] | None = None) -> dict[str, Any]:
 
 
 def cuda_state_for_rank(saved: Any, rank: int) -> torch.Tensor | None:
-    """This rank's CUDA generator state from a checkpoint's `cuda` list, tolerating another world size.
+    """This rank's CUDA generator state from a checkpoint's `cuda` list, tolerating another GPU count.
 
-    A retry may see fewer or more ranks/GPUs than the attempt that saved (Ray Train placing 3+1 instead of
-    4, a single-GPU retry, another node): a rank the checkpoint has no state for takes rank 0's, which is
-    what every rank held after seeding; no state (a CPU-written checkpoint) leaves the generator as seeded.
+    A retry may see fewer or more GPUs than the attempt that saved (Ray Train placing 3+1 instead of 4, a
+    single-GPU retry, another node): a rank the checkpoint has no state for takes rank 0's, which is what
+    every rank held after seeding; no state (a CPU-written checkpoint) leaves the generator as seeded.
     """
     if isinstance(saved, torch.Tensor):
         return saved
@@ -91,81 +227,3 @@ def set_rng_state(state: Mapping[str, Any], rank: int = 0, device: torch.device 
 def _as_python_rng(s: Any) -> tuple:
     # torch.load(weights_only=True) gives lists back for python's (version, tuple, gauss) state.
     return (s[0], tuple(s[1]), s[2])
-
-
-def identity(cfg: TrialConfig) -> dict[str, Any]:
-    """The part of a trial config a checkpoint must agree with to be resumed (runtime-only keys dropped)."""
-    flat = cfg.flatten()
-    return {k: v for k, v in flat.items() if k not in _RUNTIME_KEYS}
-
-
-def checkpoint_path(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINT_DIR / STATE_FILE
-
-
-def save_checkpoint(output_dir: str | Path, state: Mapping[str, Any]) -> Path:
-    path = checkpoint_path(output_dir)
-    # A writer killed mid-save leaves its temp file behind (never the checkpoint itself); only rank 0 writes.
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
-    atomic_save({"version": FORMAT_VERSION, **state}, path)
-    return path.parent
-
-
-def load_checkpoint(output_dir: str | Path, cfg: TrialConfig, classnames: tuple[str, ...]) -> dict[str, Any] | None:
-    """The latest checkpoint of this trial, or None; an incompatible one is an error, never silently reused."""
-    path = checkpoint_path(output_dir)
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: checkpoint format {state.get('version')!r}, expected {FORMAT_VERSION}")
-    saved, now = state["identity"], identity(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"{path}: checkpoint was written by a different trial config: {k} is {saved.get(k)!r} there, "
-            f"{now.get(k)!r} now; use a fresh output_dir or resume=False"
-        )
-    if tuple(state["classnames"]) != tuple(classnames):
-        raise ConfigError(
-            f"{path}: checkpoint's class set ({len(state['classnames'])} classes, first "
-            f"{list(state['classnames'][:3])}) does not match the dataset's training classes "
-            f"({len(classnames)}, first {list(classnames[:3])})"
-        )
-    return state
-
-
-def export_prompts(path: str | Path, trainable: Mapping[str, torch.Tensor], cfg: TrialConfig, classnames: tuple[str, ...]) -> Path:
-    """Write the trained prompt-side weights alone (a few MB) with what is needed to rebuild the model."""
-    payload = {
-        "version": FORMAT_VERSION,
-        "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
-        "method": cfg.to_dict()["method"],
-        "backbone": cfg.to_dict()["backbone"],
-        "dataset": cfg.data.dataset,
-        "classnames": list(classnames),
-    }
-    atomic_save(payload, path)
-    return Path(path)
-
-
-def _without_cache(section: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in section.items() if k != "cache_dir"}
-
-
-def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -> dict[str, Any]:
-    """Load exported prompts into a PromptModel built with the same method/backbone; returns the payload."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: exported prompts file not found")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if cfg is not None:
-        for section in ("method", "backbone"):
-            # Where the backbone's weights are cached is not which weights they are.
-            if _without_cache(payload[section]) != _without_cache(cfg.to_dict()[section]):
-                raise ConfigError(f"{path}: prompts were trained with a different {section} config "
-                                  f"({payload[section]}) than {cfg.to_dict()[section]}")
-    model.load_trainable_state_dict(payload["trainable"])
-    return payload

@@ -1,13 +1,18 @@
-"""Evaluation: top-1 accuracy summed over ranks, base/novel accuracy and their harmonic mean (docs/protocols.md)."""
+"""Evaluation: top-1 accuracy summed over ranks, each protocol's test sets (base/novel, all, targets) and the
+harmonic mean (docs/protocols.md)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from hisf.engine.distributed import DistEnv, all_reduce_sum
+from hisf.engine.trial_data import check_labels
+
+if TYPE_CHECKING:
+    from hisf.engine.trial_data import TrialData
 
 
 def harmonic_mean(base: float, novel: float) -> float:
@@ -57,3 +62,17 @@ def accuracy(
     if total_all == 0:
         raise ValueError("evaluation split is empty on every rank; nothing to score")
     return 100.0 * correct_all / total_all
+
+
+def evaluate_protocol(model: torch.nn.Module, data: "TrialData", env: DistEnv,
+                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
+    """Test accuracy of every evaluation set of the protocol (`data.evals`: base and novel, all, or the source and
+    each target), each scored with only its own class names as candidates; `hm` for base-to-novel."""
+    out: dict[str, float] = {}
+    for ev in data.evals:
+        model.set_classnames(ev.subset.classnames, template=ev.template, dataset=ev.dataset or None)
+        check_labels(ev.subset, len(model.classnames), ev.metric)
+        out[ev.metric] = accuracy(model, data.loader(ev.subset), env, autocast)
+    if "base_acc" in out:
+        out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
+    return out

@@ -1,4 +1,5 @@
-"""Optimiser presets (docs/method.md: `paper` SGD, `adamw` with parameter groups, `hicropl` Adam) and the schedule."""
+"""Optimisers from the presets (hisf/presets.py, docs/method.md: `paper` SGD, `adamw` with parameter groups,
+`hicropl` Adam) and the warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -8,28 +9,12 @@ from typing import Mapping, Sequence
 import torch
 
 from hisf.config import ConfigError, TrainConfig
-
-# paper §4.1 (MaPLe's recipe): SGD 0.0035, momentum 0.9, weight decay 5e-4.
-PAPER_LR = 0.0035
-PAPER_WEIGHT_DECAY = 5e-4
-# paper §3.5 names AdamW without values; these are ours: projection/fusion lr 1e-3 (prompts get
-# `prompt_lr_mult` times it), weight decay 0.01 on projection matrices only.
-ADAMW_LR = 1e-3
-ADAMW_WEIGHT_DECAY = 0.01
-# docs/method.md, the released configs (Dassl's Adam): lr 0.0025, betas 0.9/0.999, eps 1e-3, coupled L2 weight
-# decay 5e-4 on every trainable tensor, one group (batch 32 recommended: set train.batch_size).
-HICROPL_LR = 0.0025
-HICROPL_WEIGHT_DECAY = 5e-4
-HICROPL_BETAS = (0.9, 0.999)
-HICROPL_EPS = 1e-3
-PRESET_LR = {"paper": PAPER_LR, "adamw": ADAMW_LR, "hicropl": HICROPL_LR}
-SINGLE_GROUP_WD = {"paper": PAPER_WEIGHT_DECAY, "hicropl": HICROPL_WEIGHT_DECAY}
-
-GROUP_NAMES = ("prompts", "projections", "fusion", "label_embeddings")
+from hisf.model.facts import PARAM_GROUPS
+from hisf.presets import PRESETS
 
 
 def base_lr(cfg: TrainConfig) -> float:
-    return cfg.lr if cfg.lr is not None else PRESET_LR[cfg.preset]
+    return cfg.lr if cfg.lr is not None else PRESETS[cfg.preset].lr
 
 
 def _unique_trainable(params: Sequence[torch.nn.Parameter], seen: set[int]) -> list[torch.nn.Parameter]:
@@ -50,17 +35,16 @@ def build_param_groups(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.
     at lr * prompt_lr_mult; projection and fusion weights at lr; weight decay only on projection
     matrices (2-D weights in `projections`, not their biases).
     """
-    unknown = sorted(set(groups) - set(GROUP_NAMES))
+    unknown = sorted(set(groups) - set(PARAM_GROUPS))
     if unknown:
-        raise ValueError(f"param_groups(): unknown group {unknown[0]!r}; expected names from {list(GROUP_NAMES)}")
+        raise ValueError(f"param_groups(): unknown group {unknown[0]!r}; expected names from {list(PARAM_GROUPS)}")
     seen: set[int] = set()
-    named = {k: _unique_trainable(groups.get(k, ()), seen) for k in GROUP_NAMES}
-    lr = base_lr(cfg)
-    if cfg.preset in SINGLE_GROUP_WD:
-        wd = cfg.weight_decay if cfg.weight_decay is not None else SINGLE_GROUP_WD[cfg.preset]
-        params = [p for k in GROUP_NAMES for p in named[k]]
+    named = {k: _unique_trainable(groups.get(k, ()), seen) for k in PARAM_GROUPS}
+    preset, lr = PRESETS[cfg.preset], base_lr(cfg)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else preset.weight_decay
+    if not preset.grouped:
+        params = [p for k in PARAM_GROUPS for p in named[k]]
         return [{"name": "all", "params": params, "lr": lr, "weight_decay": wd}] if params else []
-    wd = cfg.weight_decay if cfg.weight_decay is not None else ADAMW_WEIGHT_DECAY
     prompt_lr = lr * cfg.prompt_lr_mult
     spec = [
         ("prompts", named["prompts"], prompt_lr, 0.0),
@@ -90,11 +74,12 @@ def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Par
     if not param_groups:
         raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
     sequential = {"foreach": False} if shares_storage([p for g in param_groups for p in g["params"]]) else {}
-    if cfg.preset == "paper":
+    preset = PRESETS[cfg.preset]
+    if preset.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum, **sequential)
-    if cfg.preset == "hicropl":
+    if preset.optimizer == "adam":
         # torch's Adam weight_decay is the coupled L2 term (added to the gradient), as Dassl's Adam.
-        return torch.optim.Adam(param_groups, lr=base_lr(cfg), betas=HICROPL_BETAS, eps=HICROPL_EPS, **sequential)
+        return torch.optim.Adam(param_groups, lr=base_lr(cfg), betas=preset.betas, eps=preset.eps, **sequential)
     return torch.optim.AdamW(param_groups, lr=base_lr(cfg), **sequential)
 
 

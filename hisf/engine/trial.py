@@ -1,94 +1,40 @@
-"""The trial engine: one trial from a frozen TrialConfig to final metrics (DDP, mixed precision, resume, callbacks)."""
+"""One trial from a frozen TrialConfig to final metrics: build, the epoch loop, evaluation per protocol, finish."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from hisf.config import TrialConfig
+from hisf.config import ConfigError, TrialConfig
 from hisf.engine import checkpoint as ckpt
+from hisf.engine.atomic import atomic_write_text
+from hisf.engine.callbacks import StopTrial, TrialCallback, call, listeners
 from hisf.engine.distributed import (DistEnv, any_rank, barrier, broadcast_params, check_device,
                                      gather_cuda_rng_states, init_from_env, shutdown)
-from hisf.engine.evaluation import accuracy
+from hisf.engine.evaluation import accuracy, evaluate_protocol
+from hisf.engine.export import PROMPTS_FILE, export_prompts
 from hisf.engine.optim import build_optimizer, build_scheduler
+from hisf.engine.progress import LossMeter, Progress
 from hisf.engine.step import (NanGuard, Precision, compile_losses, compile_stats, deterministic_mode, loss_terms,
                               release_compiled, resolve_precision, seed_everything, train_step)
-from hisf.engine.trial_data import TrialData, check_labels, evaluate_protocol, open_trial_data
+from hisf.engine.trial_data import DataError, TrialData, check_labels, open_trial_data
+from hisf.model.backbone import BackboneError, load_backbone
+from hisf.model.prompts import PromptError
+
+__all__ = ["INPUT_ERRORS", "StopTrial", "TrialCallback", "free_trial_memory", "run_trial"]
 
 log = logging.getLogger("hisf.engine")
 
-
-class StopTrial(Exception):
-    """Raised by a callback (e.g. an Optuna pruner) to end the trial cleanly after the current step or epoch."""
-
-
-class TrialCallback:
-    """Listener interface; every method is optional and called on rank 0 only, unless the callback sets
-    `all_ranks = True` (then on every rank, with the same epochs and metrics; e.g. Ray Train's
-    `ray.train.report`, which every worker must call the same number of times)."""
-
-    all_ranks: bool = False
-
-    def on_trial_start(self, data: dict) -> None: ...  # TrialData.describe(): image_mode, dataset, ...
-
-    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None: ...
-
-    def on_progress(self, step: int, total: int, metrics: dict) -> None: ...
-
-    def on_trial_end(self, metrics: dict, artifacts: dict[str, str]) -> None: ...
-
-
-# --- the trial -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Meter:
-    """Epoch means of the model's loss terms (`model.loss_terms`), over the steps with a finite loss."""
-
-    terms: tuple[str, ...]
-    sums: dict[str, float] = field(default_factory=dict)
-    count: int = 0
-
-    def __post_init__(self) -> None:
-        self.sums = {k: 0.0 for k in self.terms}
-
-    def add(self, losses: dict[str, float]) -> None:
-        if all(math.isfinite(v) for v in losses.values()):
-            self.count += 1
-            for k, v in losses.items():
-                self.sums[k] += v
-
-    def means(self) -> dict[str, float]:
-        return {f"train/{k}": (self.sums[k] / self.count if self.count else float("nan")) for k in self.terms}
-
-
-def _call(callbacks: Iterable[TrialCallback], hook: str, *args: Any) -> bool:
-    """Run one hook on every callback; True when one asked to stop."""
-    stop = False
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if fn is None:
-            continue
-        try:
-            fn(*args)
-        except StopTrial as e:
-            log.info("trial stopped by %s: %s", type(cb).__name__, e)
-            stop = True
-    return stop
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+# What bad input raises (config, data, backbone, prompt sizes), before or while a trial starts: the same every
+# time, so a caller reports it as one line (`hisf-bench train`) rather than a traceback.
+INPUT_ERRORS = (ConfigError, DataError, BackboneError, PromptError)
 
 
 def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume: bool = True) -> dict[str, float]:
@@ -119,48 +65,58 @@ def free_trial_memory(env: DistEnv, compiled: bool) -> None:
 
 
 @dataclass
-class _Counters:
-    """What a checkpoint carries besides tensors: the data position (next epoch) and running totals."""
+class Trial:
+    """A built trial: what it runs with (config, ranks, data, model, precision) and its TrialState."""
 
-    epoch: int = 0
-    history: list = field(default_factory=list)
-    skipped_steps: int = 0
-    global_step: int = 0
-    train_seconds: float = 0.0
-    eval_seconds: float = 0.0
+    cfg: TrialConfig
+    env: DistEnv
+    callbacks: list[TrialCallback]
+    data: TrialData
+    precision: Precision
+    state: ckpt.TrialState
+    identity: ckpt.ResumeIdentity
+    params: list[torch.nn.Parameter]  # the optimiser's: all-reduced every step, broadcast from rank 0
+    epochs: int  # 0 when nothing is trainable
+    guard: NanGuard
+    device_name: str
+    eager_fallbacks: int = 0  # Dynamo's process-wide count before this trial (train.compile)
+    steps_per_epoch: int = 0
 
+    @property
+    def model(self) -> Any:
+        return self.state.model
 
-def _restore(state: dict, model, optimizer, scheduler, precision: Precision, env: DistEnv) -> _Counters:
-    model.load_trainable_state_dict(state["trainable"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    if precision.scaler is not None and state["scaler"]:
-        precision.scaler.load_state_dict(state["scaler"])
-    ckpt.set_rng_state(state["rng"], env.rank, env.device)
-    return _Counters(**{k: state[k] for k in _Counters.__dataclass_fields__})
-
-
-def _state(cfg: TrialConfig, data: TrialData, model, optimizer, scheduler, precision: Precision, c: _Counters,
-           cuda_rng: list | None = None) -> dict:
-    return {
-        "identity": ckpt.identity(cfg), "classnames": list(data.train.classnames), "trainable": model.trainable_state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {}, "rng": ckpt.rng_state(cuda_rng),
-        **dataclasses.asdict(c),
-    }
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
 
 
 def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: DistEnv) -> dict[str, float]:
-    from hisf.model.backbone import load_backbone
-    from hisf.model.methods import build_method
+    t = _build(cfg, listeners(callbacks, env.is_main), env)
+    resumed = resume and ckpt.resume(t.out_dir, t.state, t.identity, t.data.train.classnames, env.rank, env.device)
+    broadcast_params(t.params, env)
+    t.steps_per_epoch = len(t.data.train_loader(epoch=0)) if t.epochs else 0
+    _log_start(t, resumed)
+    stopped = False
+    for epoch in range(t.state.epoch, t.epochs):
+        metrics, stopped = _train_epoch(t, epoch)
+        stopped = stopped or _end_epoch(t, epoch, metrics)
+        if stopped:
+            break
+    _warn_eager_fallbacks(t)
+    return _finish(t, stopped)
 
-    callbacks = [cb for cb in callbacks if env.is_main or getattr(cb, "all_ranks", False)]
-    out_dir, tc = Path(cfg.output_dir), cfg.train
+
+def _build(cfg: TrialConfig, callbacks: list[TrialCallback], env: DistEnv) -> Trial:
+    """Open the data (every data error is raised here, before the model), then build the model and its optimiser."""
+    from hisf.model.methods import build_method  # imports open_clip: only where a trial runs
+
+    tc = cfg.train
     device_name = check_device(env.device)  # an assigned GPU torch cannot use fails here, not as a slow CPU trial
     precision = resolve_precision(tc.precision, env.device)
-    data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
-    _call(callbacks, "on_trial_start", data.describe())
+    data = open_trial_data(cfg, env)
+    call(callbacks, "on_trial_start", {**data.describe(), "precision": precision.name,
+                                       "compile": tc.compile_mode if tc.compile else "eager", "device_name": device_name})
     seed_everything(cfg.seed)
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
@@ -168,110 +124,109 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     data.bind(backbone, cfg)
     for what, subset in (("data.dataset train", data.train), ("data.dataset val", data.val)):
         check_labels(subset, len(model.classnames), what)
+    fallbacks = 0
     if tc.compile:
         release_compiled(None)  # a fresh Dynamo cache per trial: earlier trials' class sets never count here
         compile_losses(model, tc.compile_mode)
-        fallbacks_before = compile_stats()["eager_fallbacks"]
-    n_trainable = model.num_trainable()
-    epochs = tc.epochs if n_trainable else 0
+        fallbacks = compile_stats()["eager_fallbacks"]
+    epochs = tc.epochs if model.num_trainable() else 0
     optimizer = build_optimizer(tc, model.param_groups()) if epochs else None
-    scheduler = build_scheduler(optimizer, tc) if optimizer else None
+    state = ckpt.TrialState(model, optimizer, build_scheduler(optimizer, tc) if optimizer else None, precision.scaler)
     params = [p for g in optimizer.param_groups for p in g["params"]] if optimizer else []
-    state = ckpt.load_checkpoint(out_dir, cfg, data.train.classnames) if resume else None
-    c = _restore(state, model, optimizer, scheduler, precision, env) if state else _Counters()
-    broadcast_params(params, env)
-    steps_per_epoch = len(data.train_loader(epoch=0)) if epochs else 0
-    total, images_per_step = steps_per_epoch * epochs, tc.batch_size * env.world_size
-    guard, stop = NanGuard(tc.max_nonfinite_steps), False
-    if env.is_main:
+    return Trial(cfg=cfg, env=env, callbacks=callbacks, data=data, precision=precision, state=state,
+                 identity=ckpt.ResumeIdentity.of(cfg, env.world_size, data.fingerprints), params=params, epochs=epochs,
+                 guard=NanGuard(tc.max_nonfinite_steps), device_name=device_name, eager_fallbacks=fallbacks)
+
+
+def _log_start(t: Trial, resumed: bool) -> None:
+    if t.env.is_main:
+        cfg = t.cfg
         log.info("trial %s: %s on %s (%s) on %s, %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
-                 out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, device_name, n_trainable, env.world_size,
-                 tc.batch_size, steps_per_epoch, precision.name, f"; resuming from epoch {c.epoch}/{epochs}" if state else "")
+                 t.out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, t.device_name, t.model.num_trainable(),
+                 t.env.world_size, cfg.train.batch_size, t.steps_per_epoch, t.precision.name,
+                 f"; resuming from epoch {t.state.epoch}/{t.epochs} ({ckpt.checkpoint_path(t.out_dir)})" if resumed else "")
 
-    for epoch in range(c.epoch, epochs):
-        t0 = t_log = time.perf_counter()
-        meter, lr, since_log = _Meter(loss_terms(model)), optimizer.param_groups[0]["lr"], 0
-        for images, labels in data.train_loader(epoch=epoch):
-            # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
-            images = images.to(env.device, non_blocking=True)
-            res = train_step(model, images, labels.to(env.device, non_blocking=True), optimizer, precision, params, env)
-            c.global_step += 1
-            c.skipped_steps += int(res.skipped)
-            meter.add(res.losses)
-            guard.update(res.finite, c.global_step, res.losses)
-            since_log += images_per_step
-            if tc.log_every and c.global_step % tc.log_every == 0:
-                ips = since_log / max(time.perf_counter() - t_log, 1e-9)
-                t_log, since_log = time.perf_counter(), 0
-                if env.is_main:
-                    terms = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in res.losses.items() if k != "loss")
-                    log.info("epoch %d/%d step %d/%d loss %.4f (%s) lr %.3g %.1f img/s ETA %s",
-                             epoch + 1, epochs, c.global_step, total, res.losses["loss"], terms, lr, ips,
-                             _format_eta((total - c.global_step) * images_per_step / max(ips, 1e-9)))
-                progress = {**{f"train/{k}": v for k, v in res.losses.items()}, "lr": lr, "images_per_s": ips,
-                            "epoch": epoch, "skipped_steps": c.skipped_steps}
-                if stop := any_rank(_call(callbacks, "on_progress", c.global_step, total, progress), env):
-                    break
-        scheduler.step()
-        c.train_seconds += time.perf_counter() - t0
-        if stop:
+
+def _train_epoch(t: Trial, epoch: int) -> tuple[dict[str, float], bool]:
+    """One pass over the epoch's training batches: (the epoch's metrics, whether a callback stopped the trial)."""
+    s, env = t.state, t.env
+    t0 = time.perf_counter()
+    meter, lr, stopped = LossMeter(loss_terms(t.model)), s.optimizer.param_groups[0]["lr"], False
+    progress = Progress(t.cfg.train, t.env, t.callbacks, epoch, t.epochs, t.steps_per_epoch, lr)
+    for images, labels in t.data.train_loader(epoch=epoch):
+        # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
+        res = train_step(t.model, images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True),
+                         s.optimizer, t.precision, t.params, env)
+        s.global_step += 1
+        s.skipped_steps += int(res.skipped)
+        meter.add(res.losses)
+        t.guard.update(res.finite, s.global_step, res.losses)
+        if stopped := progress.step(s.global_step, s.skipped_steps, res.losses):
             break
-        metrics = {**meter.means(), "lr": lr, "epoch": epoch, "skipped_steps": c.skipped_steps}
-        if tc.validate_every_epoch:
-            t0 = time.perf_counter()
-            metrics["val_acc"] = accuracy(model, data.val_loader(), env, precision.autocast)
-            if getattr(model, "forward_writes_params", False):
-                # HiCroPL `mapping: released` rewrites its prompts at every forward, and ranks evaluate different
-                # numbers of batches: rank 0's values go to every rank so training continues in lockstep.
-                broadcast_params(params, env)
-            c.eval_seconds += time.perf_counter() - t0
-        c.history.append(metrics)
-        c.epoch = epoch + 1
-        cuda_rng = gather_cuda_rng_states(env)  # every rank's own device state (a collective)
-        if env.is_main:
-            ckpt.save_checkpoint(out_dir, _state(cfg, data, model, optimizer, scheduler, precision, c, cuda_rng))
-            log.info("epoch %d/%d done: %s", epoch + 1, epochs, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        barrier(env)
-        checkpoint_dir = str(ckpt.checkpoint_path(out_dir).parent)
-        if stop := any_rank(_call(callbacks, "on_epoch_end", epoch, dict(metrics), checkpoint_dir), env):
-            break
-
-    if tc.compile and epochs:
-        fallbacks = compile_stats()["eager_fallbacks"] - fallbacks_before
-        if fallbacks:
-            log.warning("torch.compile fell back to eager for %d frame(s) in this trial (Dynamo's recompile limit): "
-                        "the step timings mix compiled and eager steps", fallbacks)
-    return _finish(cfg, data, model, precision, env, callbacks, c, n_trainable, stop)
+    s.scheduler.step()
+    s.train_seconds += time.perf_counter() - t0
+    return {**meter.means(), "lr": lr, "epoch": epoch, "skipped_steps": s.skipped_steps}, stopped
 
 
-def _finish(cfg: TrialConfig, data: TrialData, model, precision: Precision, env: DistEnv,
-            callbacks: list[TrialCallback], c: _Counters, n_trainable: int, stopped: bool) -> dict[str, float]:
+def _end_epoch(t: Trial, epoch: int, metrics: dict[str, float]) -> bool:
+    """Validate (when asked), checkpoint the state, tell the callbacks; True when one stopped the trial."""
+    s, env = t.state, t.env
+    if t.cfg.train.validate_every_epoch:
+        t0 = time.perf_counter()
+        metrics["val_acc"] = accuracy(t.model, t.data.val_loader(), env, t.precision.autocast)
+        if getattr(t.model, "forward_writes_params", False):
+            # HiCroPL `mapping: released` rewrites its prompts at every forward, and ranks evaluate different
+            # numbers of batches: rank 0's values go to every rank so training continues in lockstep.
+            broadcast_params(t.params, env)
+        s.eval_seconds += time.perf_counter() - t0
+    s.history.append(metrics)
+    s.epoch = epoch + 1
+    cuda_rng = gather_cuda_rng_states(env)  # every rank's own device state (a collective)
+    if env.is_main:
+        ckpt.save_checkpoint(t.out_dir, s, t.identity, t.data.train.classnames, cuda_rng)
+        log.info("epoch %d/%d done: %s", epoch + 1, t.epochs, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    barrier(env)
+    checkpoint_dir = str(ckpt.checkpoint_path(t.out_dir).parent)
+    return any_rank(call(t.callbacks, "on_epoch_end", epoch, dict(metrics), checkpoint_dir), env)
+
+
+def _finish(t: Trial, stopped: bool) -> dict[str, float]:
     """Final evaluation per protocol, exported prompts, config.yaml and metrics.json (a stopped trial skips them)."""
-    out_dir = Path(cfg.output_dir)
-    last = dict(c.history[-1]) if c.history else {}
-    common = {"train_seconds": c.train_seconds, "trainable_params": n_trainable, "skipped_steps": c.skipped_steps}
+    s, env, cfg = t.state, t.env, t.cfg
+    last = dict(s.history[-1]) if s.history else {}
+    common = {"train_seconds": s.train_seconds, "trainable_params": t.model.num_trainable(),
+              "skipped_steps": s.skipped_steps}
     if stopped:
-        return {k: float(v) for k, v in {**last, **common, "eval_seconds": c.eval_seconds, "stopped": 1}.items()}
+        return {k: float(v) for k, v in {**last, **common, "eval_seconds": s.eval_seconds, "stopped": 1}.items()}
     artifacts: dict[str, str] = {}
     if env.is_main:
         # Exported before evaluation switches the class set (novel or target class names).
-        artifacts["prompts"] = str(ckpt.export_prompts(out_dir / ckpt.PROMPTS_FILE, model.trainable_state_dict(),
-                                                       cfg, data.train.classnames))
+        artifacts["prompts"] = str(export_prompts(t.out_dir / PROMPTS_FILE, t.model.trainable_state_dict(), cfg,
+                                                  t.data.train.classnames))
     t0 = time.perf_counter()
-    final = {"val_acc": last["val_acc"] if "val_acc" in last else accuracy(model, data.val_loader(), env, precision.autocast)}
-    final.update(evaluate_protocol(model, data, env, precision.autocast))
-    eval_seconds = c.eval_seconds + time.perf_counter() - t0
+    final = {"val_acc": last["val_acc"] if "val_acc" in last else
+             accuracy(t.model, t.data.val_loader(), env, t.precision.autocast)}
+    final.update(evaluate_protocol(t.model, t.data, env, t.precision.autocast))
+    eval_seconds = s.eval_seconds + time.perf_counter() - t0
     result = {k: float(v) for k, v in {**last, **final, **common, "eval_seconds": eval_seconds}.items()}
     if env.is_main:
         import yaml
 
-        artifacts["config"] = str(out_dir / "config.yaml")
-        ckpt.atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), artifacts["config"])
-        artifacts["metrics"] = str(out_dir / "metrics.json")
-        ckpt.atomic_write_text(json.dumps({"final": result, "epochs": c.history}, indent=2), artifacts["metrics"])
-        log.info("trial done in %.1fs train + %.1fs eval: %s", c.train_seconds, eval_seconds,
+        artifacts["config"] = str(t.out_dir / "config.yaml")
+        atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), artifacts["config"])
+        artifacts["metrics"] = str(t.out_dir / "metrics.json")
+        atomic_write_text(json.dumps({"final": result, "epochs": s.history}, indent=2), artifacts["metrics"])
+        log.info("trial done in %.1fs train + %.1fs eval: %s", s.train_seconds, eval_seconds,
                  " ".join(f"{k} {v:.4g}" for k, v in final.items()))
     # Artifacts are written on rank 0 only: other ranks' all_ranks callbacks get an empty dict.
-    _call(callbacks, "on_trial_end", dict(result), dict(artifacts))
+    call(t.callbacks, "on_trial_end", dict(result), dict(artifacts))
     barrier(env)
     return result
+
+
+def _warn_eager_fallbacks(t: Trial) -> None:
+    if t.cfg.train.compile and t.epochs:
+        fallbacks = compile_stats()["eager_fallbacks"] - t.eager_fallbacks
+        if fallbacks:
+            log.warning("torch.compile fell back to eager for %d frame(s) in this trial (Dynamo's recompile limit): "
+                        "the step timings mix compiled and eager steps", fallbacks)

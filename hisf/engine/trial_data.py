@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
+from data_shards import DataError  # the engine's data errors are data_shards' own (re-raised, never wrapped twice)
 
 from hisf.config import ConfigError, TrialConfig
 from hisf.engine.distributed import DistEnv
-from hisf.engine.evaluation import accuracy, harmonic_mean
 
 
 @dataclass
@@ -32,6 +30,9 @@ class TrialData:
     val: Any  # validation Subset of the training classes (min(K, 4) per class)
     evals: list[EvalSet]
     image_mode: str = "fast"  # the source dataset's build mode: "exact" (CoOp's pixels) or "fast" (re-encoded)
+    # BuiltDataset.fingerprint of every dataset the trial opened (the source, the targets it evaluates): what the
+    # trial's resume identity compares, wherever the folders live.
+    fingerprints: dict[str, str] = field(default_factory=dict)
     image_size: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
@@ -45,7 +46,9 @@ class TrialData:
         """Take the image size and normalisation from the backbone (CLIP's mean/std)."""
         self.image_size, self.mean, self.std = int(backbone.image_size), tuple(backbone.mean), tuple(backbone.std)
 
-    def _loader(self, subset: Any, train: bool, epoch: int = 0):
+    def loader(self, subset: Any, train: bool = False, epoch: int = 0):
+        """A data_shards loader over `subset` at the backbone's preprocessing: training (per-rank batch, seeded
+        order and augmentation of `epoch`) or evaluation (eval batch size, every sample once over the ranks)."""
         from data_shards import make_loader
 
         if not self.image_size:
@@ -57,10 +60,10 @@ class TrialData:
                            num_workers=self.cfg.data.num_workers, pin_memory=self.env.device.type == "cuda")
 
     def train_loader(self, epoch: int):
-        return self._loader(self.train, True, epoch)
+        return self.loader(self.train, True, epoch)
 
     def val_loader(self):
-        return self._loader(self.val, False)
+        return self.loader(self.val, False)
 
 
 def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
@@ -74,7 +77,14 @@ def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
                f"--dataset {'|'.join(GENERIC_SOURCES)} --root YOUR_FOLDER --name {key}")
         raise ConfigError(f"{field_name}: no built dataset {key!r} at {path} (data.root={root!r}); build it with "
                           f"`hisf-bench data build {how} --out {path}`")
-    ds = open_dataset(path)
+    try:
+        ds = open_dataset(path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged build (unreadable manifest, bad JSON): one error naming it
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise DataError(f"{field_name}: cannot open the built dataset at {path}: {type(e).__name__}: {reason}; "
+                        f"rebuild it with `hisf-bench data build ... --out {path}`") from e
     if ds.key != key:
         raise ConfigError(f"{field_name}: {path} holds dataset {ds.key!r}, expected {key!r}")
     missing = [s for s in needs if s not in ds.splits]
@@ -93,6 +103,7 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     # docs/protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
     # RNG (CoOp); `select("val", shots=K)` does both, so K goes in, not min(K, 4).
     val = ds.select("val", shots=dc.shots, seed=cfg.seed, classes=train_classes)
+    fingerprints = {dc.dataset: ds.fingerprint}
     global_batch = tc.batch_size * env.world_size
     if tc.epochs > 0 and len(train) < global_batch:
         raise ConfigError(f"train.batch_size: {tc.batch_size} per rank x {env.world_size} rank(s) = {global_batch} "
@@ -113,7 +124,8 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
         target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
         evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
                              target.template, key))
-    return TrialData(cfg, env, ds.template, train, val, evals, image_mode=ds.image_mode)
+        fingerprints[key] = target.fingerprint
+    return TrialData(cfg, env, ds.template, train, val, evals, image_mode=ds.image_mode, fingerprints=fingerprints)
 
 
 def check_labels(subset: Any, n_classes: int, what: str) -> None:
@@ -125,18 +137,5 @@ def check_labels(subset: Any, n_classes: int, what: str) -> None:
     labels = np.asarray(subset.labels)
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if len(bad):
-        raise ValueError(f"{what}: label {int(bad[0])} of the {subset.split!r} subset at {subset.root} lies outside the "
+        raise DataError(f"{what}: label {int(bad[0])} of the {subset.split!r} subset at {subset.root} lies outside the "
                          f"model's {n_classes} classes (expected 0..{n_classes - 1}; {len(bad)} bad label(s))")
-
-
-def evaluate_protocol(model: torch.nn.Module, data: TrialData, env: DistEnv,
-                      autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict[str, float]:
-    """Test accuracy of every evaluation set, each scored with only its own class names as candidates."""
-    out: dict[str, float] = {}
-    for ev in data.evals:
-        model.set_classnames(ev.subset.classnames, template=ev.template, dataset=ev.dataset or None)
-        check_labels(ev.subset, len(model.classnames), ev.metric)
-        out[ev.metric] = accuracy(model, data._loader(ev.subset, False), env, autocast)
-    if "base_acc" in out:
-        out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
-    return out

@@ -1,9 +1,7 @@
-"""The frozen open_clip backbone: resolving a model config, loading weights, freezing, storage precision."""
+"""The frozen open_clip backbone: loading weights, freezing, storage precision (model configs: backbone_shape.py)."""
 
 from __future__ import annotations
 
-import copy
-import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,17 +11,16 @@ import torch
 from torch import nn
 
 from hisf.config import BackboneConfig, ConfigError, PRECISIONS
+# Resolving the model config needs no torch: it lives with the shape checks spec validation runs.
+from hisf.model.backbone_shape import (MODEL_CONFIG_DIR, BackboneError, available_model_configs,  # noqa: F401
+                                       resolve_model_cfg)
+from hisf.safe_load import safe_load
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys OpenAI's own checkpoints carry besides the weights (clip.load's JIT archive, its state_dict()).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 # The seed of a backbone built without pretrained weights (tests, the demo).
 RANDOM_WEIGHTS_SEED = 0
-
-
-class BackboneError(ValueError):
-    """A backbone name, checkpoint or model config is not usable; the message names it."""
 
 
 @dataclass
@@ -67,42 +64,6 @@ class Backbone:
         return self.model.token_embedding(ids).float().clone()
 
 
-def available_model_configs() -> list[str]:
-    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-
-
-def resolve_model_cfg(cfg: BackboneConfig) -> dict[str, Any]:
-    """The open_clip model config dict for `cfg`: explicit dict, one of ours, or open_clip's built-in."""
-    import open_clip
-
-    if cfg.model_cfg is not None:
-        model_cfg = copy.deepcopy(dict(cfg.model_cfg))
-    elif (MODEL_CONFIG_DIR / f"{cfg.name}.json").is_file():
-        model_cfg = json.loads((MODEL_CONFIG_DIR / f"{cfg.name}.json").read_text())
-    else:
-        model_cfg = open_clip.get_model_config(cfg.name)
-        if model_cfg is None:
-            vits = [m for m in open_clip.list_models() if m.startswith("ViT")]
-            raise BackboneError(
-                f"backbone.name: unknown model {cfg.name!r}; expected an open_clip ViT "
-                f"({', '.join(vits[:8])}, ...) or one of hisf/model/model_configs: {available_model_configs()}"
-            )
-        model_cfg = copy.deepcopy(model_cfg)
-    for key in ("embed_dim", "vision_cfg", "text_cfg"):
-        if key not in model_cfg:
-            raise BackboneError(f"backbone.model_cfg: missing key {key!r} in the config of {cfg.name!r}")
-    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    unsupported = [k for k in ("timm_model_name",) if vision.get(k)] + [k for k in ("hf_model_name",) if text.get(k)]
-    if unsupported or model_cfg.get("custom_text") or "multimodal_cfg" in model_cfg:
-        raise BackboneError(
-            f"backbone.name: {cfg.name!r} is not a plain CLIP ViT (found {unsupported or 'custom_text/multimodal_cfg'}); "
-            "prompt injection needs open_clip's own VisionTransformer and text Transformer"
-        )
-    if isinstance(vision.get("layers"), (list, tuple)):
-        raise BackboneError(f"backbone.name: {cfg.name!r} has a ResNet vision tower; expected a ViT")
-    return model_cfg
-
-
 def load_backbone(cfg: BackboneConfig) -> Backbone:
     """Build the open_clip model, load its weights (tag, local file or none), freeze it, cast its storage."""
     import open_clip
@@ -115,7 +76,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     state_dict = None
     if pretrained:
         if Path(pretrained).exists():
-            state_dict, openai_format = _read_checkpoint(Path(pretrained))
+            state_dict, openai_format = _read_weights(Path(pretrained))
             # OpenAI's weights were trained with QuickGELU; open_clip's plain configs default to GELU.
             if openai_format:
                 model_cfg["quick_gelu"] = True
@@ -123,7 +84,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             tag_cfg, _, _ = _tag_sources(cfg)
             if tag_cfg.get("quick_gelu", False):
                 model_cfg["quick_gelu"] = True
-            state_dict, _ = _read_checkpoint(Path(fetch_weights(cfg)))
+            state_dict, _ = _read_weights(Path(fetch_weights(cfg)))
 
     dtype = _DTYPES[cfg.precision]
     # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
@@ -260,7 +221,7 @@ def _unreachable(hf: list, url: str, timeout: float) -> str:
     return ""
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     """Weights from a file: OpenAI's TorchScript archive, or a (wrapped) OpenAI/open_clip state dict."""
     if not path.is_file():
         raise BackboneError(f"backbone.pretrained: {str(path)!r} is not a file; expected a checkpoint file")
@@ -275,10 +236,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         openai_format = True
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised naming the file
-            raise BackboneError(f"backbone.pretrained: cannot read {str(path)!r} as a torch checkpoint: {e}") from e
+        sd = safe_load(path, "checkpoint", BackboneError, key="backbone.pretrained")
     if isinstance(sd, Mapping) and "state_dict" in sd:
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not sd:
@@ -316,3 +274,9 @@ def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
                 f"backbone.pretrained: {source!r} key {k!r} has shape {tuple(v.shape)}; expected {tuple(own[k].shape)}"
             )
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+
+
+def check_weights_file(path: str | Path) -> None:
+    """Raise BackboneError unless `path` is a weights file `load_backbone` reads (the pre-flight calls it on the
+    driver before Ray starts: a file that is not a checkpoint would fail every retry of every trial)."""
+    _read_weights(Path(path))

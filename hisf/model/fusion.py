@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hisf.config import ConfigError
 from hisf.model.members import MemberInit, MemberLayerNorm, MemberLinear
 
 
@@ -19,7 +20,7 @@ class SemanticFusion(nn.Module):
     def __init__(self, init: MemberInit, width: int, heads: int = 8, bottleneck: int = 64, zero_values: bool = True):
         super().__init__()
         if width % heads:
-            raise ValueError(f"method.fusion_heads: {heads} heads do not divide the prompt width {width}")
+            raise ConfigError(f"method.fusion_heads: {heads} heads do not divide the prompt width {width}")
         self.heads = heads
         self.norm = MemberLayerNorm(init, width)
         self.q = MemberLinear(init, width, width, bias=False)

@@ -1,4 +1,8 @@
-"""The method registry (name -> builder) and the baselines zeroshot, coop and maple; HISF and HiCroPL have their own modules."""
+"""The method registry (name -> builder) and the baselines zeroshot, coop and maple; HISF and HiCroPL have their own modules.
+
+What each method is (default n_ctx and depth, presets, the settings a run shows) is declared once in
+`hisf/model/facts.py`, under the same names as the builders here.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +14,12 @@ from hisf.config import ConfigError, MethodConfig
 from hisf.model.backbone import Backbone
 from hisf.model.hicropl import build_hicropl
 from hisf.model.hisf import HisfModel, build_hisf
-from hisf.model.prompt_model import (DEFAULT_N_CTX, DEFAULT_TEMPLATE, GROUPS, Features, PromptModel, Prompts,
-                                     prompt_layers, prompt_n_ctx)
 from hisf.model.members import MemberInit, check_members, member_seeds
+from hisf.model.prompt_model import DEFAULT_TEMPLATE, Features, PromptModel, Prompts, prompt_layers, prompt_n_ctx
 from hisf.model.prompts import MultiModalPrompts, PromptError, prefix_text
 
-__all__ = ["DEFAULT_N_CTX", "DEFAULT_TEMPLATE", "GROUPS", "METHODS", "Features", "HisfModel", "PromptModel", "Prompts",
-           "ZeroShotModel", "build_method"]
+__all__ = ["BUILDERS", "DEFAULT_TEMPLATE", "Features", "HisfModel", "PromptModel", "Prompts", "ZeroShotModel",
+           "build_method"]
 
 
 class ZeroShotModel(PromptModel):
@@ -55,7 +58,7 @@ def build_maple(cfg: MethodConfig, backbone: Backbone, init: MemberInit, members
 
 
 # A builder takes the group's structure config, the backbone, the members' initialisation and every member's config.
-METHODS: dict[str, Callable[[MethodConfig, Backbone, MemberInit, Sequence[MethodConfig]], PromptModel]] = {
+BUILDERS: dict[str, Callable[[MethodConfig, Backbone, MemberInit, Sequence[MethodConfig]], PromptModel]] = {
     "zeroshot": build_zeroshot,
     "coop": build_coop,
     "maple": build_maple,
@@ -73,15 +76,15 @@ def build_method(cfg: MethodConfig, backbone: Backbone, classnames: Sequence[str
     `members`: the method configs of a fused group's members (default: `cfg` alone, a plain trial), equal to
     `cfg` outside the per-member keys (hisf.model.members.METHOD_MEMBER_KEYS); `seeds`: each member's
     initialisation seed (its trial seed; default: drawn from the global torch RNG)."""
-    if cfg.name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {cfg.name!r}; expected one of {sorted(METHODS)}")
+    if cfg.name not in BUILDERS:
+        raise ConfigError(f"method.name: unknown method {cfg.name!r}; expected one of {sorted(BUILDERS)}")
     cfg.validate()
     members = tuple(members) if members is not None else (cfg,)
     check_members(cfg, members)
     seeds = list(seeds) if seeds is not None else member_seeds(len(members))
     if len(seeds) != len(members):
         raise ValueError(f"build_method: {len(seeds)} seeds for {len(members)} members")
-    model = METHODS[cfg.name](cfg, backbone, MemberInit(seeds), members)
+    model = BUILDERS[cfg.name](cfg, backbone, MemberInit(seeds), members)
     model.to(backbone.device)
     model.set_classnames(classnames, template, dataset)
     return model

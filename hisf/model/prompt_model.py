@@ -12,13 +12,12 @@ from torch import nn
 from hisf.config import MethodConfig
 from hisf.model.backbone import Backbone
 from hisf.model.encoders import encode_image, encode_text, image_stem, text_length
+from hisf.model.facts import METHODS, PARAM_GROUPS
 from hisf.model.losses import cls_loss
 from hisf.model.members import per_member
 from hisf.model.prompts import PromptError, check_layers, check_n_ctx, clean_classnames, tokenize_classes
 
 DEFAULT_TEMPLATE = "a photo of a {}."
-DEFAULT_N_CTX = {"zeroshot": 0, "coop": 16, "maple": 2, "hisf": 2, "hicropl": 16}
-GROUPS = ("prompts", "projections", "fusion", "label_embeddings")
 
 
 @dataclass
@@ -268,7 +267,7 @@ class PromptModel(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """The stacked parameters by optimiser group; the engine gives each member an optimiser over its views."""
-        groups = {g: [] for g in GROUPS}
+        groups = {g: [] for g in PARAM_GROUPS}
         if self.prompts is not None:
             for g, ps in self.prompts.groups().items():
                 groups[g] += ps
@@ -297,6 +296,6 @@ def prompt_layers(cfg: MethodConfig, backbone: Backbone) -> tuple[int, ...]:
 
 def prompt_n_ctx(cfg: MethodConfig, backbone: Backbone) -> int:
     """n_ctx for `cfg` (the method's default when unset), checked against the context length."""
-    n_ctx = cfg.n_ctx if cfg.n_ctx is not None else DEFAULT_N_CTX[cfg.name]
+    n_ctx = cfg.n_ctx if cfg.n_ctx is not None else METHODS[cfg.name].n_ctx
     check_n_ctx(n_ctx, backbone)
     return n_ctx

@@ -8,14 +8,16 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from hisf.config import ConfigError
 from hisf.model.backbone import Backbone
 from hisf.model.members import MemberInit, MemberLinear
 
 MAPLE_TEMPLATE_END = "."
 
 
-class PromptError(ValueError):
-    """A prompt setting does not fit the backbone (n_ctx, layers, class names); the message names it."""
+class PromptError(ConfigError):
+    """A prompt setting does not fit the backbone (n_ctx, layers, class names); the message names it. A
+    ConfigError: it fails the same way in every retry, so a trial that meets it fails at once."""
 
 
 def clean_classnames(names: Sequence[str]) -> list[str]:

@@ -174,3 +174,75 @@ def test_rows_without_a_shard_must_be_flagged_bad(tmp_path, pets):
 def test_not_a_built_dataset(tmp_path):
     with pytest.raises(DataError, match="info.json: not found"):
         open_dataset(tmp_path)
+
+
+def _write_info(out: Path, edit) -> None:
+    info = json.loads((out / "info.json").read_text())
+    (out / "info.json").write_text(json.dumps(edit(info)))
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda out: (out / "manifest.parquet").write_bytes(b""), "manifest.parquet: not a readable Parquet manifest"),
+    (lambda out: (out / "manifest.parquet").write_bytes(b"PAR1 not really parquet PAR1"),
+     "manifest.parquet: not a readable Parquet manifest"),
+    (lambda out: (out / "info.json").write_text("{\"key\": \"oxford_pets\", "),
+     "info.json: not valid JSON (Expecting property name"),
+    (lambda out: (out / "info.json").write_text("[1, 2]"), "info.json: expected a JSON object, got a list"),
+    (lambda out: _write_info(out, lambda i: {k: v for k, v in i.items() if k != "template"}),
+     "info.json: missing 'template' (a string); expected the info.json `hisf-bench data build` writes"),
+    (lambda out: _write_info(out, lambda i: {**i, "classnames": "a,b,c"}),
+     "info.json: 'classnames' should be a list of strings, got str"),
+    (lambda out: _write_info(out, lambda i: {**i, "splits": {"test": {"count": "9"}}}),
+     "info.json: splits.test should be {\"count\": integer, \"shards\": {file: bytes}}"),
+])
+def test_a_spoilt_info_or_manifest_is_named_with_what_was_expected(tmp_path, pets, spoil, message):
+    out = built(tmp_path, pets)
+    spoil(out)
+    with pytest.raises(DataError) as e:
+        open_dataset(out)
+    assert message in str(e.value) and str(out) in str(e.value)
+    assert "rebuild" in str(e.value)
+
+
+def test_a_manifest_without_a_column_is_named(tmp_path, pets):
+    import pyarrow.parquet as pq
+
+    out = built(tmp_path, pets)
+    table = pq.read_table(out / "manifest.parquet")
+    pq.write_table(table.drop(["checksum"]), out / "manifest.parquet")
+    with pytest.raises(DataError, match=r"manifest.parquet: missing column\(s\) \['checksum'\]"):
+        open_dataset(out)
+
+
+def test_shard_paths_that_leave_the_dataset_folder_are_refused(tmp_path, pets):
+    out = built(tmp_path, pets)
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes(b"x" * 10)
+    for name in ("../elsewhere.tar", str(outside)):
+        def move(info, name=name):
+            shards = info["splits"]["test"]["shards"]
+            info["splits"]["test"]["shards"] = {name: 10, **{k: v for k, v in list(shards.items())[1:]}}
+            return info
+        original = (out / "info.json").read_text()
+        _write_info(out, move)
+        with pytest.raises(DataError, match=f"info.json: shard {name!r} of split 'test' is not a file inside {out}"):
+            open_dataset(out)
+        (out / "info.json").write_text(original)
+
+
+def test_data_commands_name_a_bad_out_folder_or_count(tmp_path, pets, capsys):
+    from orchestrator.cli import main
+
+    data, _ = pets
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert main(["data", "demo", "--out", str(a_file)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --out {a_file}: is a file; expected a folder"
+    assert main(["data", "demo", "--out", str(tmp_path / "d"), "--classes", "9"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --classes: expected 1..6 (the demo has 6 classes), got 9"
+    assert main(["data", "build", "--dataset", "oxford_pets", "--root", str(data), "--out", str(a_file), "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --out {a_file}: is a file; expected a folder"
+    with pytest.raises(SystemExit):
+        main(["data", "build", "--dataset", "oxford_pets", "--root", str(data), "--out", str(tmp_path / "o"),
+              "--shard-size", "infM"])
+    assert "expected a size like 256M or 65536, got 'infM'" in capsys.readouterr().err

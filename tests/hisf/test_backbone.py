@@ -91,5 +91,5 @@ def test_bad_backbones(tiny_cfg, tiny_ckpt, tmp_path):
     with pytest.raises(BackboneError, match=r"key 'ln_final.bias' has shape \(65,\); expected \(64,\)"):
         load_backbone(BackboneConfig(name="hisf-tiny", pretrained=str(bad)))
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(BackboneError, match="cannot read .*junk.pt"):
+    with pytest.raises(BackboneError, match=r"backbone.pretrained: .*junk.pt: not a checkpoint we load"):
         load_backbone(BackboneConfig(name="hisf-tiny", pretrained=str(tmp_path / "junk.pt")))

@@ -19,7 +19,7 @@ from benchmarks.hicropl_reference import (
 )
 from hisf.config import MethodConfig
 from hisf.model.descriptions import resolve_descriptions
-from hisf.model.hicropl_checkpoint import HiCroPLCheckpointError, import_hicropl_prompts, read_hicropl_state_dict
+from hisf.model.hicropl_import import HiCroPLImportError, import_hicropl_prompts, read_hicropl_state_dict
 from hisf.model.methods import build_method
 
 N_CTX, DEPTH, K = 2, 3, 1
@@ -187,39 +187,41 @@ def test_import_errors(backbone, classes, descriptions, tmp_path):
         edit(sd)
         return {"state_dict": sd, "epoch": 1}
 
-    with pytest.raises(HiCroPLCheckpointError, match=r"missing keys \['prompt_learner.text2visual_net.ln_1.bias'\]"):
+    with pytest.raises(HiCroPLImportError, match=r"missing keys \['prompt_learner.text2visual_net.ln_1.bias'\]"):
         import_hicropl_prompts(model, bad(lambda sd: sd.pop("prompt_learner.text2visual_net.ln_1.bias")))
-    with pytest.raises(HiCroPLCheckpointError, match=r"unexpected keys \['prompt_learner.extra'\]"):
+    with pytest.raises(HiCroPLImportError, match=r"unexpected keys \['prompt_learner.extra'\]"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update({"prompt_learner.extra": torch.zeros(1)})))
-    with pytest.raises(HiCroPLCheckpointError,
+    with pytest.raises(HiCroPLImportError,
                        match=r"'prompt_learner.visual2text_net.linear_k.weight' has shape \(64, 65\); expected \(64, 64\)"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update(
             {"prompt_learner.visual2text_net.linear_k.weight": torch.zeros(64, 65)})))
-    with pytest.raises(HiCroPLCheckpointError, match=r"cross_prompts_visual.2' differs from 'prompt_learner.cross_prompts_visual.0'"):
+    with pytest.raises(HiCroPLImportError, match=r"cross_prompts_visual.2' differs from 'prompt_learner.cross_prompts_visual.0'"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update(
             {"prompt_learner.cross_prompts_visual.2": good["prompt_learner.cross_prompts_visual.2"] + 1})))
     # The frozen teacher and encoders must be our backbone's weights: checked, never loaded.
-    with pytest.raises(HiCroPLCheckpointError, match=r"frozen CLIP key 'prompt_learner.ZS_image_encoder.proj' differs "
+    with pytest.raises(HiCroPLImportError, match=r"frozen CLIP key 'prompt_learner.ZS_image_encoder.proj' differs "
                                                      r"from the backbone's 'visual.proj'"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update(
             {"prompt_learner.ZS_image_encoder.proj": good["prompt_learner.ZS_image_encoder.proj"] * 1.01})))
-    with pytest.raises(HiCroPLCheckpointError, match=r"'text_encoder.ln_final.weight' differs from the backbone's 'ln_final.weight'"):
+    with pytest.raises(HiCroPLImportError, match=r"'text_encoder.ln_final.weight' differs from the backbone's 'ln_final.weight'"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update(
             {"text_encoder.ln_final.weight": good["text_encoder.ln_final.weight"] + 1e-3})))
-    with pytest.raises(HiCroPLCheckpointError, match=r"'image_encoder.conv1.weight' .* no match in the backbone"):
+    with pytest.raises(HiCroPLImportError, match=r"'image_encoder.conv1.weight' .* no match in the backbone"):
         import_hicropl_prompts(model, bad(lambda sd: sd.update({"image_encoder.conv1.weight": torch.zeros(64, 3, 16, 16)})))
-    with pytest.raises(HiCroPLCheckpointError, match="not found"):
+    with pytest.raises(HiCroPLImportError, match="not found"):
         import_hicropl_prompts(model, tmp_path / "VLPromptLearner" / "model.pth.tar-9")
     (tmp_path / "junk.pth.tar-1").write_text("not a checkpoint")
-    with pytest.raises(HiCroPLCheckpointError, match=r"junk.pth.tar-1: cannot read as a torch checkpoint with weights_only=True"):
+    with pytest.raises(HiCroPLImportError, match=r"junk.pth.tar-1: not a HiCroPL checkpoint we load: it is not a torch file"):
         import_hicropl_prompts(model, tmp_path / "junk.pth.tar-1")
     # Dassl pickles its warm-up scheduler's successor (a torch scheduler object) into the same file.
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     scheduler = {"successor": torch.optim.lr_scheduler.CosineAnnealingLR(opt, 5), "last_epoch": 1}
     torch.save({"state_dict": good, "epoch": 1, "scheduler": scheduler}, tmp_path / "dassl.pth.tar-1")
-    with pytest.raises(HiCroPLCheckpointError, match=r"dassl.pth.tar-1: cannot read .* weights_only.*keep only the weights"):
+    with pytest.raises(HiCroPLImportError, match=r"dassl.pth.tar-1: not a HiCroPL checkpoint we load: it holds a pickled "
+                       r"Python object \(torch.optim.lr_scheduler.CosineAnnealingLR\).*keep only the weights") as err:
         import_hicropl_prompts(model, tmp_path / "dassl.pth.tar-1")
-    with pytest.raises(HiCroPLCheckpointError, match=r"no 'prompt_learner.\*' keys"):
+    assert "weights_only=False" not in str(err.value)
+    with pytest.raises(HiCroPLImportError, match=r"no 'prompt_learner.\*' keys"):
         read_hicropl_state_dict({"state_dict": {"image_encoder.proj": torch.zeros(1)}})
     # A failed import leaves the model's prompts untouched.
     for k, v in model.trainable_state_dict().items():
@@ -240,7 +242,7 @@ def test_checkpoint_from_another_setting(backbone, classes, descriptions, tmp_pa
     if cfg["mapping"] != "released":
         cfg.pop("released_storage")
     model = build_method(MethodConfig(**cfg), backbone, classes, dataset="pets3")
-    with pytest.raises(HiCroPLCheckpointError, match=message):
+    with pytest.raises(HiCroPLImportError, match=message):
         import_hicropl_prompts(model, path)
 
 
@@ -381,7 +383,7 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     _reference_steps(ref, dassl_optimizer(ref), [x1], labels)
     assert not torch.equal(pl.cross_prompts_visual[0], pl.cross_prompts_visual[DEPTH - 1])
     path = save_dassl_checkpoint(ref, tmp_path)
-    with pytest.raises(HiCroPLCheckpointError,
+    with pytest.raises(HiCroPLImportError,
                        match=r"cross_prompts_visual.\d' differs .* needs method.released_storage: per_layer"):
         import_hicropl_prompts(model, path)
     cfg = MethodConfig(name="hicropl", n_ctx=N_CTX, depth=DEPTH, cross_layer=K, mapping="released",

@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.maple_reference import ReferenceMaPLe, reference_from_backbone
 from hisf.config import MethodConfig
-from hisf.model.maple_checkpoint import MapleCheckpointError, import_maple_prompts
+from hisf.model.maple_import import MapleImportError, import_maple_prompts
 from hisf.model.methods import build_method
 
 
@@ -64,19 +64,19 @@ def test_maple_checkpoint_errors(backbone, tmp_path, classes):
 
     ckpt = maple_checkpoint(3, 2, tw, vw, 3)
     del ckpt["state_dict"]["prompt_learner.compound_prompt_projections.1.bias"]
-    with pytest.raises(MapleCheckpointError, match=r"missing keys \['prompt_learner.compound_prompt_projections.1.bias'\]"):
+    with pytest.raises(MapleImportError, match=r"missing keys \['prompt_learner.compound_prompt_projections.1.bias'\]"):
         import_maple_prompts(model, ckpt)
 
     ckpt = maple_checkpoint(3, 2, tw, vw, 3)
     ckpt["state_dict"]["prompt_learner.proj.weight"] = torch.zeros(vw + 1, tw)
-    with pytest.raises(MapleCheckpointError, match=r"prompt_learner.proj.weight.*shape \(65, 64\); expected \(64, 64\)"):
+    with pytest.raises(MapleImportError, match=r"prompt_learner.proj.weight.*shape \(65, 64\); expected \(64, 64\)"):
         import_maple_prompts(model, ckpt)
 
-    with pytest.raises(MapleCheckpointError, match="depth 2"):
+    with pytest.raises(MapleImportError, match="depth 2"):
         import_maple_prompts(model, maple_checkpoint(2, 2, tw, vw, 3))
-    with pytest.raises(MapleCheckpointError, match="shape"):
+    with pytest.raises(MapleImportError, match="shape"):
         import_maple_prompts(model, maple_checkpoint(3, 4, tw, vw, 3))
-    with pytest.raises(MapleCheckpointError, match="not found"):
+    with pytest.raises(MapleImportError, match="not found"):
         import_maple_prompts(model, tmp_path / "missing.pth.tar-5")
     # A failed import leaves the model's prompts untouched.
     for k, v in model.trainable_state_dict().items():

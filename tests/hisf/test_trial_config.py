@@ -30,6 +30,8 @@ def test_from_dict_fills_defaults_and_coerces_types():
         ({"seed": True}, "seed"),
         ({"train": {"compile": "yes"}}, "train.compile"),
         ({"train": {"compile_mode": "fast"}}, "train.compile_mode"),
+        ({"train": {"batch_size": 0}}, "train.batch_size: expected >= 1, got 0"),
+        ({"train": {"eval_batch_size": 0}}, "train.eval_batch_size: expected >= 1, got 0"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -67,3 +69,65 @@ def test_from_yaml_names_the_file(tmp_path):
         TrialConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="not found"):
         TrialConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number, got nan"),
+    ({"train": {"warmup_lr": float("inf")}}, "train.warmup_lr: expected a finite number, got inf"),
+    ({"method": {"lambda_sa": float("-inf")}}, "method.lambda_sa: expected a finite number, got -inf"),
+    ({"seed": -1}, "seed: expected an integer in 0..4294967295, got -1"),
+    ({"seed": 2**32}, "seed: expected an integer in 0..4294967295, got 4294967296"),
+    ({"train": {"momentum": -0.1}}, "train.momentum: expected 0 <= momentum < 1, got -0.1"),
+    ({"train": {"momentum": 1.0}}, "train.momentum: expected 0 <= momentum < 1, got 1.0"),
+    ({"train": {"weight_decay": -0.5}}, "train.weight_decay: expected >= 0, got -0.5"),
+    ({"train": {"warmup_epochs": -1}}, "train.warmup_epochs: expected >= 0, got -1"),
+    ({"train": {"warmup_lr": -1e-5}}, "train.warmup_lr: expected >= 0, got -1e-05"),
+    ({"train": {"prompt_lr_mult": -2.0}}, "train.prompt_lr_mult: expected >= 0, got -2.0"),
+    ({"train": {"log_every": -1}}, "train.log_every: expected >= 0, got -1"),
+])
+def test_numbers_that_fail_every_retry_are_refused(data, message):
+    with pytest.raises(ConfigError) as err:
+        TrialConfig.from_dict(data)
+    assert str(err.value).startswith(message), str(err.value)
+    # the same value set by a dotted key (`--set`, a searched value, a grid value)
+    key = message.split(":")[0]
+    with pytest.raises(ConfigError) as err:
+        replace_path(TrialConfig(), key, next(_leaves(data))).validate()
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def _leaves(d):
+    for v in d.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def test_from_yaml_refuses_duplicated_keys_and_bad_yaml_naming_the_file(tmp_path):
+    path = tmp_path / "trial.yaml"
+    path.write_text("seed: 1\nmethod:\n  name: hisf\n  depth: 3\n  depth: 5\n")
+    with pytest.raises(ConfigError, match=r"trial.yaml: not valid YAML: duplicate key 'depth' at line 5 "
+                                          r"\(first at line 4\)"):
+        TrialConfig.from_yaml(path)
+    path.write_text("seed: 1\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'seed' at line 2 \(first at line 1\)"):
+        TrialConfig.from_yaml(path)
+    path.write_text("method: {name: hisf\n")
+    with pytest.raises(ConfigError, match=r"trial.yaml: not valid YAML: "):
+        TrialConfig.from_yaml(path)
+    path.write_text("method: {name: hisf, depth: 3}\ntrain: {lr: .nan}\n")
+    with pytest.raises(ConfigError, match=r"trial.yaml: train.lr: expected a finite number, got nan"):
+        TrialConfig.from_yaml(path)
+
+
+def test_train_set_values_are_read_strictly_too(tmp_path, capsys):
+    from hisf.train import main
+
+    path = tmp_path / "trial.yaml"
+    path.write_text("method: {name: coop}\n")
+    assert main([str(path), "--set", "method={name: hisf, name: coop}"]) == 2
+    assert "--set 'method={name: hisf, name: coop}': the value is not valid YAML: duplicate key 'name' at line 1, " \
+           "column 14 (first at column 2)" in capsys.readouterr().err
+    assert main([str(path), "--set", "train.lr=.nan"]) == 2
+    assert "train.lr: expected a finite number, got nan" in capsys.readouterr().err

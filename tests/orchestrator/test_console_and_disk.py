@@ -131,7 +131,8 @@ def test_run_names_of_search_and_final_trials(tmp_path, demo_root):
     from orchestrator.trials import expand_final, search_groups, search_trial
 
     spec = load_spec(write_spec(tmp_path / "n.yaml", demo_root, name="names", seeds=(2,), rows=[
-        {"name": "CLIP", "method": {"name": "zeroshot"}}, {"name": "HISF", "method": {"name": "hisf"}, "search": True}],
+        {"name": "CLIP", "method": {"name": "zeroshot"}}, {"name": "HISF", "method": {"name": "hisf", "depth": 2},
+                                                            "search": True}],
         search={"n_trials": 2, "seed": 1, "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}))
     (group,) = search_groups(spec, "tag")
     t = search_trial(spec, group, 3, 7, {"method.lambda_le": 0.123456}, tmp_path)

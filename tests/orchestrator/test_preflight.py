@@ -2,6 +2,7 @@
 multi-node clusters refused when stores or folders are on this machine only."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -211,3 +212,42 @@ def test_dry_run_of_the_demo_checks_and_leaves_unbuilt_demo_data_to_the_run(tmp_
            "when the run starts" in out
     assert "total: 19 trials" in out  # 5 rows x 3 seeds + 4 search trials
     assert not (tmp_path / "hisf-bench").exists()  # a dry run builds and writes nothing
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda d: (d / "manifest.parquet").write_bytes(b""), "manifest.parquet: not a readable Parquet manifest"),
+    (lambda d: (d / "info.json").write_text("[]"), "info.json: expected a JSON object, got a list"),
+    (lambda d: (d / "info.json").write_text("{oops"), "info.json: not valid JSON"),
+    (lambda d: (d / "info.json").write_text(json.dumps({k: v for k, v in json.loads((d / "info.json").read_text())
+                                                        .items() if k != "template"})), "info.json: missing 'template'"),
+])
+def test_dry_run_and_run_name_a_spoilt_dataset_file(tmp_path, demo_root, capsys, spoil, message):
+    """The dry run used to print a traceback (HiCroPL's descriptions check opens the dataset first)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "demo", root / "demo")
+    spoil(root / "demo")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml").read_text())
+    raw["data"].update(root=str(root), demo=False)
+    (tmp_path / "desc").mkdir()
+    from data_shards.demo import write_descriptions
+
+    raw["rows"][4]["method"]["descriptions"] = str(write_descriptions(tmp_path / "desc"))
+    p = tmp_path / "spoilt.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    for argv in (["run", str(p), "--dry-run"], ["sweep", str(p)]):
+        assert cli_main(argv + ["--workdir", str(tmp_path / "wd")]) == 2
+        err = capsys.readouterr().err
+        assert f"{root / 'demo'}" in err and message in err, err
+    assert not (tmp_path / "wd" / "mlflow.db").exists()
+
+
+def test_a_pretrained_file_that_is_not_a_checkpoint_is_refused_before_ray(tmp_path, demo_root, capsys):
+    notes = tmp_path / "weights.pt"
+    notes.write_text("not weights")
+    spec = spec_with(tmp_path, demo_root, backbone={"name": "hisf-tiny", "pretrained": str(notes)})
+    assert cli_main(["sweep", str(spec), "--dry-run", "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err
+    assert "1 problem before any trial could start" in err
+    assert re.search(f"  - backbone.pretrained: .*{notes}", err), err  # the reader's own words say what it holds

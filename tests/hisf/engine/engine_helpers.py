@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 TINY_MODEL = "hisf-tiny"
+WORKTREE = Path(__file__).resolve().parents[3]
 TIMING_KEYS = ("train_seconds", "eval_seconds")
 
 
@@ -64,6 +67,14 @@ class TinyPromptModel(torch.nn.Module):
         with torch.no_grad():
             for k, v in sd.items():
                 own[k].copy_(v)
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment for a child trial process: no inherited rank variables, this checkout first on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = f"{WORKTREE}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def free_port() -> int:

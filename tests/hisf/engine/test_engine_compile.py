@@ -9,7 +9,7 @@ from engine_helpers import tiny_trial, without_timing
 from hisf.model.backbone import load_backbone
 from hisf.config import BackboneConfig, MethodConfig
 from hisf.model.encoders import text_length
-from hisf.engine import run_trial
+from hisf.engine import TrialCallback, run_trial
 from hisf.model.methods import build_method
 
 TINY = BackboneConfig(name="hisf-tiny", pretrained=None, precision="fp32")
@@ -34,12 +34,19 @@ def test_forward_losses_is_one_graph(method):
     assert model.text_len == text_length(backbone, model.token_ids)
 
 
+class _Start(TrialCallback):
+    def on_trial_start(self, data):
+        self.compile = data["compile"]
+
+
 def test_compiled_trial_matches_eager(demo_root, tmp_path):
     runs = {}
     for compiled in (False, True):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        result = run_trial(tiny_trial(demo_root, tmp_path / str(compiled), train={"compile": compiled}))
+        start = _Start()
+        result = run_trial(tiny_trial(demo_root, tmp_path / str(compiled), train={"compile": compiled}), [start])
+        assert start.compile == ("default" if compiled else "eager")  # what the trial's record says ran
         runs[compiled] = without_timing(result)
         frames = torch._dynamo.utils.counters["frames"]
         # Eager runs no dynamo frame; compiled, forward_losses was captured whole (no graph break).

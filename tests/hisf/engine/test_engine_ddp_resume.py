@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,17 +12,9 @@ import pytest
 import torch
 import yaml
 
-from engine_helpers import free_port, tiny_trial, tiny_trial_dict, without_timing
+from engine_helpers import WORKTREE, free_port, tiny_trial, tiny_trial_dict, without_timing
+from engine_helpers import subprocess_env as _env
 from hisf.engine import run_trial
-
-WORKTREE = Path(__file__).resolve().parents[3]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = f"{WORKTREE}{os.pathsep}{env.get('PYTHONPATH', '')}"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def _write(path: Path, d: dict) -> Path:

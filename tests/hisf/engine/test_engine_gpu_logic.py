@@ -11,6 +11,7 @@ from engine_helpers import TinyPromptModel
 from hisf.config import TrainConfig
 from hisf.engine import Precision, deterministic_mode, resolve_precision, train_step
 from hisf.engine import checkpoint as ckpt
+from hisf.engine.atomic import atomic_save
 from hisf.engine.distributed import DistEnv, pick_device
 from hisf.engine.optim import build_optimizer
 
@@ -72,7 +73,7 @@ def test_pick_device_names_the_visible_devices(monkeypatch):
 
 def test_cuda_rng_state_per_rank_tolerates_another_world_size(tmp_path):
     states = [torch.full((16,), r, dtype=torch.uint8) for r in range(4)]
-    ckpt.atomic_save(ckpt.rng_state(states), tmp_path / "rng.pt")
+    atomic_save(ckpt.rng_state(states), tmp_path / "rng.pt")
     saved = torch.load(tmp_path / "rng.pt", weights_only=True)
     cuda = saved["cuda"]
     assert [int(t[0]) for t in cuda] == [0, 1, 2, 3]

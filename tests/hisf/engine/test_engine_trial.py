@@ -9,19 +9,22 @@ import pytest
 import torch
 
 from engine_helpers import tiny_trial, without_timing
-from hisf.engine import checkpoint as ckpt
 from hisf.config import ConfigError, replace_path
 from hisf.engine.distributed import DistEnv
 from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_trial, seed_everything
 from hisf.engine.evaluation import accuracy, harmonic_mean
+from hisf.engine.export import load_prompts
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
 
 
 class Recorder(TrialCallback):
     def __init__(self, stop_at_epoch: int | None = None):
-        self.epochs, self.progress, self.end = [], [], None
+        self.start, self.epochs, self.progress, self.end = None, [], [], None
         self.stop_at_epoch = stop_at_epoch
+
+    def on_trial_start(self, data):
+        self.start = data
 
     def on_epoch_end(self, epoch, metrics, checkpoint_dir):
         state = torch.load(f"{checkpoint_dir}/state.pt", weights_only=True)
@@ -47,6 +50,9 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
     result = run_trial(cfg, [rec])
     assert time.perf_counter() - t0 < 60
 
+    # What ran, for the run's environment record: the data, the precision after any fallback, eager or compiled.
+    assert rec.start == {"image_mode": "fast", "dataset": "demo", "bad_images_left_out": 0, "precision": "fp32",
+                         "compile": "eager", "device_name": "cpu"}
     # 3 base classes x 4 shots = 12 samples, batch 4: 3 steps per epoch, 2 epochs.
     assert [(s, t) for s, t, _ in rec.progress] == [(i, 6) for i in range(1, 7)]
     assert [(e, state_epoch) for e, _, state_epoch in rec.epochs] == [(0, 1), (1, 2)]
@@ -74,7 +80,7 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
     backbone = load_backbone(cfg.backbone)
     model = build_method(cfg.method, backbone, ds.select("train", 4, 1, "base").classnames, template=ds.template)
     init = model.trainable_state_dict()
-    payload = ckpt.load_prompts(artifacts["prompts"], model, cfg)
+    payload = load_prompts(artifacts["prompts"], model, cfg)
     assert result["trainable_params"] == sum(v.numel() for v in payload["trainable"].values())
     assert any(not torch.equal(init[k], v) for k, v in payload["trainable"].items())
     for classes, key in (("base", "base_acc"), ("novel", "novel_acc")):
@@ -194,8 +200,10 @@ def test_a_process_group_made_by_the_caller_is_used_and_left_alone(demo_root, tm
 def test_bf16_trial_and_fp16_fallback_on_cpu(demo_root, tmp_path):
     fp32 = run_trial(tiny_trial(demo_root, tmp_path / "32", train={"epochs": 1}))
     bf16 = run_trial(tiny_trial(demo_root, tmp_path / "bf", train={"epochs": 1, "precision": "bf16"}))
+    rec = Recorder()
     with pytest.warns(UserWarning, match="fp16 needs CUDA"):
-        fp16 = run_trial(tiny_trial(demo_root, tmp_path / "16", train={"epochs": 1, "precision": "fp16"}))
+        fp16 = run_trial(tiny_trial(demo_root, tmp_path / "16", train={"epochs": 1, "precision": "fp16"}), [rec])
+    assert rec.start["precision"] == "bf16"  # what runs, not what was asked for
     assert bf16["train/loss"] == pytest.approx(fp32["train/loss"], rel=5e-2)
     assert bf16["train/loss"] != fp32["train/loss"]
     assert without_timing(fp16) == without_timing(bf16)

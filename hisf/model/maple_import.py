@@ -8,21 +8,21 @@ from typing import Mapping
 
 import torch
 
-from hisf.model.dassl_checkpoint import IGNORED, PREFIX, read_dassl_state_dict
+from hisf.model.dassl_file import IGNORED, PREFIX, read_dassl_state_dict
 
 _TEXT = re.compile(r"^prompt_learner\.compound_prompts_text\.(\d+)$")
 
 
-class MapleCheckpointError(ValueError):
+class MapleImportError(ValueError):
     """A MaPLe checkpoint is unreadable, or its keys or shapes do not fit the model; the message names them."""
 
 
 def read_maple_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The `prompt_learner.*` tensors of a MaPLe checkpoint (file or dict, `{"state_dict": ...}` or bare)."""
-    where, sd = read_dassl_state_dict(source, "MaPLe", MapleCheckpointError)
+    where, sd = read_dassl_state_dict(source, "MaPLe", MapleImportError)
     out = {k: v for k, v in sd.items() if k.startswith(PREFIX) and k not in IGNORED}
     if not out:
-        raise MapleCheckpointError(f"{where}: no 'prompt_learner.*' keys; found {sorted(sd)[:5]}")
+        raise MapleImportError(f"{where}: no 'prompt_learner.*' keys; found {sorted(sd)[:5]}")
     return out
 
 
@@ -48,11 +48,11 @@ def maple_key_map(depth: int) -> dict[str, str]:
 def import_maple_prompts(model, source: str | Path | Mapping[str, torch.Tensor]) -> None:
     """Load MaPLe's prompt parameters into a `maple` PromptModel built with the same n_ctx and depth."""
     if model.cfg.name != "maple":
-        raise MapleCheckpointError(f"method.name: MaPLe prompts import into method 'maple', got {model.cfg.name!r}")
+        raise MapleImportError(f"method.name: MaPLe prompts import into method 'maple', got {model.cfg.name!r}")
     sd = read_maple_state_dict(source)
     depth = maple_depth(sd)
     if model.layers != tuple(range(depth)):
-        raise MapleCheckpointError(
+        raise MapleImportError(
             f"method.depth: the checkpoint has MaPLe prompt depth {depth} (layers 0..{depth - 1}); "
             f"the model's prompt layers are {list(model.layers)}"
         )
@@ -60,12 +60,12 @@ def import_maple_prompts(model, source: str | Path | Mapping[str, torch.Tensor])
     missing = sorted(set(mapping) - set(sd))
     unexpected = sorted(set(sd) - set(mapping))
     if missing or unexpected:
-        raise MapleCheckpointError(f"MaPLe checkpoint: missing keys {missing}, unexpected keys {unexpected}")
+        raise MapleImportError(f"MaPLe checkpoint: missing keys {missing}, unexpected keys {unexpected}")
     own = model.trainable_state_dict()
     new = {}
     for theirs, ours in mapping.items():
         if tuple(sd[theirs].shape) != tuple(own[ours].shape):
-            raise MapleCheckpointError(
+            raise MapleImportError(
                 f"MaPLe checkpoint: key {theirs!r} has shape {tuple(sd[theirs].shape)}; "
                 f"expected {tuple(own[ours].shape)} (n_ctx={model.n_ctx}, backbone widths)"
             )

@@ -18,20 +18,20 @@ from typing import Mapping
 
 import torch
 
-from hisf.model.dassl_checkpoint import IGNORED, PREFIX, read_dassl_state_dict
+from hisf.model.dassl_file import IGNORED, PREFIX, read_dassl_state_dict
 
 TEACHER = "prompt_learner.ZS_image_encoder."
 # Frozen CLIP keys of the released CustomCLIP -> our backbone's (open_clip, OpenAI layout) key prefix.
 FROZEN = {TEACHER: "visual.", "image_encoder.": "visual.", "text_encoder.": ""}
 
 
-class HiCroPLCheckpointError(ValueError):
+class HiCroPLImportError(ValueError):
     """A HiCroPL checkpoint is unreadable, or its keys, shapes or frozen weights do not fit the model; the message names them."""
 
 
 def read_hicropl_state_dict(source: str | Path | Mapping) -> tuple[str, dict[str, torch.Tensor]]:
     """(where, the checkpoint's state dict) from a file or a dict (`{"state_dict": ...}` or bare); `module.` stripped."""
-    return read_dassl_state_dict(source, "HiCroPL", HiCroPLCheckpointError)
+    return read_dassl_state_dict(source, "HiCroPL", HiCroPLImportError)
 
 
 def _count(sd: Mapping[str, torch.Tensor], name: str) -> int:
@@ -74,13 +74,13 @@ def _check_frozen(where: str, sd: Mapping[str, torch.Tensor], backbone_sd: Mappi
         ours = backbone_sd.get(ours_key)
         if ours is None or tuple(ours.shape) != tuple(value.shape):
             got = "no such weight" if ours is None else f"shape {tuple(ours.shape)}"
-            raise HiCroPLCheckpointError(
+            raise HiCroPLImportError(
                 f"{where}: frozen CLIP key {key!r} {tuple(value.shape)} has no match in the backbone ({ours_key!r}: {got}); "
                 "the checkpoint was trained on another backbone")
         tol = max(torch.finfo(value.dtype).eps, torch.finfo(ours.dtype).eps) if value.is_floating_point() else 0.0
         diff = (value.float() - ours.detach().float().cpu()).abs()
         if diff.gt(tol * (1.0 + ours.detach().float().cpu().abs())).any():
-            raise HiCroPLCheckpointError(
+            raise HiCroPLImportError(
                 f"{where}: frozen CLIP key {key!r} differs from the backbone's {ours_key!r} (max |diff| "
                 f"{diff.max().item():.3g}); the checkpoint was trained on other CLIP weights")
 
@@ -94,18 +94,18 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
     """
     cfg = model.cfg
     if cfg.name != "hicropl" or cfg.mapping != "released":
-        raise HiCroPLCheckpointError(
+        raise HiCroPLImportError(
             f"method: released HiCroPL checkpoints import into method 'hicropl' with mapping 'released'; "
             f"got method {cfg.name!r}, mapping {getattr(cfg, 'mapping', None)!r}")
     where, sd = read_hicropl_state_dict(source)
     depth, k = _count(sd, "cross_prompts_text"), _count(sd, "text_proxy_token")
     prompts = model.prompts
     if depth != prompts.depth:
-        raise HiCroPLCheckpointError(
+        raise HiCroPLImportError(
             f"method.depth: {where} has HiCroPL prompt depth {depth} ({depth} 'prompt_learner.cross_prompts_text.*' keys); "
             f"the model's depth is {prompts.depth}")
     if k != prompts.k:
-        raise HiCroPLCheckpointError(
+        raise HiCroPLImportError(
             f"method.cross_layer: {where} has cross layer k={k} ({k} 'prompt_learner.text_proxy_token.*' keys); "
             f"the model's cross_layer is {prompts.k}")
 
@@ -117,7 +117,7 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
     theirs = {key for key in sd if key.startswith(PREFIX) and key not in IGNORED and not key.startswith(TEACHER)}
     missing, unexpected = sorted(set(mapping) - theirs), sorted(theirs - set(mapping))
     if missing or unexpected:
-        raise HiCroPLCheckpointError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        raise HiCroPLImportError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
 
     owner = _storage_owner(model)
     new: dict[str, torch.Tensor] = {}
@@ -125,14 +125,14 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
     for key, ours in mapping.items():
         value = sd[key]
         if tuple(value.shape) != tuple(own[ours].shape):
-            raise HiCroPLCheckpointError(
+            raise HiCroPLImportError(
                 f"{where}: key {key!r} has shape {tuple(value.shape)}; expected {tuple(own[ours].shape)} "
                 f"(n_ctx={model.n_ctx} and the backbone's widths)")
         # The released fp16 run stores these in fp16; our trainable parameters stay float32.
         value = value.float()
         first = owner[ours]
         if first in source_of and not torch.equal(new[first], value):
-            raise HiCroPLCheckpointError(
+            raise HiCroPLImportError(
                 f"{where}: {key!r} differs from {source_of[first]!r}; the model holds them in one storage, as "
                 "the released code builds them (and keeps them on CPU), so their values must be equal (a checkpoint "
                 "from the released code on a GPU, where `.to(device)` unties them, needs method.released_storage: per_layer)")
@@ -141,6 +141,6 @@ def import_hicropl_prompts(model, source: str | Path | Mapping) -> None:
         new[ours] = value
     missing_own = sorted(set(own) - set(new))
     if missing_own:
-        raise HiCroPLCheckpointError(f"{where}: the model's parameters {missing_own} have no released key")
+        raise HiCroPLImportError(f"{where}: the model's parameters {missing_own} have no released key")
     _check_frozen(where, sd, model.clip.state_dict())
     model.load_trainable_state_dict(new)
