@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -20,8 +21,8 @@ from hisf.engine.distributed import (DistEnv, any_rank, barrier, broadcast_param
                                      gather_cuda_rng_states, init_from_env, shutdown)
 from hisf.engine.evaluation import accuracy
 from hisf.engine.optim import build_optimizer, build_scheduler
-from hisf.engine.step import (NanGuard, Precision, compile_losses, compile_stats, deterministic_mode, loss_terms,
-                              release_compiled, resolve_precision, seed_everything, train_step)
+from hisf.engine.step import (CudaGraphSkips, NanGuard, Precision, compile_losses, compile_stats, deterministic_mode,
+                              loss_terms, release_compiled, resolve_precision, seed_everything, train_step)
 from hisf.engine.trial_data import TrialData, check_labels, evaluate_protocol, open_trial_data
 
 log = logging.getLogger("hisf.engine")
@@ -96,13 +97,14 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume:
     if not isinstance(cfg, TrialConfig):
         raise TypeError(f"run_trial: expected a TrialConfig, got {type(cfg).__name__}")
     cfg.validate()
-    env = init_from_env(cfg.device)
-    try:
-        with deterministic_mode(cfg.train.deterministic):
+    # Entered before the device is chosen: in a fresh process CUBLAS_WORKSPACE_CONFIG is then set before CUDA starts.
+    with deterministic_mode(cfg.train.deterministic):
+        env = init_from_env(cfg.device)
+        try:
             return _run(cfg, list(callbacks), resume, env)
-    finally:
-        free_trial_memory(env, compiled=cfg.train.compile)
-        shutdown(env)
+        finally:
+            free_trial_memory(env, compiled=cfg.train.compile)
+            shutdown(env)
 
 
 def free_trial_memory(env: DistEnv, compiled: bool) -> None:
@@ -162,7 +164,7 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     data = open_trial_data(cfg, env)  # every data error is raised here, before the model is built
     _call(callbacks, "on_trial_start", data.describe())
     seed_everything(cfg.seed)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(_backbone_storage(cfg, precision))
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
                          dataset=cfg.data.dataset).to(env.device)
     data.bind(backbone, cfg)
@@ -183,6 +185,8 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
     steps_per_epoch = len(data.train_loader(epoch=0)) if epochs else 0
     total, images_per_step = steps_per_epoch * epochs, tc.batch_size * env.world_size
     guard, stop = NanGuard(tc.max_nonfinite_steps), False
+    # CUDA graphs asked for: the first step compiles the graphs, and says whether Inductor kept CUDA graphs.
+    graphs = CudaGraphSkips() if tc.compile and tc.compile_mode == "reduce-overhead" and epochs else None
     if env.is_main:
         log.info("trial %s: %s on %s (%s) on %s, %d trainable params, %d rank(s) x batch %d, %d steps/epoch, %s%s",
                  out_dir, cfg.method.name, cfg.data.dataset, cfg.protocol, device_name, n_trainable, env.world_size,
@@ -194,7 +198,12 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
         for images, labels in data.train_loader(epoch=epoch):
             # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
             images = images.to(env.device, non_blocking=True)
-            res = train_step(model, images, labels.to(env.device, non_blocking=True), optimizer, precision, params, env)
+            with graphs if graphs is not None else contextlib.nullcontext():
+                res = train_step(model, images, labels.to(env.device, non_blocking=True), optimizer, precision, params, env)
+            if graphs is not None:
+                if (line := graphs.report(env.device, tc.deterministic)) and env.is_main:
+                    log.warning(line)
+                graphs = None
             c.global_step += 1
             c.skipped_steps += int(res.skipped)
             meter.add(res.losses)
@@ -242,6 +251,17 @@ def _run(cfg: TrialConfig, callbacks: list[TrialCallback], resume: bool, env: Di
             log.warning("torch.compile fell back to eager for %d frame(s) in this trial (Dynamo's recompile limit): "
                         "the step timings mix compiled and eager steps", fallbacks)
     return _finish(cfg, data, model, precision, env, callbacks, c, n_trainable, stop)
+
+
+def _backbone_storage(cfg: TrialConfig, precision: Precision):
+    """The backbone config to load: as configured, except a backbone stored in fp16 under the CPU's bf16
+    fallback for `precision: fp16`, which is stored in bf16 to match (no GradScaler guards fp16 gradients
+    there; TrialConfig.validate refuses fp16 storage with bf16/fp32 precision outright)."""
+    if cfg.backbone.precision == "fp16" and precision.name != "fp16":
+        log.warning("backbone.precision fp16 with train.precision fp16 on %s, which runs %s without a GradScaler: "
+                    "storing the backbone in %s instead", precision.device_type, precision.name, precision.name)
+        return dataclasses.replace(cfg.backbone, precision=precision.name)
+    return cfg.backbone
 
 
 def _finish(cfg: TrialConfig, data: TrialData, model, precision: Precision, env: DistEnv,
