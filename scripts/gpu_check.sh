@@ -74,7 +74,7 @@ fi
 if [ "$SMOKE" = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""  # a smoke run is a CPU run, also on a GPU machine
 fi
-PROBE=$("$PY" -c "
+PROBE=$(timeout 90 "$PY" -c "
 import torch, open_clip, webdataset, pyarrow, yaml, hisf.engine, data_shards
 cuda = torch.cuda.is_available()
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(),

@@ -8,7 +8,6 @@ import platform
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from orchestrator.environment import PACKAGES, environment_tags, git_state, nvidia_driver
