@@ -141,7 +141,7 @@ else
   DATA=(--images 300 --size 224 --jobs 8 --workers 4)
   NOCOMPILE=()
   # Nominal seconds, 300 in all; 90 s of the 6.5 minutes stay free for setup, the summary and added sub-runs.
-  N_EAGER=75 N_RO=70 N_DEFAULT=40 N_TESTS=95 N_DATA=20
+  N_EAGER=70 N_RO=70 N_DEFAULT=40 N_TESTS=100 N_DATA=20
 fi
 step train_step_eager "$N_EAGER" "${BENCH[@]}" "${EAGER[@]}"
 step train_step_reduce-overhead "$N_RO" "${NOCOMPILE[@]}" "${BENCH[@]}" "${RO[@]}" --compile reduce-overhead
