@@ -71,18 +71,22 @@ def _fmt(v, digits: int = 2) -> str:
 def _tests_section(records: list[dict]) -> list[str]:
     session = next((r for r in records if r.get("record") == "session"), None)
     end = next((r for r in records if r.get("record") == "end"), None)
-    tests = [r for r in records if r.get("record") == "test"]
+    tests = [r for r in records if r.get("record") == "test" and r["when"] != "collect"]
+    broken = [f"- ERROR collecting {r['test']}: {r['message']}" for r in records
+              if r.get("record") == "test" and r["when"] == "collect"]
     if session is None:
-        return ["No test outcome recorded: pytest did not start (see the sub-runs and gpu_check.log)."]
+        return ["No test outcome recorded: pytest did not start (see the sub-runs and gpu_check.log).", *broken]
     if session["selected"] == 0:
+        if broken:
+            return [f"No test ran: {len(broken)} test module(s) failed to import.", *broken]
         return ["No test ran: every gpu test was deselected (no CUDA device visible)."]
     counts: dict[str, int] = {}
     for t in tests:
         counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
     lines = [", ".join(f"{counts.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped"))
              + f" of {session['selected']} selected"
-             + ("." if end is not None else f"; stopped after {len(tests)} (time limit): the rest did not run.")]
-    lines += [f"- {t['outcome'].upper()} {t['test']} ({t['seconds']:.0f}s): {t['message']}" for t in tests
+             + ("." if end is not None else f"; stopped after {len(tests)} (time limit): the rest did not run."), *broken]
+    lines += [f"- {t['outcome'].upper()} {t['test']} ({t['when']}, {t['seconds']:.0f}s): {t['message']}" for t in tests
               if t["outcome"] in ("failed", "error")]
     slow = sorted(tests, key=lambda t: -t["seconds"])[:5]
     if slow:

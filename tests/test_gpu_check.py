@@ -156,5 +156,18 @@ def test_test_outcomes_are_recorded_as_they_happen(tmp_path):
     assert "numbers differ" in tests["test_bad"]["message"] and "no device" in tests["test_setup_error"]["message"]
     lines = _tests_section(records)
     assert lines[0] == "1 passed, 1 failed, 1 error, 0 skipped of 3 selected."
+    assert any(line.startswith("- FAILED ") and "test_bad (call, " in line and "numbers differ" in line for line in lines)
     # Cut short (no end record): the summary says how far it got.
     assert "stopped after 3 (time limit)" in _tests_section(records[:-1])[0]
+
+    # A module that does not import is an error of its own, named in the summary.
+    (tmp_path / "test_sample.py").write_text("import not_a_module_on_the_gpu_image\n")
+    results.unlink()
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.gpu.results_plugin",
+                    str(tmp_path / "test_sample.py")], cwd=ROOT, env=_env(HISF_GPU_TESTS_JSONL=str(results)),
+                   capture_output=True, text=True, timeout=120)
+    records = read_jsonl(results)
+    broken = [r for r in records if r["record"] == "test"]
+    assert [(r["when"], r["outcome"]) for r in broken] == [("collect", "error")]
+    assert "not_a_module_on_the_gpu_image" in broken[0]["message"]
+    assert any("ERROR" in line and "not_a_module_on_the_gpu_image" in line for line in _tests_section(records))

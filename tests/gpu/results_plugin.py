@@ -31,21 +31,31 @@ def pytest_collection_finish(session) -> None:
     _record({"record": "session", "selected": len(session.items)})
 
 
+def _message(report) -> str:
+    if not report.failed or report.longrepr is None:
+        return ""
+    crash = getattr(report.longrepr, "reprcrash", None)  # the exception line and where it was raised
+    if crash is not None:
+        first = crash.message.splitlines()[0] if crash.message else ""
+        return f"{first} ({os.path.basename(crash.path)}:{crash.lineno})"[:400]
+    lines = [line for line in str(report.longrepr).splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:400]
+
+
+def pytest_collectreport(report) -> None:
+    # A module that fails to import never reaches a test report: say so (e.g. a package the GPU image lacks).
+    if report.failed:
+        _record({"record": "test", "test": report.nodeid, "when": "collect", "outcome": "error", "seconds": 0.0,
+                 "message": _message(report)})
+
+
 def pytest_runtest_logreport(report) -> None:
     # The call's outcome, or the setup's/teardown's when that failed (an error) or skipped the test.
     if report.when == "call" or (report.when == "setup" and not report.passed) or (
             report.when == "teardown" and report.failed):
-        message = ""
-        if report.failed and report.longrepr is not None:
-            crash = getattr(report.longrepr, "reprcrash", None)  # the exception line and where it was raised
-            if crash is not None:
-                message = f"{crash.message.splitlines()[0] if crash.message else ''} ({os.path.basename(crash.path)}:{crash.lineno})"
-            else:
-                lines = [line for line in str(report.longrepr).splitlines() if line.strip()]
-                message = lines[-1] if lines else ""
         outcome = "error" if report.failed and report.when != "call" else report.outcome
         _record({"record": "test", "test": report.nodeid, "when": report.when, "outcome": outcome,
-                 "seconds": round(report.duration, 2), "message": message[:400]})
+                 "seconds": round(report.duration, 2), "message": _message(report)})
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
