@@ -58,6 +58,17 @@ class StageResult:
     wall_seconds: float = 0.0
 
 
+def worker_env() -> dict[str, str]:
+    """The environment every Ray worker process starts with (runtime_env env_vars)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            # cuBLAS reads it once, at a process's first CUDA matmul: a reused worker that trains a
+            # `train.deterministic` trial after another can only have it from its start. :4096:8 is PyTorch's
+            # own default workspace on H100/H200 (more than its default elsewhere), so other trials lose nothing.
+            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
+
+
 @contextlib.contextmanager
 def ray_session(spec: ExperimentSpec, opts: Options):
     """Connect to `--address`, or start a small local Ray on 127.0.0.1 and stop it afterwards."""
@@ -68,9 +79,7 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     if ray.is_initialized():
         yield
         return
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = worker_env()
     if opts.address:
         ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -22,8 +24,8 @@ from hisf.engine.evaluation import accuracy, evaluate_protocol
 from hisf.engine.export import PROMPTS_FILE, export_prompts
 from hisf.engine.optim import build_optimizer, build_scheduler
 from hisf.engine.progress import LossMeter, Progress
-from hisf.engine.step import (NanGuard, Precision, compile_losses, compile_stats, deterministic_mode, loss_terms,
-                              release_compiled, resolve_precision, seed_everything, train_step)
+from hisf.engine.step import (CudaGraphSkips, NanGuard, Precision, compile_losses, compile_stats, deterministic_mode,
+                              loss_terms, release_compiled, resolve_precision, seed_everything, train_step)
 from hisf.engine.trial_data import DataError, TrialData, check_labels, open_trial_data
 from hisf.model.backbone import BackboneError, load_backbone
 from hisf.model.prompts import PromptError
@@ -42,13 +44,14 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume:
     if not isinstance(cfg, TrialConfig):
         raise TypeError(f"run_trial: expected a TrialConfig, got {type(cfg).__name__}")
     cfg.validate()
-    env = init_from_env(cfg.device)
-    try:
-        with deterministic_mode(cfg.train.deterministic):
+    # Entered before the device is chosen: in a fresh process CUBLAS_WORKSPACE_CONFIG is then set before CUDA starts.
+    with deterministic_mode(cfg.train.deterministic):
+        env = init_from_env(cfg.device)
+        try:
             return _run(cfg, list(callbacks), resume, env)
-    finally:
-        free_trial_memory(env, compiled=cfg.train.compile)
-        shutdown(env)
+        finally:
+            free_trial_memory(env, compiled=cfg.train.compile)
+            shutdown(env)
 
 
 def free_trial_memory(env: DistEnv, compiled: bool) -> None:
@@ -118,7 +121,7 @@ def _build(cfg: TrialConfig, callbacks: list[TrialCallback], env: DistEnv) -> Tr
     call(callbacks, "on_trial_start", {**data.describe(), "precision": precision.name,
                                        "compile": tc.compile_mode if tc.compile else "eager", "device_name": device_name})
     seed_everything(cfg.seed)
-    backbone = load_backbone(cfg.backbone)
+    backbone = load_backbone(_backbone_storage(cfg, precision))
     model = build_method(cfg.method, backbone, data.train.classnames, template=data.template,
                          dataset=cfg.data.dataset).to(env.device)
     data.bind(backbone, cfg)
@@ -153,10 +156,18 @@ def _train_epoch(t: Trial, epoch: int) -> tuple[dict[str, float], bool]:
     t0 = time.perf_counter()
     meter, lr, stopped = LossMeter(loss_terms(t.model)), s.optimizer.param_groups[0]["lr"], False
     progress = Progress(t.cfg.train, t.env, t.callbacks, epoch, t.epochs, t.steps_per_epoch, lr)
+    tc = t.cfg.train
+    # CUDA graphs asked for: the first step compiles the graphs, and says whether Inductor kept CUDA graphs.
+    graphs = CudaGraphSkips() if tc.compile and tc.compile_mode == "reduce-overhead" and s.global_step == 0 else None
     for images, labels in t.data.train_loader(epoch=epoch):
         # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
-        res = train_step(t.model, images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True),
-                         s.optimizer, t.precision, t.params, env)
+        with graphs if graphs is not None else contextlib.nullcontext():
+            res = train_step(t.model, images.to(env.device, non_blocking=True),
+                             labels.to(env.device, non_blocking=True), s.optimizer, t.precision, t.params, env)
+        if graphs is not None:
+            if (line := graphs.report(env.device, tc.deterministic)) and env.is_main:
+                log.warning(line)
+            graphs = None
         s.global_step += 1
         s.skipped_steps += int(res.skipped)
         meter.add(res.losses)
@@ -222,6 +233,17 @@ def _finish(t: Trial, stopped: bool) -> dict[str, float]:
     call(t.callbacks, "on_trial_end", dict(result), dict(artifacts))
     barrier(env)
     return result
+
+
+def _backbone_storage(cfg: TrialConfig, precision: Precision):
+    """The backbone config to load: as configured, except a backbone stored in fp16 under the CPU's bf16
+    fallback for `precision: fp16`, which is stored in bf16 to match (no GradScaler guards fp16 gradients
+    there; TrialConfig.validate refuses fp16 storage with bf16/fp32 precision outright)."""
+    if cfg.backbone.precision == "fp16" and precision.name != "fp16":
+        log.warning("backbone.precision fp16 with train.precision fp16 on %s, which runs %s without a GradScaler: "
+                    "storing the backbone in %s instead", precision.device_type, precision.name, precision.name)
+        return dataclasses.replace(cfg.backbone, precision=precision.name)
+    return cfg.backbone
 
 
 def _warn_eager_fallbacks(t: Trial) -> None:

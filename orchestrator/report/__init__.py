@@ -38,6 +38,8 @@ def main(argv: list[str]) -> int:
     done, total, notes = missing_summary(report.table)
     print(f"report: {report.index.resolve()}  ({done}/{total} seeded runs finished"
           + (f", {len(notes)} cell(s) incomplete" if notes else "") + ")")
+    if report.environments.mixed:
+        print(f"  warning: {report.environments.note()}")
     print(f"  open it:         xdg-open {report.index.resolve()}  (or file://{report.index.resolve()})")
     print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}  ->  {args.ui_url}")
     print(f"  Optuna dashboard: optuna-dashboard {storage}  (pip install optuna-dashboard)")

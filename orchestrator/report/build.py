@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .environments import EnvironmentSummary, summarise_environments
 from .export import write_tables
 from .figures import bar_charts, depth_curve
 from .index import RunLinks, write_index
@@ -33,6 +34,7 @@ class Report:
     tables: dict[str, Path]
     figures: list[Path]
     studies: list[StudyReport]
+    environments: EnvironmentSummary
 
 
 def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, storage: str | None = None,
@@ -40,14 +42,16 @@ def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, s
     tracking_uri = tracking_uri or default_tracking_uri()
     storage = storage or default_storage()
     tracked = read_runs(plan, tracking_uri)
-    table = build_table(plan, table_runs(plan, tracked), pending_runs(plan, tracked), tracked.experiment_id)
+    chosen = table_runs(plan, tracked)
+    table = build_table(plan, chosen, pending_runs(plan, tracked), tracked.experiment_id)
+    environments = summarise_environments(chosen.values())
     out = Path(out)
-    tables = write_tables(table, out)
+    tables = write_tables(table, out, environments)
     figures = bar_charts(table, out / "figures")
     curve = depth_curve(plan, table, out / "figures")
     if curve is not None:
         figures.insert(0, curve)
     links = RunLinks(ui_url, tracked.experiment_id)
     studies = write_study_reports(plan, storage, out / "studies", tracked, links.run)
-    index = write_index(out, table, links, tables, figures, studies, tracking_uri, storage)
-    return Report(out, index, table, tables, figures, studies)
+    index = write_index(out, table, links, tables, figures, studies, tracking_uri, storage, environments)
+    return Report(out, index, table, tables, figures, studies, environments)
