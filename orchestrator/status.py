@@ -84,10 +84,10 @@ def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
 
 
 def print_status(spec: ExperimentSpec, opts) -> int:
-    from orchestrator.runner import tracker_for
+    from orchestrator.tracking import open_tracker
 
     out = opts.out
-    tracker = tracker_for(spec, opts)
+    tracker = open_tracker(spec, opts)
     print(f"spec {spec.name} (hash {spec.hash}), tracking {opts.tracking_uri}", file=out)
     any_stage = False
     for stage in ("search", "final", "sweep"):
