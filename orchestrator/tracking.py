@@ -52,6 +52,19 @@ def open_tracker(spec, opts) -> "Tracker":
     return Tracker(opts.tracking_uri, spec.name, artifact_root=artifacts)
 
 
+def find_tracker(spec, opts) -> "Tracker | None":
+    """The spec's experiment when the store already holds it; None otherwise (nothing created)."""
+    uri = opts.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        if _retry(lambda: MlflowClient(uri).get_experiment_by_name(spec.name)) is None:
+            return None
+    except Exception:  # an unreachable server: nothing to read
+        return None
+    return Tracker(uri, spec.name)
+
+
 class Tracker:
     """Driver side: the experiment and the stage's parent run."""
 

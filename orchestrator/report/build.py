@@ -11,7 +11,7 @@ from .export import write_tables
 from .figures import bar_charts, depth_curve
 from .index import RunLinks, write_index
 from .plan import ReportPlan
-from .runs import pending_runs, read_runs, table_runs
+from .runs import pending_runs, read_runs, table_launches, table_runs
 from .studies import StudyReport, write_study_reports
 from .tables import Table, build_table
 
@@ -33,7 +33,11 @@ def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, s
     tracking_uri = tracking_uri or default_tracking_uri()
     storage = storage or default_optuna_storage()
     tracked = read_runs(plan, tracking_uri)
-    table = build_table(plan, table_runs(plan, tracked), pending_runs(plan, tracked), tracked.experiment_id)
+    # One launch per table: cells never mix runs of two launches (docs/interfaces.md, tracking layout).
+    launches = table_launches(tracked)
+    launch = launches[0] if launches else None
+    table = build_table(plan, table_runs(plan, tracked, launch), pending_runs(plan, tracked, launch),
+                        tracked.experiment_id, launch, tuple(launches[1:]))
     out = Path(out)
     tables = write_tables(table, out)
     figures = bar_charts(table, out / "figures")

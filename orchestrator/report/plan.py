@@ -47,6 +47,7 @@ class ReportPlan:
     seeds: tuple[int, ...]
     search_params: tuple[str, ...]
     search_metric: str = "val_acc"
+    spec_hash: str = ""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -111,4 +112,5 @@ def plan_from_spec(spec: Any) -> ReportPlan:
         seeds=seeds,
         search_params=tuple(p.key for p in search.params) if search else (),
         search_metric=search.metric if search else "val_acc",
+        spec_hash=spec.hash,
     )
