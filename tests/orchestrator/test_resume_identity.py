@@ -148,3 +148,33 @@ def test_run_context_round_trips_and_refuses_unknown_keys(launch):
     assert RunContext.from_dict(ctx.to_dict()) == ctx
     with pytest.raises(ValueError, match="unknown keys"):
         RunContext.from_dict({**ctx.to_dict(), "gpus": 1})
+
+
+def test_status_and_dry_run_say_what_resume_would_do(launch):
+    # A later search found λ_le = 1.5 (a real study in the Optuna store, named as the search stage names it).
+    import io
+
+    import optuna
+
+    from orchestrator.status import print_dry_run, print_status
+    from orchestrator.trials import search_groups
+
+    spec, opts, tracker, parent, ctx, trials = launch
+    search = tracker.stage_run("search", spec.hash, resume=False, extra_tags={"hisf.study_tag": "later"})
+    (group,) = search_groups(spec, "later")
+    study = optuna.create_study(study_name=group.study, storage=opts.optuna_storage, direction="maximize")
+    study.add_trial(optuna.trial.create_trial(params={"method.lambda_le": 1.5}, value=60.0, distributions={
+        "method.lambda_le": optuna.distributions.FloatDistribution(0.0, 2.0)}))
+    out = io.StringIO()
+    opts = dataclasses.replace(opts, out=out)
+    assert print_status(spec, opts) == 0
+    said = ("--resume would reuse 1 of 2 trials (finished as the same trial) and run 1 (0 continued, 0 new, 1 rerun); "
+            "1 recorded trial(s) rerun as not the same trial now: config differs for 1 (method.lambda_le 0.5 there, "
+            "1.5 now)")
+    assert f"  resume: {said}" in out.getvalue()
+    assert print_dry_run("final", spec, opts) == 0
+    assert f"resume  final: latest launch {parent}: {said}" in out.getvalue()
+    # Nothing was changed by looking: the folders and runs are as they were.
+    assert all((Path(t.config.output_dir) / "prompts.pt").is_file() for t in trials)
+    assert not any(STALE_TAG in r.data.tags for r in tracker.children(parent))
+    assert f"search run {search}" in out.getvalue()
