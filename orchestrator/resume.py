@@ -5,8 +5,8 @@ Reuse: `--resume` continues a stage's latest launch (MLflow parent run). A trial
 (or was pruned) with the same identity (orchestrator/identity.py: config, spec hash, data build, code) is
 reused; an unfinished run with the same identity is continued in its folder, where the engine resumes its
 last epoch; a trial whose runs there have another identity reruns in a fresh folder and a new run, and the
-old runs are tagged `hisf.stale` with the reason (reports leave them out). Without `--resume` every trial
-folder of the stage starts fresh.
+old runs are tagged `hisf.stale` with the reason (reports leave them out); a trial with no run there starts
+in a fresh folder. Without `--resume` every trial folder of the stage starts fresh.
 
 Restore: a retried one-device trial copies Tune's last checkpoint into its folder when this node lacks it;
 each DDP rank copies Ray Train's.
@@ -120,8 +120,10 @@ class LaunchRuns:
                 for runs in self.by_trial.values() if any(r.data.tags.get("hisf.status") in DONE for r in runs)]
 
     def settle(self, decision: Decision) -> None:
-        """A rerun starts in a fresh folder, and its old runs are marked stale (the report skips them)."""
-        if decision.kind != "rerun":
+        """A trial with no run of its identity in the launch (`new`, `rerun`) starts in a fresh folder: what is
+        there is not its own (a trial's run exists before it writes a checkpoint). A rerun's old runs are
+        marked stale (reports and `status` leave them out)."""
+        if decision.kind not in ("new", "rerun"):
             return
         clear_trial_folder(decision.trial, self.ctx.runs_root)
         if self.tracker is not None:

@@ -111,9 +111,10 @@ class StudySearcher(Searcher):
                         self._tell_from_record(g.study, ft.number, result_record(decision.run))
                         self.told_from_record += 1
                         continue
-                    if decision is not None and decision.kind == "rerun":
-                        runs.settle(decision)
-                        self.rerun.append(decision)
+                    if decision is not None:
+                        runs.settle(decision)  # a rerun (another identity) or a trial without a run: fresh folder
+                        if decision.kind == "rerun":
+                            self.rerun.append(decision)
                     self.pending.append(t)
 
     def _tell_from_record(self, study: str, number: int, result: Mapping[str, Any] | None) -> None:

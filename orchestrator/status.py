@@ -200,7 +200,12 @@ def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
     from orchestrator.context import stage_context
     from orchestrator.resume import LaunchRuns
 
-    trials, search_run_id, unknown = _trials_now(stage, spec, opts, tracker)
+    from orchestrator.spec import SpecError
+
+    try:
+        trials, search_run_id, unknown = _trials_now(stage, spec, opts, tracker)
+    except SpecError as e:  # e.g. a launch of a stage the spec no longer has
+        return f"not judged: {e}"
     ctx = stage_context(spec, opts, tracker.experiment_id, run.info.run_id, search_run_id)
     plan = LaunchRuns.read(tracker, run.info.run_id, ctx).plan(trials)
     kinds = [d.kind for d in plan.decisions]

@@ -178,3 +178,15 @@ def test_status_and_dry_run_say_what_resume_would_do(launch):
     assert all((Path(t.config.output_dir) / "prompts.pt").is_file() for t in trials)
     assert not any(STALE_TAG in r.data.tags for r in tracker.children(parent))
     assert f"search run {search}" in out.getvalue()
+
+
+def test_a_trial_without_a_run_in_the_launch_starts_in_a_fresh_folder(launch):
+    # Whatever is in its folder is not its own: a trial's run exists before it writes a checkpoint.
+    spec, opts, tracker, parent, ctx, trials = launch
+    coop = next(t for t in trials if t.row == "CoOp")
+    (run,) = [r for r in tracker.children(parent) if r.data.tags["hisf.trial_id"] == coop.trial_id]
+    tracker.client.delete_run(run.info.run_id)
+    plan = plan_stage(trials, tracker, parent, ctx, resume=True)
+    assert {d.trial.row: d.kind for d in plan.decisions} == {"CoOp": "new", "HISF": "reuse"}
+    assert not Path(coop.config.output_dir).exists()
+    assert all((Path(t.config.output_dir) / "prompts.pt").is_file() for t in trials if t.row == "HISF")
