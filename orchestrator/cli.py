@@ -128,6 +128,8 @@ def stage_main(command: str, argv: list[str]) -> int:
 
         # MLflow announces creating and migrating its SQLite tables on first use, and prints "View run ... at"
         # links when a run on a server ends: not the user's concern (the summary links the runs table).
+        # Importing mlflow resets its logger's level from MLFLOW_LOGGING_LEVEL, so set both, whatever the order.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
