@@ -90,7 +90,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest run of the stage: finished trials are skipped, runs continued")
+                   help="continue the latest run of the stage: a finished trial is reused when it is the same trial "
+                        "(config, spec, data build, code), unfinished ones continue, others rerun fresh")
     p.add_argument("--dry-run", action="store_true", help="run the pre-flight checks (data, shots, weights), print the trials and their resources; start no trial")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what the spec needs)")
     p.add_argument("--weights-cache", default=None, metavar="DIR",
