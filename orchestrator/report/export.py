@@ -30,12 +30,13 @@ def tidy(table: Table) -> pd.DataFrame:
                     "seeds": ",".join(str(s) for s in sorted(cell.values)),
                     "missing_seeds": ",".join(str(s) for s in table.seeds if s not in cell.values),
                     "run_ids": ",".join(cell.run_ids),
+                    "launches": ",".join(cell.launches),
                     "pending": ",".join(cell.pending),
                 })
         for ref_row, cols in sec.reference.items():
             for col, value in cols.items():
                 base = {"section": sec.title, "column": col, "std": None, "n": None, "expected": None,
-                        "seeds": "", "missing_seeds": "", "run_ids": "", "pending": ""}
+                        "seeds": "", "missing_seeds": "", "run_ids": "", "launches": "", "pending": ""}
                 records.append({**base, "row": f"{ref_row} (paper)", "kind": "paper", "mean": value,
                                 "status": "reference"})
                 delta = table.delta(sec, ref_row, col)
@@ -56,6 +57,8 @@ def markdown(table: Table, environments: EnvironmentSummary | None = None) -> st
         f"Mean ± sample std (ddof=1) over seeds {seeds}; `(n=k/{len(table.seeds)})` marks cells with fewer "
         "finished seeds, `missing` cells with none (with the state of unfinished runs). Reference rows are the "
         "paper's numbers (docs/protocols.md); `− paper` rows are ours minus the paper's.",
+        "",
+        f"Source: {table.source()}",
         "",
     ]
     for sec in table.sections:

@@ -35,7 +35,7 @@ def _cell_html(cell: Cell, links: RunLinks) -> str:
     text = html.escape(format_cell(cell))
     cls = {"complete": "ok", "partial": "partial", "missing": "missing"}[cell.status]
     if cell.run_ids:
-        title = f"{len(cell.run_ids)} MLflow run(s)"
+        title = f"{len(cell.run_ids)} MLflow run(s) of launch {', '.join(cell.launches)}"
         text = f"<a href=\"{html.escape(links.cell(cell.run_ids))}\" title=\"{title}\">{text}</a>"
     return f"<td class=\"{cls}\">{text}</td>"
 
@@ -142,6 +142,7 @@ code{{background:#f4f4f4;padding:1px 4px}}
 <p>{done} of {total} expected seeded runs finished. Cells show mean ± sample std (ddof=1) over seeds
 {', '.join(str(s) for s in table.seeds)}; each links to its MLflow runs. Tables: {files}.</p>
 {env_banner}
+<p class="source">{html.escape(table.source())}</p>
 <h2>Missing</h2>
 {missing_html}
 <h2>Tables</h2>

@@ -101,7 +101,7 @@ def test_workers_start_with_a_deterministic_cublas_workspace(monkeypatch):
     import os
     from pathlib import Path
 
-    from orchestrator.runner import worker_env
+    from orchestrator.scheduling import worker_env
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     env = worker_env()
