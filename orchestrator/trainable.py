@@ -26,7 +26,7 @@ def tune_trainable(config: dict) -> None:
     import ray
     from ray import tune
 
-    from hisf.config import ConfigError
+    from hisf.engine import INPUT_ERRORS
 
     started = time.perf_counter()
     trial = Trial.from_payload(config["trial"])
@@ -52,8 +52,9 @@ def tune_trainable(config: dict) -> None:
         else:
             final = run_engine(trial, bridge, ctx.gpus_per_trial)
             status = "pruned" if bridge.pruned else "finished"
-    except ConfigError as e:
-        # Returning (not raising) ends the Tune trial without the max_failures retries.
+    except INPUT_ERRORS as e:
+        # Bad input (config, data, backbone, prompt sizes) fails the same way on every retry. Returning (not
+        # raising) ends the Tune trial without the max_failures retries.
         message = f"bad trial config (not retried): {e}"
         run.fail(message)
         tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: message})

@@ -68,8 +68,12 @@ class TrialBridge:
                 self._optuna_trial = None
 
     def on_trial_start(self, data: dict) -> None:
-        # How the dataset's images were built (exact: CoOp's pixels; fast: re-encoded copies).
-        self.run.set_tags({"hisf.image_mode": data["image_mode"]})
+        from orchestrator.environment import environment_tags
+
+        # How the dataset's images were built (exact: CoOp's pixels; fast: re-encoded copies), and where the trial
+        # runs: versions, devices, and the precision and compile mode that actually run (after any fallback).
+        self.run.set_tags({"hisf.image_mode": data["image_mode"],
+                           **environment_tags(data["precision"], data["compile"], data.get("device_name"))})
 
     def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
         t0 = time.perf_counter()
