@@ -1,7 +1,10 @@
-"""Writes OUT_DIR/summary.md from what scripts/gpu_check.sh left in OUT_DIR: the sub-runs' exit codes and
-times (steps.tsv), the CUDA tests' JUnit XML, the train-step rows per compile mode and the data reader's rates.
+"""Writes OUT_DIR/summary.md from what scripts/gpu_check.sh left in OUT_DIR: the sub-runs' exit codes, times and
+limits (steps.tsv), the CUDA tests' outcomes (tests.jsonl), the train-step rows of every mode (train_step.jsonl)
+against the targets, and the data reader's rates (data_throughput.json).
 
     python benchmarks/gpu_summary.py OUT_DIR
+
+Imports nothing heavy (benchmarks/train_step.py reads TARGETS from here).
 """
 
 from __future__ import annotations
@@ -9,14 +12,24 @@ from __future__ import annotations
 import json
 import math
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # Our maple step against MaPLe's formulation (issue: "≥ 10x at batch 4 / 50 classes, ≥ 3x at batch 32 / 500").
 TARGETS = {(4, 50): 10.0, (32, 500): 3.0}
-MODES = ("eager", "default", "reduce-overhead")
+MODES = ("eager", "reduce-overhead", "default", "max-autotune")
 # First-step losses of our fp32 maple and MaPLe's reference on the same batch agree to this (fp32 reordering).
 LOSS_TOL = 1e-3
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file; a torn last line (a sub-run killed mid-write) is skipped."""
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def _steps(out: Path) -> list[dict]:
@@ -28,28 +41,25 @@ def _steps(out: Path) -> list[dict]:
     return rows
 
 
-def _pytest(out: Path) -> dict:
-    path = out / "pytest.xml"
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed: list[str] = []
-    if path.is_file():
-        root = ET.parse(path).getroot()
-        for suite in root.iter("testsuite"):
-            for k in counts:
-                counts[k] += int(suite.get(k, 0))
-        for case in root.iter("testcase"):
-            if case.find("failure") is not None or case.find("error") is not None:
-                failed.append(f"{case.get('classname')}::{case.get('name')}")
-    return {**counts, "failed": failed, "present": path.is_file()}
-
-
-def _bench(out: Path) -> list[dict]:
-    reports = []
-    for mode in MODES:
-        path = out / f"train_step_{mode}.json"
-        if path.is_file():
-            reports.append(json.loads(path.read_text()))
-    return reports
+def _runs(records: list[dict]) -> list[dict]:
+    """train_step.jsonl grouped by sub-run (mode): its header, loss checks, rows, skipped rows, end."""
+    runs: list[dict] = []
+    for rec in records:
+        kind = rec.get("record")
+        if kind == "run":
+            runs.append({**rec, "loss_checks": [], "rows": [], "skipped": [], "complete": False, "ended": False})
+        elif runs:
+            run = runs[-1]
+            if kind == "loss_check":
+                run["loss_checks"].append(rec)
+            elif kind == "row":
+                run["rows"].append(rec)
+            elif kind == "skipped":
+                run["skipped"] += rec.get("skipped", [])
+                run["skip_reason"] = rec.get("skip_reason", "")
+            elif kind == "end":
+                run["complete"], run["ended"] = bool(rec.get("complete")), True
+    return runs
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -58,51 +68,74 @@ def _fmt(v, digits: int = 2) -> str:
     return f"{v:,.{digits}f}"
 
 
+def _tests_section(records: list[dict]) -> list[str]:
+    session = next((r for r in records if r.get("record") == "session"), None)
+    end = next((r for r in records if r.get("record") == "end"), None)
+    tests = [r for r in records if r.get("record") == "test" and r["when"] != "collect"]
+    broken = [f"- ERROR collecting {r['test']}: {r['message']}" for r in records
+              if r.get("record") == "test" and r["when"] == "collect"]
+    if session is None:
+        return ["No test outcome recorded: pytest did not start (see the sub-runs and gpu_check.log).", *broken]
+    if session["selected"] == 0:
+        if broken:
+            return [f"No test ran: {len(broken)} test module(s) failed to import.", *broken]
+        return ["No test ran: every gpu test was deselected (no CUDA device visible)."]
+    counts: dict[str, int] = {}
+    for t in tests:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    lines = [", ".join(f"{counts.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped"))
+             + f" of {session['selected']} selected"
+             + ("." if end is not None else f"; stopped after {len(tests)} (time limit): the rest did not run."), *broken]
+    lines += [f"- {t['outcome'].upper()} {t['test']} ({t['when']}, {t['seconds']:.0f}s): {t['message']}" for t in tests
+              if t["outcome"] in ("failed", "error")]
+    slow = sorted(tests, key=lambda t: -t["seconds"])[:5]
+    if slow:
+        lines.append("- slowest: " + ", ".join(f"{t['test'].split('::')[-1]} {t['seconds']:.0f}s" for t in slow))
+    return lines
+
+
 def summarise(out: Path) -> str:
-    steps, tests, reports = _steps(out), _pytest(out), _bench(out)
+    steps, runs = _steps(out), _runs(read_jsonl(out / "train_step.jsonl"))
     lines = ["# GPU check", ""]
-    device = next((r["device"] for r in reports), "unknown")
-    torch_version = next((r["torch"] for r in reports), "unknown")
-    lines += [f"Device: **{device}**, torch {torch_version}.", ""]
+    device = next((r["device"] for r in runs), "unknown")
+    torch_version = next((r["torch"] for r in runs), "unknown")
+    total = sum(s["seconds"] for s in steps)
+    lines += [f"Device: **{device}**, torch {torch_version}; {total:.0f} s in all.", ""]
 
     lines += ["## Sub-runs", "", "| step | exit | seconds | limit |", "|---|---|---|---|"]
     for s in steps:
         status = "timed out" if s["rc"] in (124, 137) else ("ok" if s["rc"] == 0 else f"exit {s['rc']}")
-        lines.append(f"| {s['name']} | {status} | {s['seconds']:.0f} | {s['limit']} |")
+        lines.append(f"| {s['name']} | {status} | {s['seconds']:.0f} | {s['limit'] or '-'} |")
 
     lines += ["", "## CUDA tests (`pytest -m gpu tests/gpu`)", ""]
-    if not tests["present"]:
-        lines.append("No JUnit report: pytest did not finish (see the sub-runs and gpu_check.log).")
-    elif tests["tests"] == 0:
-        lines.append("No test ran: every gpu test was deselected (no CUDA device visible).")
-    else:
-        passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
-        lines.append(f"{passed} passed, {tests['failures']} failed, {tests['errors']} errors, {tests['skipped']} skipped "
-                     f"of {tests['tests']}.")
-        lines += [f"- FAILED {name}" for name in tests["failed"]]
+    lines += _tests_section(read_jsonl(out / "tests.jsonl"))
 
     lines += ["", "## Training step: ours against MaPLe's formulation", ""]
-    for r in reports:
-        for c in r.get("loss_checks", []):
+    for r in runs:
+        for c in r["loss_checks"]:
             ok = abs(c["ours_fast"] - c["maple_reference"]) <= LOSS_TOL * max(1.0, abs(c["maple_reference"]))
             lines.append(f"- fp32 first-step loss, batch {c['batch']}, {c['classes']} classes: ours {c['ours_fast']:.6f}, "
                          f"ours full-length {c['ours_eager_77']:.6f}, MaPLe reference {c['maple_reference']:.6f} "
                          f"({'equal' if ok else 'DIFFERENT'})")
-    lines += ["", "| mode | formulation | batch | classes | ms/step | img/s | peak MiB | x reference | first loss |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| mode | formulation | batch | classes | ms/step | img/s | peak MiB | x reference | first loss | "
+              "first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     best: dict[tuple[int, int], tuple[float, str]] = {}
-    for r in reports:
-        if not r.get("complete"):
-            lines.append(f"| {r['mode']} | (stopped after {len(r['rows'])} rows) | | | | | | | |")
+    for r in sorted(runs, key=lambda r: MODES.index(r["mode"]) if r["mode"] in MODES else len(MODES)):
         for row in r["rows"]:
             lines.append(f"| {row['mode']} | {row['formulation']} | {row['batch']} | {row['classes']} | "
                          f"{_fmt(row['ms_per_step'])} | {_fmt(row['images_per_s'], 1)} | {_fmt(row['peak_mib'], 0)} | "
-                         f"{_fmt(row.get('speedup_vs_reference'))} | {_fmt(row['first_loss'], 4)} |")
+                         f"{_fmt(row.get('speedup_vs_reference'))} | {_fmt(row['first_loss'], 4)} | "
+                         f"{_fmt(row.get('first_step_s'), 1)} |")
             sp = row.get("speedup_vs_reference")
             if row["kind"] == "ours" and row["method"] == "maple" and sp is not None:
                 key = (row["batch"], row["classes"])
                 if key not in best or sp > best[key][0]:
                     best[key] = (sp, row["mode"])
+        if r["skipped"]:
+            lines.append(f"| {r['mode']} | (not timed: {', '.join(r['skipped'])}; {r.get('skip_reason', '')}) "
+                         f"| | | | | | | | |")
+        elif not r["ended"]:
+            lines.append(f"| {r['mode']} | (stopped after {len(r['rows'])} rows: time limit or crash) | | | | | | | | |")
 
     lines += ["", "Targets (our maple, best mode, against MaPLe's fp16 formulation):", ""]
     for (batch, classes), target in TARGETS.items():
@@ -115,8 +148,11 @@ def summarise(out: Path) -> str:
 
     lines += ["", "## Data reader (`benchmarks/data_throughput.py`)", ""]
     path = out / "data_throughput.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        data = None
+    if data:
         lines += ["| measure | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in data.items() if k != "bench"]
     else:

@@ -5,10 +5,14 @@ sequence-first (LND) layout with MaPLe's `ResidualAttentionBlock_MaPLe` prompt l
 compound prompts; layer 0 takes its prompts at the input; layers 1..depth-1 replace them), and MaPLe's
 `MultiModalPromptLearner` / `TextEncoder` / `CustomCLIP` forward. Used by tests/hisf to check our `maple`
 logits and by benchmarks that time our encoders against MaPLe's formulation.
+
+`to_maple_fp16` gives it the storage MaPLe trains with under `PREC: fp16`: OpenAI's `convert_weights` on
+the CLIP part (matmul weights half, LayerNorms and embeddings float32) and the prompt learner's own dtypes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
@@ -17,7 +21,7 @@ from torch import nn
 
 
 class LayerNorm(nn.LayerNorm):
-    """OpenAI CLIP's LayerNorm: computed in float32, cast back."""
+    """OpenAI CLIP's LayerNorm: computed in float32 (its weights stay float32 in half storage), cast back."""
 
     def forward(self, x):
         orig = x.dtype
@@ -103,12 +107,25 @@ class VisionTransformerMaPLe(nn.Module):
 
 
 class ReferenceMaPLe(nn.Module):
-    """MaPLe's CustomCLIP on OpenAI-format weights, with its prompt parameters taken from a MaPLe state dict."""
+    """MaPLe's CustomCLIP on OpenAI-format weights, with its prompt parameters taken from a MaPLe state dict.
+
+    `device`: where the modules are created (on a GPU that skips the host-side random initialisation the
+    loaded weights overwrite anyway). `set_classnames` switches the class set, which in MaPLe means a new
+    prompt learner over the same parameters: only the tokenized prompts and their frozen embeddings change.
+    """
 
     def __init__(self, clip_sd: Mapping[str, torch.Tensor], maple_sd: Mapping[str, torch.Tensor],
                  classnames: Sequence[str], tokenizer, text_heads: int, vision_heads: int,
-                 ctx_init: str = "a photo of a"):
+                 ctx_init: str = "a photo of a", device: torch.device | str | None = None):
         super().__init__()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(clip_sd, maple_sd, text_heads, vision_heads)
+        if device is not None:
+            self.to(device)  # the prompt parameters come from `maple_sd`, wherever its tensors live
+        self.ctx_init = ctx_init
+        self.set_classnames(classnames, tokenizer)
+
+    def _build(self, clip_sd, maple_sd, text_heads: int, vision_heads: int) -> None:
         sd = {k: v.float() for k, v in clip_sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
         vw = sd["visual.conv1.weight"].shape[0]
         patch = sd["visual.conv1.weight"].shape[-1]
@@ -147,13 +164,25 @@ class ReferenceMaPLe(nn.Module):
             lin.load_state_dict({"weight": maple_sd[f"prompt_learner.compound_prompt_projections.{i}.weight"].float(),
                                  "bias": maple_sd[f"prompt_learner.compound_prompt_projections.{i}.bias"].float()})
             self.compound_prompt_projections.append(lin)
+        self.n_ctx = n_ctx
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """CLIP's storage dtype (OpenAI's `CLIP.dtype`: the patch embedding's)."""
+        return self.visual.conv1.weight.dtype
+
+    def set_classnames(self, classnames: Sequence[str], tokenizer) -> None:
+        """MaPLe's prompt learner over `classnames`: "a photo of a {name}." with positions 1..n_ctx learned."""
         names = [n.replace("_", " ") for n in classnames]
-        tokenized = tokenizer([f"{ctx_init} {n}." for n in names])
+        device = self.token_embedding.weight.device
+        # Tokenized on the host (the tokenizer builds its tensor there), then moved.
+        tokenized = tokenizer([f"{self.ctx_init} {n}." for n in names]).to(device)
         with torch.no_grad():
-            embedding = self.token_embedding(tokenized)
+            # MaPLe: `clip_model.token_embedding(tokenized_prompts).type(dtype)`.
+            embedding = self.token_embedding(tokenized).to(self.dtype)
         self.register_buffer("tokenized_prompts", tokenized)
         self.register_buffer("token_prefix", embedding[:, :1, :])
-        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx:, :])
+        self.register_buffer("token_suffix", embedding[:, 1 + self.n_ctx:, :])
 
     def prompt_learner(self):
         ctx = self.ctx.unsqueeze(0).expand(self.token_prefix.shape[0], -1, -1)
@@ -162,7 +191,7 @@ class ReferenceMaPLe(nn.Module):
         return prompts, self.proj(self.ctx), list(self.compound_prompts_text), visual_deep
 
     def encode_text(self, prompts, deep_text):
-        x = prompts + self.positional_embedding
+        x = prompts + self.positional_embedding.to(prompts.dtype)  # MaPLe: `.type(self.dtype)`
         x = x.permute(1, 0, 2)
         x = self.transformer([x, deep_text, 0])[0]
         x = x.permute(1, 0, 2)
@@ -172,11 +201,52 @@ class ReferenceMaPLe(nn.Module):
     def forward(self, images):
         prompts, shared_ctx, deep_text, deep_vision = self.prompt_learner()
         text = self.encode_text(prompts, deep_text)
-        image = self.visual(images, shared_ctx, deep_vision)
+        image = self.visual(images.to(self.dtype), shared_ctx, deep_vision)  # MaPLe: `image.type(self.dtype)`
         image = image / image.norm(dim=-1, keepdim=True)
         text = text / text.norm(dim=-1, keepdim=True)
         return self.logit_scale.exp() * image @ text.t()
 
+
+def convert_weights(module: nn.Module, dtype: torch.dtype = torch.float16) -> None:
+    """OpenAI CLIP's `convert_weights`: conv/linear/attention weights and the `text_projection`/`proj`
+    matrices to `dtype`; LayerNorms, embeddings and `logit_scale` stay float32."""
+
+    def convert(m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            m.weight.data = m.weight.data.to(dtype)
+            if m.bias is not None:
+                m.bias.data = m.bias.data.to(dtype)
+        if isinstance(m, nn.MultiheadAttention):
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+                         "in_proj_bias", "bias_k", "bias_v"):
+                t = getattr(m, name, None)
+                if t is not None:
+                    t.data = t.data.to(dtype)
+        for name in ("text_projection", "proj"):
+            t = getattr(m, name, None)
+            if isinstance(t, nn.Parameter):
+                t.data = t.data.to(dtype)
+
+    module.apply(convert)
+
+
+def to_maple_fp16(ref: ReferenceMaPLe) -> ReferenceMaPLe:
+    """`ref` in the storage MaPLe trains with under `PREC: fp16` (in place; returned for chaining).
+
+    MaPLe's `build_model` runs OpenAI's `convert_weights` on CLIP, then builds its prompt learner with
+    `ctx` in CLIP's dtype, `proj.half()`, and float32 compound prompts and compound projections (plain
+    `nn.Parameter`/`nn.Linear`, cast to half where its blocks insert them); its frozen token embeddings are
+    `.type(dtype)`. A blanket `.half()` would put the LayerNorms in half too, which MaPLe never does and
+    which CUDA's (and the CPU's) layer norm refuses next to their float32 inputs.
+    """
+    for clip_part in (ref.visual, ref.transformer):
+        convert_weights(clip_part)
+    ref.text_projection.data = ref.text_projection.data.half()
+    ref.ctx.data = ref.ctx.data.half()
+    ref.proj.half()
+    ref.token_prefix = ref.token_prefix.half()
+    ref.token_suffix = ref.token_suffix.half()
+    return ref
 
 
 def reference_from_backbone(backbone, maple_sd: Mapping[str, torch.Tensor], classnames: Sequence[str],

@@ -247,6 +247,14 @@ class TrialConfig:
                               f"{self.train.preset!r}; expected one of {list(accepted)}")
         if self.protocol in ("cross_dataset", "domain_generalization") and not self.data.targets:
             raise ConfigError(f"data.targets: protocol {self.protocol!r} needs at least one target dataset")
+        if self.backbone.precision == "fp16" and self.train.precision != "fp16":
+            # Only fp16 training has a GradScaler: gradients that flow through half-precision activations of an
+            # fp16-stored backbone underflow to zero without one.
+            store = "bf16 or fp32" if self.train.precision == "bf16" else "fp32"
+            raise ConfigError(f"backbone.precision: 'fp16' storage with train.precision {self.train.precision!r} "
+                              f"trains without loss scaling, so small gradients through the half-precision backbone "
+                              f"underflow to zero; set train.precision: fp16 (autocast + GradScaler) or store the "
+                              f"backbone to match, backbone.precision: {store}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

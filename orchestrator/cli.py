@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from orchestrator.context import DEFAULT_WORKDIR
+
 STAGE_COMMANDS = ("sweep", "search", "final", "run", "status")
 USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,data,train} ..."
 HELP = f"""{USAGE}
@@ -85,10 +87,11 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--optuna-storage", default=None,
                    help="Optuna RDB storage URL, any SQLAlchemy URL (default: sqlite:///<workdir>/optuna.db)")
-    p.add_argument("--workdir", default="hisf-bench",
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the latest run of the stage: finished trials are skipped, runs continued")
+                   help="continue the latest run of the stage: a finished trial is reused when it is the same trial "
+                        "(config, spec, data build, code), unfinished ones continue, others rerun fresh")
     p.add_argument("--dry-run", action="store_true", help="run the pre-flight checks (data, shots, weights), print the trials and their resources; start no trial")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: what the spec needs)")
     p.add_argument("--weights-cache", default=None, metavar="DIR",
@@ -105,7 +108,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 def stage_main(command: str, argv: list[str]) -> int:
     args = _parser(command).parse_args(argv)
     from hisf.config import ConfigError
-    from orchestrator.runner import Options
+    from orchestrator.context import Options
     from orchestrator.spec import load_spec
 
     try:
@@ -126,6 +129,8 @@ def stage_main(command: str, argv: list[str]) -> int:
 
         # MLflow announces creating and migrating its SQLite tables on first use, and prints "View run ... at"
         # links when a run on a server ends: not the user's concern (the summary links the runs table).
+        # Importing mlflow resets its logger's level from MLFLOW_LOGGING_LEVEL, so set both, whatever the order.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -151,6 +156,7 @@ def stage_main(command: str, argv: list[str]) -> int:
 
 def _run(command: str, spec, opts) -> int:
     from orchestrator import runner
+    from orchestrator.results import STATUS_KEY
     from orchestrator.status import print_where
 
     results = []
@@ -168,7 +174,7 @@ def _run(command: str, spec, opts) -> int:
             results.append(runner.run_sweep(spec, opts))
     for r in results:
         for tid, res in sorted(r.results.items()):
-            if res.get("hisf_status") == "failed":
+            if res.get(STATUS_KEY) == "failed":
                 print(f"[{r.stage}] trial {tid} failed: {_last_line(res.get('error')) or 'see its MLflow run'}", file=opts.out)
         print(f"[{r.stage}] done in {r.wall_seconds:.1f}s: {r.trials} trials "
               f"({', '.join(f'{v} {k}' for k, v in sorted(r.statuses.items()))}; {r.skipped} skipped as finished)",

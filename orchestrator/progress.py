@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, TextIO
 
 from ray.tune import Callback
 
-STATUSES = ("finished", "running", "failed", "pruned")
+from orchestrator.results import STATUSES, final_status
 
 
 def log_path(workdir: str | Path, spec_name: str, stage: str) -> Path:
@@ -104,10 +104,8 @@ class StageProgress(Callback):
         self.draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from orchestrator.tuning import FINAL_KEY, STATUS_KEY
-
         result = trial.last_result or {}
-        status = result.get(STATUS_KEY) if result.get(FINAL_KEY) else "failed"
+        status = final_status(result)
         self._done(trial, status if status in self.counts else "failed")
         if status == "finished" and self.metric and isinstance(result.get(self.metric), (int, float)):
             value = float(result[self.metric])

@@ -8,21 +8,17 @@ tag is the search stage's MLflow parent run (so a fresh `search` never mixes wit
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
 from ray.tune.search import Searcher
 
+from orchestrator.results import STATUS_KEY
+from orchestrator.resume import LaunchRuns, clear_trial_folder, result_record
 from orchestrator.spec import ExperimentSpec, ParamRange, SearchSpec, SpecError
-from orchestrator.trials import SearchGroup, Trial, search_trial
+from orchestrator.trials import SearchGroup, Trial, search_trial, trials_root
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def default_storage(workdir: str | Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
 
 
 def storage(url: str) -> optuna.storages.RDBStorage:
@@ -86,13 +82,15 @@ def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, An
 class StudySearcher(Searcher):
     """Ray Tune searcher over several Optuna studies: asks each for its trials, tells it the results.
 
-    With `resume`, trials a killed driver left RUNNING are issued again first (same number, same values,
-    same output folder, so the engine resumes their checkpoint); COMPLETE, PRUNED and FAIL trials count
-    toward `n_trials` and are not rerun.
+    Trials a killed driver left RUNNING are issued again first (same number, same values, same output
+    folder, so the engine resumes their checkpoint); with `runs` (the launch's recorded runs, on `--resume`)
+    one whose run finished as the same trial is told from its record instead, and one whose runs are of
+    another identity reruns fresh (orchestrator/resume.py). COMPLETE, PRUNED and FAIL trials count toward
+    `n_trials` and are not rerun.
     """
 
     def __init__(self, spec: ExperimentSpec, groups: list[SearchGroup], url: str, workdir: str, ctx: dict,
-                 finished: Mapping[str, Mapping[str, Any]] | None = None):
+                 runs: LaunchRuns | None = None):
         super().__init__(metric=spec.search.metric, mode="max")
         self.spec, self.groups, self.url, self.workdir, self.ctx = spec, groups, url, workdir, ctx
         self.dists = distributions(spec.search.params)
@@ -100,22 +98,26 @@ class StudySearcher(Searcher):
         self.asked = {g.study: 0 for g in groups}
         self.pending: list[Trial] = []
         self.live: dict[str, tuple[str, int]] = {}
-        # trial_id -> final result of trials whose MLflow run finished (from the tracker, on resume).
-        self.finished = dict(finished or {})
+        self.told_from_record = 0
+        self.rerun = []  # resume decisions of orphans that rerun fresh (another identity), for the console
         for g in groups:
             for ft in self.studies[g.study].get_trials(deepcopy=False):
                 self.asked[g.study] += 1
                 if ft.state == optuna.trial.TrialState.RUNNING:
                     t = search_trial(spec, g, ft.number, ft._trial_id, ft.params, workdir)
-                    if t.trial_id in self.finished:
+                    decision = runs.decide(t) if runs is not None else None
+                    if decision is not None and decision.kind == "reuse":
                         # Its run finished but the driver died before telling the study.
-                        self._tell_from_record(g.study, ft.number, self.finished[t.trial_id])
-                    else:
-                        self.pending.append(t)
+                        self._tell_from_record(g.study, ft.number, result_record(decision.run))
+                        self.told_from_record += 1
+                        continue
+                    if decision is not None:
+                        runs.settle(decision)  # a rerun (another identity) or a trial without a run: fresh folder
+                        if decision.kind == "rerun":
+                            self.rerun.append(decision)
+                    self.pending.append(t)
 
     def _tell_from_record(self, study: str, number: int, result: Mapping[str, Any] | None) -> None:
-        from orchestrator.tuning import STATUS_KEY
-
         s = self.studies[study]
         if not result or result.get(STATUS_KEY) == "failed":
             s.tell(number, state=optuna.trial.TrialState.FAIL)
@@ -136,13 +138,11 @@ class StudySearcher(Searcher):
             self.asked[g.study] += 1
             t = search_trial(self.spec, g, ot.number, ot._trial_id, ot.params, self.workdir)
             # A new trial starts clean: an earlier search's folder under the same id holds other values.
-            shutil.rmtree(t.config.output_dir, ignore_errors=True)
+            clear_trial_folder(t, trials_root(self.workdir, self.spec))
         self.live[tune_trial_id] = (t.study, t.optuna_number)
         return {"trial": t.payload(), "ctx": self.ctx}
 
     def on_trial_complete(self, tune_trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        from orchestrator.tuning import STATUS_KEY
-
         if tune_trial_id not in self.live:
             return
         study, number = self.live.pop(tune_trial_id)

@@ -81,7 +81,7 @@ class ResourcesSpec:
     workers_per_trial: int = 1
     max_concurrent_trials: int = 2
     max_failures: int = 2
-    # false: a finished trial's training checkpoints are deleted once it is on record (orchestrator/checkpoints.py)
+    # false: a finished trial's training checkpoints are deleted once it is on record (orchestrator/resume.py)
     keep_checkpoints: bool = False
 
 
@@ -368,6 +368,11 @@ def _search(v: Any) -> SearchSpec:
         raise SpecError("search.params: expected at least one parameter range")
     for key, rng in pm.items():
         where = f"search.params.{key}"
+        if key.split(".")[0] in _RESERVED or key == "seed":
+            # As in the grid: a searched output_dir would make every trial clear and write a folder of the
+            # spec's choosing; the search's seed is search.seed.
+            raise SpecError(f"{where}: not a search key (the orchestrator sets protocol, data, output_dir, and "
+                            "seed from search.seed)")
         r = _mapping(rng, where)
         if "choices" in r:
             _keys(r, where, required=("choices",), optional=())

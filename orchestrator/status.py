@@ -70,6 +70,9 @@ def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
               f"{''.join(f', {k}={v}' for k, v in t.point)}", file=out)
     for note in notes:
         print(f"note    {note}", file=out)
+    stage = {"sweep": "sweep", "final": "final", "run": "final" if groups else "sweep"}.get(command)
+    if stage is not None:
+        print(f"resume  {stage}: {dry_run_resume_preview(stage, spec, opts)}", file=out)
     est = estimate_hours(spec, trials, n_search=1 if groups else 0)
     n = len(trials) + (len(groups) * spec.search.n_trials if groups else 0)
     print(f"total: {n} trials, estimated {est['trial_hours']:.2f} trial-hours, "
@@ -78,24 +81,28 @@ def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
 
 
 def print_status(spec: ExperimentSpec, opts) -> int:
-    from orchestrator.runner import tracker_for
+    from orchestrator.resume import STALE_TAG
+    from orchestrator.tracking import find_tracker
 
     out = opts.out
-    tracker = tracker_for(spec, opts)
+    tracker = find_tracker(spec, opts)
     print(f"spec {spec.name} (hash {spec.hash}), tracking {opts.tracking_uri}", file=out)
     any_stage = False
     for stage in ("search", "final", "sweep"):
-        run = tracker.latest_stage_run(stage)
+        run = tracker.latest_stage_run(stage) if tracker is not None else None
         if run is None:
             continue
         any_stage = True
         counts: dict[str, int] = {}
         for child in tracker.children(run.info.run_id):
-            s = child.data.tags.get("hisf.status", "running")
+            # A stale run was replaced by a rerun of its trial with another identity (orchestrator/resume.py).
+            s = "stale" if STALE_TAG in child.data.tags else child.data.tags.get("hisf.status", "running")
             counts[s] = counts.get(s, 0) + 1
-        stale = " (hash differs from the spec now)" if run.data.tags.get("hisf.spec_hash") != spec.hash else ""
-        print(f"{stage:6s} run {run.info.run_id} {run.info.status}{stale}: "
+        changed = " (hash differs from the spec now)" if run.data.tags.get("hisf.spec_hash") != spec.hash else ""
+        print(f"{stage:6s} run {run.info.run_id} {run.info.status}{changed}: "
               f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no trials yet'}", file=out)
+        if stage != "search":
+            print(f"  resume: {resume_preview(stage, spec, opts, tracker, run)}", file=out)
         if stage == "search" and "hisf.study_tag" in run.data.tags:
             import optuna
 
@@ -150,3 +157,71 @@ def mlflow_ui_link(server: str, experiment: str, tracking_uri: str | None = None
     if exp is None:
         return None
     return f"{server.rstrip('/')}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
+# ---- what `--resume` would do ------------------------------------------------------------------------------
+
+
+def _trials_now(stage: str, spec: ExperimentSpec, opts, tracker) -> tuple[list, str, int]:
+    """(the stage's trials as a resume would build them now, the search launch they take values from, how
+    many searched trials cannot be judged because their study has no best values yet)."""
+    if stage == "sweep":
+        return expand_sweep(spec, opts.workdir), "", 0
+    from orchestrator.search import best_values
+    from orchestrator.spec import SpecError
+
+    best, search_run_id, unknown = {}, "", set()
+    if spec.searched_rows:
+        run = tracker.latest_stage_run("search")
+        search_run_id = run.info.run_id if run is not None else ""
+        tag = run.data.tags.get("hisf.study_tag") if run is not None else None
+        for g in search_groups(spec, tag or ""):
+            try:
+                best.update(best_values(opts.optuna_storage, [g]) if tag else {})
+            except SpecError:
+                pass
+            if (g.row, g.dataset, g.point) not in best:
+                unknown.add((g.row, g.dataset, g.point))
+                best[(g.row, g.dataset, g.point)] = {}
+    trials = expand_final(spec, opts.workdir, best)
+    judged = [t for t in trials if not (spec.row(t.row).search and
+                                        (t.row, t.dataset, tuple(p for p in t.point if p[0] in dict(spec.grid))) in unknown)]
+    return judged, search_run_id, len(trials) - len(judged)
+
+
+def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
+    """`--resume would reuse 2 of 4 trials, run 2: ...`, judged by identity against the launch `run`."""
+    from orchestrator.context import stage_context
+    from orchestrator.resume import LaunchRuns
+
+    from orchestrator.spec import SpecError
+
+    try:
+        trials, search_run_id, unknown = _trials_now(stage, spec, opts, tracker)
+    except SpecError as e:  # e.g. a launch of a stage the spec no longer has
+        return f"not judged: {e}"
+    ctx = stage_context(spec, opts, tracker.experiment_id, run.info.run_id, search_run_id)
+    plan = LaunchRuns.read(tracker, run.info.run_id, ctx).plan(trials)
+    kinds = [d.kind for d in plan.decisions]
+    text = (f"--resume would reuse {kinds.count('reuse')} of {len(trials)} trials (finished as the same trial) "
+            f"and run {len(plan.todo)} ({kinds.count('continue')} continued, {kinds.count('new')} new, "
+            f"{kinds.count('rerun')} rerun)")
+    if plan.rerun:
+        text += f"; {plan.why_rerun()}"
+    if unknown:
+        text += f"; {unknown} searched trial(s) not judged: their study has no best values yet"
+    return text
+
+
+def dry_run_resume_preview(stage: str, spec: ExperimentSpec, opts) -> str:
+    """The dry run's word on `--resume`, read from a local store only (a remote one may be slow to answer,
+    and a dry run must not create a store)."""
+    from orchestrator.tracking import find_tracker
+
+    if opts.tracking_uri.startswith(("http://", "https://")):
+        return "not checked against a remote tracking store here; `hisf-bench status` shows it"
+    tracker = find_tracker(spec, opts)
+    run = tracker.latest_stage_run(stage) if tracker is not None else None
+    if run is None:
+        return "no earlier launch of this stage: every trial runs"
+    return f"latest launch {run.info.run_id}: " + resume_preview(stage, spec, opts, tracker, run)

@@ -1,9 +1,10 @@
 """MLflow tracking: one experiment per spec, a parent run per stage, one child run per trial (never two).
 
 Layout (docs/interfaces.md): parent runs tagged `hisf.stage`; child runs tagged `mlflow.parentRunId`,
-`hisf.trial_id` and the trial's facts, params = `TrialConfig.flatten()`, per-epoch metrics with
-step=epoch, final metrics, and the engine's artifacts. A retried or resumed trial finds its run by
-(parent run, `hisf.trial_id`) and continues it.
+`hisf.trial_id`, `hisf.identity` and the trial's facts, params = `TrialConfig.flatten()`, per-epoch metrics
+with step=epoch, final metrics, and the engine's artifacts. A retried or resumed trial finds its run by
+(parent run, `hisf.trial_id`, `hisf.identity`) and continues it; the same trial id with another identity
+gets a new run (orchestrator/resume.py decides which runs are reused).
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ _MAX_BATCH = 900  # MLflow's log_batch limit is 1000 entries
 # MLflow 3's UI opens an experiment by this tag: without it an experiment with no traces lands on the GenAI
 # overview ("Traces: 0"); this value opens the runs table (the value set in mlflow's server js bundle).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def default_tracking_uri(workdir: str | Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def git_commit() -> str:
@@ -45,6 +42,27 @@ def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
             if i == attempts - 1 or "locked" not in str(e).lower():
                 raise
             time.sleep(0.2 * (i + 1))
+
+
+def open_tracker(spec, opts) -> "Tracker":
+    """The spec's experiment in the options' store; a local store's artifacts go under the workdir."""
+    local = opts.tracking_uri.startswith("sqlite:") or opts.tracking_uri.startswith("file:")
+    artifacts = (Path(opts.workdir) / "mlartifacts").as_uri() if local else None
+    Path(opts.workdir).mkdir(parents=True, exist_ok=True)
+    return Tracker(opts.tracking_uri, spec.name, artifact_root=artifacts)
+
+
+def find_tracker(spec, opts) -> "Tracker | None":
+    """The spec's experiment when the store already holds it; None otherwise (nothing created)."""
+    uri = opts.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        if _retry(lambda: MlflowClient(uri).get_experiment_by_name(spec.name)) is None:
+            return None
+    except Exception:  # an unreachable server: nothing to read
+        return None
+    return Tracker(uri, spec.name)
 
 
 class Tracker:
@@ -100,11 +118,6 @@ class Tracker:
             if not token:
                 return out
 
-    def finished_trials(self, parent_run_id: str) -> dict[str, Any]:
-        """trial_id -> child run, for trials whose run says `hisf.status = finished` (or pruned)."""
-        return {r.data.tags["hisf.trial_id"]: r for r in self.children(parent_run_id)
-                if r.data.tags.get("hisf.status") in ("finished", "pruned") and "hisf.trial_id" in r.data.tags}
-
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
@@ -113,13 +126,17 @@ class Tracker:
 
 
 class TrialRun:
-    """Worker side: the child run of one trial, found or created by (parent, trial id)."""
+    """Worker side: the child run of one trial, found or created by (parent, trial id, and the identity when
+    `tags` hold `hisf.identity`)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                  tags: Mapping[str, Any], params: Mapping[str, Any], run_name: str | None = None):
         self.client = MlflowClient(tracking_uri)
         flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`hisf.trial_id` = '{trial_id}'"
-        found = _retry(lambda: self.client.search_runs([experiment_id], filter_string=flt, max_results=1))
+        if tags.get("hisf.identity"):
+            flt += f" and tags.`hisf.identity` = '{tags['hisf.identity']}'"
+        found = _retry(lambda: self.client.search_runs([experiment_id], filter_string=flt, max_results=1,
+                                                       order_by=["attributes.start_time DESC"]))
         if found:
             self.run_id = found[0].info.run_id
             self.resumed = True
@@ -133,7 +150,7 @@ class TrialRun:
             self.resumed = False
             logged = {}
         # A param may be logged once; a resumed run re-logs only what is missing (same values anyway).
-        todo = [Param(k, _param_str(v)) for k, v in params.items() if k not in logged]
+        todo = [Param(k, param_str(v)) for k, v in params.items() if k not in logged]
         for i in range(0, len(todo), _MAX_BATCH):
             chunk = todo[i:i + _MAX_BATCH]
             _retry(lambda: self.client.log_batch(self.run_id, params=chunk))
@@ -180,7 +197,8 @@ class TrialRun:
         _retry(lambda: self.client.set_terminated(self.run_id, "FAILED"))
 
 
-def _param_str(v: Any) -> str:
+def param_str(v: Any) -> str:
+    """A config value as the run's params hold it (what reports and identity checks compare against)."""
     s = json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
     return s[:6000]
 

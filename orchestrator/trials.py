@@ -96,8 +96,13 @@ def trial_id(stage: str, row: str, dataset: str, point, seed: int | None = None,
     return id_part("-".join(parts))
 
 
+def trials_root(workdir: str | Path, spec: ExperimentSpec) -> Path:
+    """<workdir>/runs/<spec>: the folder that holds the spec's trial folders (and the only one their deletion may touch)."""
+    return Path(workdir).resolve() / "runs" / spec.name
+
+
 def trial_dir(workdir: str | Path, spec: ExperimentSpec, tid: str) -> str:
-    return str(Path(workdir).resolve() / "runs" / spec.name / tid)
+    return str(trials_root(workdir, spec) / tid)
 
 
 def build_config(spec: ExperimentSpec, row: RowSpec, dataset: str, point, seed: int,

@@ -1,34 +1,46 @@
 #!/usr/bin/env bash
-# The GPU path in one command: install what hisf/ + data_shards/ need from .whl/ (no network), run the CUDA
-# tests, time our training step against MaPLe's formulation (eager, compile, reduce-overhead) and the data
-# reader, and write OUT_DIR/summary.md beside the JSON rows, inside 8 minutes on one H100.
+# The GPU path in one command: install what hisf/ + data_shards/ need from .whl/ (no network), time our training
+# step against MaPLe's formulation (eager, then the compiled modes the targets need), run the CUDA tests and the
+# data reader, and print OUT_DIR/summary.md at the end: within 5 minutes on one H200 (docs/gpu_check.md).
 #
-#   bash scripts/gpu_check.sh OUT_DIR               # on a machine whose python3 has a CUDA torch
-#   bash scripts/gpu_check.sh OUT_DIR --cpu-smoke   # the same steps on a CPU, tiny settings (CI runs this)
+#   bash scripts/gpu_check.sh OUT_DIR               # on a machine whose python has a CUDA torch
+#   bash scripts/gpu_check.sh --cpu-smoke OUT_DIR   # the same steps on a CPU, tiny settings (CI runs this)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. Wheels: bash scripts/fetch_gpu_wheels.sh (docs/gpu_check.md).
-# OUT_DIR ends with at most 8 files: summary.md, gpu_check.log, steps.tsv, pytest.xml, data_throughput.json
-# and train_step_{eager,default,reduce-overhead}.json. Each sub-run has a time limit (seconds, overridable:
-# LIMIT_TESTS, LIMIT_EAGER, LIMIT_COMPILE, LIMIT_DATA); one that runs out is reported, not fatal.
+# OUT_DIR ends with 6 files (a device session returns at most 8): summary.md, gpu_check.log, steps.tsv,
+# tests.jsonl, train_step.jsonl and data_throughput.json. The JSONL files grow one line per finished test or
+# row, so a sub-run stopped by its time limit keeps what it measured and leaves no temporary file.
+#
+# Time: each sub-run has a nominal limit (seconds; LIMIT_<NAME> overrides it) and also gets whatever earlier
+# sub-runs left unused, so the sub-runs together never take longer than the sum of the nominal limits
+# (GPU: 300 s). The train-step sub-runs are told their limit (--budget) and skip the rows that would not fit,
+# the target shapes excepted. One that runs out of time is reported, not fatal.
 set -uo pipefail
 
-usage() { echo "usage: bash scripts/gpu_check.sh OUT_DIR [--cpu-smoke]" >&2; exit 2; }
-[ $# -ge 1 ] || usage
-OUT=$1; shift
+usage() { echo "usage: bash scripts/gpu_check.sh [--cpu-smoke] OUT_DIR" >&2; exit 2; }
+OUT=""
 SMOKE=0
 for arg in "$@"; do
-  case $arg in --cpu-smoke) SMOKE=1 ;; *) usage ;; esac
+  case $arg in
+    --cpu-smoke) SMOKE=1 ;;
+    -*) usage ;;
+    *) [ -z "$OUT" ] || usage; OUT=$arg ;;
+  esac
 done
+[ -n "$OUT" ] || usage
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 cd "$ROOT" || exit 2
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_check.log
-rm -f "$OUT"/summary.md "$OUT"/steps.tsv "$OUT"/pytest.xml "$OUT"/train_step_*.json "$OUT"/data_throughput.json
+# What this script writes, and what its earlier versions wrote (train_step_*.json, *.tmp, pytest.xml): nothing else.
+rm -f "$OUT"/summary.md "$OUT"/steps.tsv "$OUT"/tests.jsonl "$OUT"/train_step.jsonl "$OUT"/data_throughput.json \
+  "$OUT"/pytest.xml "$OUT"/train_step_*.json "$OUT"/train_step_*.tmp
 : >"$LOG"
 : >"$OUT/steps.tsv"
 say() { echo "$*" | tee -a "$LOG"; }
+T_SETUP=$SECONDS
 
 # --- 1. Python packages: what is missing is installed from .whl/ into a folder of its own, nothing else ---
 # module -> distribution; the GPU image has torch, numpy, pillow, pyarrow, pyyaml, regex, tqdm, torchvision,
@@ -50,7 +62,7 @@ if [ -n "$MISSING" ]; then
     exit 2
   fi
   # shellcheck disable=SC2086
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+  if ! timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
       --find-links .whl $MISSING >>"$LOG" 2>&1; then
     say "error: could not install $MISSING from .whl/ (see $LOG); torch itself must already be installed"
     exit 2
@@ -58,27 +70,46 @@ if [ -n "$MISSING" ]; then
   export PYTHONPATH="$ROOT:$SITE${PYTHONPATH#"$ROOT"}"
 fi
 
-# --- 2. The device ---
+# --- 2. The device (one interpreter: the imports the sub-runs need, and whether CUDA is usable) ---
 if [ "$SMOKE" = 1 ]; then
   export CUDA_VISIBLE_DEVICES=""  # a smoke run is a CPU run, also on a GPU machine
 fi
-"$PY" -c "import torch, open_clip, webdataset, pyarrow, yaml, hisf.engine, data_shards; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>&1 | tee -a "$LOG"
-[ "${PIPESTATUS[0]}" = 0 ] || { say "error: the hisf/data_shards imports fail (see above)"; exit 2; }
-CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+PROBE=$(timeout 90 "$PY" -c "
+import torch, open_clip, webdataset, pyarrow, yaml, hisf.engine, data_shards
+cuda = torch.cuda.is_available()
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(),
+      'device', torch.cuda.get_device_name(0) if cuda else 'cpu', 'count', torch.cuda.device_count() if cuda else 0)
+print(int(cuda))" 2>&1)
+RC=$?
+echo "$PROBE" | sed '$d' | tee -a "$LOG"
+[ $RC = 0 ] || { echo "$PROBE" | tail -1 | tee -a "$LOG"; say "error: the hisf/data_shards imports fail (see above)"; exit 2; }
+CUDA=$(echo "$PROBE" | tail -1)
 if [ "$SMOKE" = 0 ] && [ "$CUDA" != 1 ]; then
   say "error: torch sees no CUDA device (driver, CUDA_VISIBLE_DEVICES?); on a CPU run with --cpu-smoke"
   exit 2
 fi
+printf 'setup\t0\t%s\t0\n' $((SECONDS - T_SETUP)) >>"$OUT/steps.tsv"
 
-# step NAME LIMIT CMD...: run with a time limit, log, record "name rc seconds limit" in steps.tsv.
+# step NAME NOMINAL CMD...: run CMD under a time limit of NOMINAL seconds plus the time earlier sub-runs left
+# unused; "@BUDGET@" in CMD becomes that limit less a margin for the interpreter's exit. Logs the output and
+# records "name rc seconds limit" in steps.tsv.
 FAILED=0
+NOMINAL_SO_FAR=0
+T_STEPS=$SECONDS
 step() {
-  local name=$1 limit=$2 t0=$SECONDS rc
+  local name=$1 nominal=$2 t0=$SECONDS rc limit banked var arg
   shift 2
-  say "== $name (limit ${limit}s): $*"
-  timeout -k 10 "$limit" "$@" >>"$LOG" 2>&1
+  var="LIMIT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+  nominal=${!var:-$nominal}
+  banked=$((NOMINAL_SO_FAR - (SECONDS - T_STEPS)))
+  limit=$((nominal + (banked > 0 ? banked : 0)))
+  NOMINAL_SO_FAR=$((NOMINAL_SO_FAR + nominal))
+  local cmd=()
+  for arg in "$@"; do cmd+=("${arg//@BUDGET@/$((limit > 20 ? limit - 8 : limit * 2 / 3))}"); done
+  say "== $name (limit ${limit}s): ${cmd[*]}"
+  timeout -k 10 "$limit" "${cmd[@]}" >>"$LOG" 2>&1
   rc=$?
-  if [ "$name" = tests ] && [ "$SMOKE" = 1 ] && [ $rc = 5 ] && grep -q "deselected" "$LOG"; then
+  if [ "$name" = tests ] && [ $rc = 5 ] && grep -q '"selected": 0' "$OUT/tests.jsonl" 2>/dev/null; then
     rc=0  # no CUDA: every gpu test deselected, none run (pytest's "no tests ran")
   fi
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" $((SECONDS - t0)) "$limit" >>"$OUT/steps.tsv"
@@ -86,35 +117,46 @@ step() {
   [ $rc = 0 ] || FAILED=1
 }
 
-# --- 3. CUDA tests (tests/gpu imports no Ray/MLflow/Optuna; deselected without CUDA) ---
-step tests "${LIMIT_TESTS:-160}" "$PY" -m pytest tests/gpu -m gpu -q -rfE -p no:cacheprovider --junitxml "$OUT/pytest.xml"
-
-# --- 4. Training step: ours against MaPLe's formulation, then the data reader ---
-BENCH=("$PY" benchmarks/train_step.py)
+# --- 3. Sub-runs, most important first ---
+BENCH=("$PY" benchmarks/train_step.py --jsonl "$OUT/train_step.jsonl" --budget @BUDGET@)
+REUSE=(--reference-from "$OUT/train_step.jsonl")
 if [ "$SMOKE" = 1 ]; then
-  EAGER=(--tiny --device cpu --shapes 2x5 --steps 1 --warmup 1)
-  COMPILED=(--tiny --device cpu --methods maple --shapes 2x5 --steps 1 --warmup 1 --no-loss-check)
+  # The GPU's dtype paths on a CPU: backbone stored in fp16 with autocast + GradScaler, MaPLe's fp16 storage.
+  TINY=(--tiny --device cpu --steps 1 --warmup 1 --precision fp16 --reference-precision fp16)
+  EAGER=("${TINY[@]}" --shapes 4x50 2x5)
+  RO=("${TINY[@]}" --methods maple --shapes 4x50 2x5 --targets 4x50 --no-loss-check "${REUSE[@]}")
+  DEFAULT=("${TINY[@]}" --methods maple --shapes 2x5 4x50 --targets 2x5 --no-loss-check "${REUSE[@]}")
   DATA=(--images 24 --size 32 --source-side 64 --workers 0 --train-batch 4)
   # Compiling even the tiny model takes minutes on a CPU: the smoke run checks these sub-runs' plumbing
   # with torch.compile switched off (tests/hisf/engine/test_engine_compile.py compiles on the CPU).
   NOCOMPILE=(env TORCH_COMPILE_DISABLE=1)
+  N_EAGER=300 N_RO=120 N_DEFAULT=120 N_TESTS=120 N_DATA=120
 else
-  # The two target shapes first: a sub-run stopped by its limit keeps the rows it finished.
+  # Every method at the two target shapes, then the other shapes while the limit lasts.
   EAGER=(--shapes 4x50 32x500 4x500 4x1000 32x50 32x1000 --steps 20 --warmup 5)
-  # A cold inductor compile of ViT-B/16's forward and backward takes tens of seconds per method and shape:
-  # the compiled sub-runs time maple (the comparison with MaPLe's formulation) at the two target shapes.
-  COMPILED=(--methods maple --shapes 4x50 32x500 --steps 20 --warmup 5 --no-loss-check)
+  # One cold inductor compile of ViT-B/16 per target: CUDA graphs at 4x50 (launch-bound: the >= 10x target),
+  # the default mode at 32x500; the other shape of each mode only if the limit leaves room for a second compile.
+  RO=(--methods maple --shapes 4x50 32x500 --targets 4x50 --steps 20 --warmup 5 --no-loss-check "${REUSE[@]}")
+  DEFAULT=(--methods maple --shapes 32x500 4x50 --targets 32x500 --steps 20 --warmup 5 --no-loss-check "${REUSE[@]}")
   DATA=(--images 300 --size 224 --jobs 8 --workers 4)
   NOCOMPILE=()
+  # Nominal seconds, 300 in all; 90 s of the 6.5 minutes stay free for setup, the summary and added sub-runs.
+  N_EAGER=70 N_RO=70 N_DEFAULT=40 N_TESTS=100 N_DATA=20
 fi
-step train_step_eager "${LIMIT_EAGER:-100}" "${BENCH[@]}" "${EAGER[@]}" --json "$OUT/train_step_eager.json"
-for mode in default reduce-overhead; do
-  step "train_step_$mode" "${LIMIT_COMPILE:-90}" "${NOCOMPILE[@]}" "${BENCH[@]}" "${COMPILED[@]}" --compile "$mode" \
-    --json "$OUT/train_step_$mode.json"
-done
-step data_throughput "${LIMIT_DATA:-30}" "$PY" benchmarks/data_throughput.py "${DATA[@]}" --json "$OUT/data_throughput.json"
+step train_step_eager "$N_EAGER" "${BENCH[@]}" "${EAGER[@]}"
+step train_step_reduce-overhead "$N_RO" "${NOCOMPILE[@]}" "${BENCH[@]}" "${RO[@]}" --compile reduce-overhead
+step train_step_default "$N_DEFAULT" "${NOCOMPILE[@]}" "${BENCH[@]}" "${DEFAULT[@]}" --compile default
+# CUDA tests (tests/gpu imports no Ray/MLflow/Optuna; deselected without CUDA); outcomes in tests.jsonl as they come.
+step tests "$N_TESTS" env HISF_GPU_TESTS_JSONL="$OUT/tests.jsonl" \
+  "$PY" -m pytest tests/gpu -m gpu -q -rfE -p no:cacheprovider -p tests.gpu.results_plugin
+step data_throughput "$N_DATA" "$PY" benchmarks/data_throughput.py "${DATA[@]}" --json "$OUT/data_throughput.json"
 
-# --- 5. The summary ---
-"$PY" benchmarks/gpu_summary.py "$OUT" >>"$LOG" 2>&1 || { say "error: the summary failed (see $LOG)"; exit 1; }
-say "summary: $OUT/summary.md"
+# --- 4. The summary, also on stdout (a device session returns the output's tail) ---
+if ! "$PY" benchmarks/gpu_summary.py "$OUT" >>"$LOG" 2>&1; then
+  say "error: the summary failed (see $LOG)"
+  exit 1
+fi
+say "total: $SECONDS s; summary: $OUT/summary.md"
+echo
+cat "$OUT/summary.md"
 exit $FAILED

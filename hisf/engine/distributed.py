@@ -103,6 +103,17 @@ def check_device(dev: torch.device) -> str:
     return f"{dev} ({name})"
 
 
+def use_device(dev: torch.device) -> torch.device:
+    """Make a CUDA `dev` this process's current device (a no-op for the CPU) and return it.
+
+    Without it a process given `cuda:1` still has cuda:0 current: the DataLoader's pin-memory thread, cuBLAS
+    handles and any `torch.device("cuda")` tensor would open a context on GPU 0 beside the trial's own.
+    """
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def init_from_env(device: str = "auto") -> DistEnv:
     """Join (or create) the process group described by torchrun/Ray Train's RANK/WORLD_SIZE variables.
 
@@ -117,19 +128,18 @@ def init_from_env(device: str = "auto") -> DistEnv:
             device = "cpu"
         # Ray Train sets each worker's current CUDA device itself (its GPU ids need not equal LOCAL_RANK).
         current = torch.cuda.current_device() if cuda_count() and dist.get_backend() == "nccl" else None
-        return DistEnv(rank, world, local_rank, resolve_device(device, local_rank, world, current), owns_group=False)
+        dev = use_device(resolve_device(device, local_rank, world, current))
+        return DistEnv(rank, world, local_rank, dev, owns_group=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = resolve_device(device, local_rank, world)
+    dev = use_device(resolve_device(device, local_rank, world))
     if world <= 1:
         return DistEnv(0, 1, 0, dev, owns_group=False)
     for key in ("MASTER_ADDR", "MASTER_PORT"):
         if key not in os.environ:
             raise RuntimeError(f"WORLD_SIZE={world} but {key} is not set; launch with torchrun or Ray Train")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
     return DistEnv(rank, world, local_rank, dev, owns_group=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -17,6 +18,8 @@ from hisf.engine.distributed import DistEnv, all_reduce_grads, all_reduce_sum
 
 if TYPE_CHECKING:
     from hisf.engine.checkpoint import TrialState
+
+log = logging.getLogger("hisf.engine")
 
 # The loss terms of a model that declares none (`model.loss_terms`, "loss" first, is the method's own list).
 LOSS_TERMS = ("loss",)
@@ -188,31 +191,134 @@ class NanGuard:
             )
 
 
+# cuBLAS's deterministic workspace settings (its docs); PyTorch's own default on H100/H200 is :4096:8 too.
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def cublas_workspace_for_determinism() -> str | None:
+    """Set CUBLAS_WORKSPACE_CONFIG=:4096:8 unless it holds a deterministic value; the warning to log when it
+    cannot take effect, else None.
+
+    cuBLAS reads the variable when this process makes its first handle (its first CUDA matmul), so setting
+    it helps only before that. `torch.cuda.is_initialized()` is the closest public sign that it may be too
+    late (a reused worker process that already trained); the fix is to set it where the process starts
+    (hisf-bench's Ray workers get it from the runtime environment, torchrun users prefix the command).
+    """
+    current = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if current in CUBLAS_DETERMINISTIC:
+        return None
+    if current is not None:
+        return (f"train.deterministic: CUBLAS_WORKSPACE_CONFIG={current!r} is none of cuBLAS's deterministic settings "
+                f"{list(CUBLAS_DETERMINISTIC)}; left as set, so CUDA matmuls may not be bit-reproducible")
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_DETERMINISTIC[0]
+    if torch.cuda.is_initialized():
+        return ("train.deterministic: CUBLAS_WORKSPACE_CONFIG was unset and CUDA is already initialised in this "
+                "process, so cuBLAS may have made its handles without it and CUDA matmuls may not be bit-reproducible; "
+                "set CUBLAS_WORKSPACE_CONFIG=:4096:8 where the worker process starts "
+                "(e.g. `CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun ...`)")
+    return None
+
+
 @contextlib.contextmanager
 def deterministic_mode(on: bool):
     """`train.deterministic`: bit-reproducible kernels for the span of a trial, then the process's flags back.
 
     On: torch.use_deterministic_algorithms (warn_only: an op without a deterministic CUDA kernel, such as
     NLLLoss's, warns instead of failing the trial), cuDNN deterministic and not benchmarking, TF32 off for
-    matmul and cuDNN, and CUBLAS_WORKSPACE_CONFIG=:4096:8 (cuBLAS reads it when its first handle is made,
-    so it must be set before the process's first CUDA matmul; an existing value is kept). Off: nothing is
-    touched. Resume and compiled-vs-eager equality hold exactly on the CPU; on a GPU they need this mode
-    or tolerances (CUDA atomics in index_add/index backward and TF32 change low bits).
+    matmul and cuDNN, scaled-dot-product attention on its math backend only (with warn_only, PyTorch would
+    keep the flash and memory-efficient backwards, which are not deterministic; the math one is), and
+    CUBLAS_WORKSPACE_CONFIG=:4096:8 (cublas_workspace_for_determinism: logged when it comes too late). Off:
+    nothing is touched. Resume and compiled-vs-eager equality hold exactly on the CPU; on a GPU they need
+    this mode or tolerances (CUDA atomics in index_add/index backward and TF32 change low bits).
+
+    Inductor under this mode lowers the accumulating index_put (the text pooling's backward) and scatter to
+    aten's deterministic sort-based kernels. torch >= 2.10 keeps CUDA graphs for them (integer indices);
+    older torch turns CUDA graphs off for every graph holding one, which `CudaGraphSkips` reports.
     """
     if not on:
         yield
         return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    late = cublas_workspace_for_determinism()
+    if late:
+        log.warning(late)
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, False, False, False
     try:
-        yield
+        # sdpa_kernel restores the backends it found on exit (torch >= 2.3; the same flags as
+        # torch.backends.cuda.enable_*_sdp, which also steer the CPU's choice).
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
         cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[2:]
+
+
+# Before this version Inductor turns CUDA graphs off for a graph with a deterministic index_put/scatter
+# fallback (pytorch/pytorch#170103, cherry-picked into 2.10 as #170884).
+CUDAGRAPH_DETERMINISTIC_FIX = (2, 10)
+
+
+class CudaGraphSkips(logging.Handler):
+    """Collects Inductor's "skipping cudagraphs due to ..." warnings and skip count while installed (`with`).
+
+    Inductor logs them at WARNING on a `torch._inductor` child logger and counts them in
+    counters["inductor"]["cudagraph_skips"] (a graph Inductor partitions around an unsafe op, its default
+    from torch 2.10, can skip without a count: pytorch/pytorch#176611; our step has no such op).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+        self.start = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "cudagraph" in message.lower() and ("skip" in message.lower() or "disabl" in message.lower()):
+            first = message.strip().splitlines()[0].strip()[:300]
+            if first not in self.reasons:
+                self.reasons.append(first)
+
+    def __enter__(self) -> "CudaGraphSkips":
+        from torch._dynamo.utils import counters
+
+        self.start = int(counters["inductor"]["cudagraph_skips"])
+        logging.getLogger("torch._inductor").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("torch._inductor").removeHandler(self)
+
+    @property
+    def count(self) -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"]) - self.start
+
+    def report(self, device: torch.device, deterministic: bool) -> str | None:
+        """The trial-log line when CUDA graphs were turned off for some compiled graph, else None."""
+        if not self.count and not self.reasons:
+            return None
+        why = "; ".join(self.reasons) or "Inductor logged no reason (TORCH_LOGS=cudagraphs shows more)"
+        line = (f"train.compile_mode reduce-overhead: {self.count or len(self.reasons)} compiled graph(s) run "
+                f"without CUDA graphs ({why})")
+        if device.type != "cuda":
+            line += "; CUDA graphs need a CUDA device"
+        elif deterministic and torch_version() < CUDAGRAPH_DETERMINISTIC_FIX:
+            line += (f"; under train.deterministic, torch {torch.__version__} turns CUDA graphs off for the "
+                     f"deterministic index_put/scatter fallbacks (torch >= 2.10 keeps them): drop train.deterministic "
+                     f"to time the step with CUDA graphs")
+        return line
+
+
+def torch_version() -> tuple[int, int]:
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def seed_everything(seed: int) -> None:

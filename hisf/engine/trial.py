@@ -4,27 +4,28 @@ on its own."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from hisf.config import ConfigError, TrialConfig
 from hisf.engine import checkpoint as ckpt
-from hisf.engine.callbacks import TrialCallback, listeners
-from hisf.engine.distributed import (DistEnv, any_rank_each, barrier, broadcast_params, check_device,
-                                     gather_cuda_rng_states, init_from_env, shutdown)
+from hisf.engine.build import Group, build_group
+from hisf.engine.callbacks import TrialCallback
+from hisf.engine.distributed import (DistEnv, any_rank_each, barrier, broadcast_params, gather_cuda_rng_states,
+                                     init_from_env, shutdown)
 from hisf.engine.evaluation import accuracy
 from hisf.engine.finish import finish_members
 from hisf.engine.group import check_group
-from hisf.engine.member import FAILED, STOPPED, TRAINING, Member
-from hisf.engine.step import (NanGuard, NonFiniteLossError, Precision, compile_losses, compile_stats,
-                              deterministic_mode, release_compiled, resolve_precision, seed_everything, train_step)
-from hisf.engine.trial_data import DataError, check_labels, open_trial_data
-from hisf.model.backbone import BackboneError, load_backbone
+from hisf.engine.member import FAILED, STOPPED, TRAINING
+from hisf.engine.step import (CudaGraphSkips, NonFiniteLossError, compile_stats, deterministic_mode, release_compiled,
+                              train_step)
+from hisf.engine.trial_data import DataError
+from hisf.model.backbone import BackboneError
 from hisf.model.prompts import PromptError
 
 __all__ = ["INPUT_ERRORS", "free_trial_memory", "run_group", "run_trial"]
@@ -57,13 +58,14 @@ def run_group(cfgs: Sequence[TrialConfig], callbacks: Sequence[Sequence[TrialCal
         cfg.validate()
     check_group(cfgs)
     callbacks = [list(c) for c in (callbacks if callbacks is not None else [()] * len(cfgs))]
-    env = init_from_env(cfgs[0].device)
-    try:
-        with deterministic_mode(cfgs[0].train.deterministic):
+    # Entered before the device is chosen: in a fresh process CUBLAS_WORKSPACE_CONFIG is then set before CUDA starts.
+    with deterministic_mode(cfgs[0].train.deterministic):
+        env = init_from_env(cfgs[0].device)
+        try:
             return _run(list(cfgs), callbacks, resume, env)
-    finally:
-        free_trial_memory(env, compiled=cfgs[0].train.compile)
-        shutdown(env)
+        finally:
+            free_trial_memory(env, compiled=cfgs[0].train.compile)
+            shutdown(env)
 
 
 def free_trial_memory(env: DistEnv, compiled: bool) -> None:
@@ -79,26 +81,8 @@ def free_trial_memory(env: DistEnv, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-@dataclass
-class Group:
-    """A built group: the shared model, ranks and precision, and its members in the order of the model's member axis
-    (`members` shrinks as members leave; `everyone` keeps them all, in the order they were given)."""
-
-    env: DistEnv
-    precision: Precision
-    model: Any
-    everyone: list[Member]
-    members: list[Member]
-    device_name: str
-    steps_per_epoch: int = 0
-    eager_fallbacks: int = 0  # Dynamo's process-wide count before this group (train.compile)
-
-    def stacked(self) -> list[torch.nn.Parameter]:
-        return [p for _, p in self.model.member_parameters() if p.requires_grad]
-
-
 def _run(cfgs: list[TrialConfig], callbacks: list[list[TrialCallback]], resume: bool, env: DistEnv) -> list:
-    g = _build(cfgs, callbacks, env)
+    g = build_group(cfgs, callbacks, env)
     for m in g.members:
         m.resumed = resume and ckpt.resume(m.out_dir, m.state, m.identity, m.data.train.classnames, env.rank,
                                            env.device)
@@ -112,60 +96,6 @@ def _run(cfgs: list[TrialConfig], callbacks: list[list[TrialCallback]], resume: 
         _end_epoch(g)
     _warn_eager_fallbacks(g)
     return [m.result for m in g.everyone]
-
-
-def _build(cfgs: list[TrialConfig], callbacks: list[list[TrialCallback]], env: DistEnv) -> Group:
-    """Open every member's data (each data error is raised here, before the model), then build the model with one
-    slice per member and each member's optimiser over its slice."""
-    from hisf.model.methods import build_method  # imports open_clip: only where a trial runs
-
-    tc = cfgs[0].train
-    device_name = check_device(env.device)  # an assigned GPU torch cannot use fails here, not as a slow CPU trial
-    precision = resolve_precision(tc.precision, env.device)
-    members = []
-    for cfg, cbs in zip(cfgs, callbacks):
-        data = open_trial_data(cfg, env)
-        members.append(Member(cfg, listeners(cbs, env.is_main), data,
-                              ckpt.ResumeIdentity.of(cfg, env.world_size, data.fingerprints),
-                              NanGuard(cfg.train.max_nonfinite_steps)))
-    _check_same_data(members, env)
-    for m in members:
-        m.call("on_trial_start", {**m.data.describe(), "precision": precision.name,
-                                  "compile": tc.compile_mode if tc.compile else "eager", "device_name": device_name,
-                                  "group_size": len(members)})
-    seed_everything(cfgs[0].seed)
-    first = members[0]
-    backbone = load_backbone(cfgs[0].backbone)
-    model = build_method(cfgs[0].method, backbone, first.data.train.classnames, template=first.data.template,
-                         dataset=cfgs[0].data.dataset, members=[c.method for c in cfgs],
-                         seeds=[c.seed for c in cfgs]).to(env.device)
-    for m in members:
-        m.data.bind(backbone, m.cfg)
-        for what, subset in (("data.dataset train", m.data.train), ("data.dataset val", m.data.val)):
-            check_labels(subset, len(model.classnames), what)
-    fallbacks = 0
-    if tc.compile:
-        release_compiled(None)  # a fresh Dynamo cache per group: earlier groups' class sets never count here
-        compile_losses(model, tc.compile_mode)
-        fallbacks = compile_stats()["eager_fallbacks"]
-    trains = bool(model.num_trainable())
-    for i, m in enumerate(members):
-        m.epochs = m.cfg.train.epochs if trains else 0
-        m.bind(model, i, precision)
-    steps = len(first.data.train_loader(epoch=0)) if any(m.epochs for m in members) else 0
-    return Group(env, precision, model, list(members), members, device_name, steps, fallbacks)
-
-
-def _check_same_data(members: list[Member], env: DistEnv) -> None:
-    """Members step together and score the same test sets: equal steps per epoch and identical evaluation sets."""
-    first = members[0]
-    batch = first.cfg.train.batch_size * env.world_size
-    for i, m in enumerate(members[1:], start=1):
-        if len(m.data.train) // batch != len(first.data.train) // batch:
-            raise ConfigError(f"group: member {i} ({m.out_dir}) draws {len(m.data.train)} training samples, member 0 "
-                              f"{len(first.data.train)}: their epochs would not end together; run them in separate groups")
-        if [(e.metric, e.subset.keys) for e in m.data.evals] != [(e.metric, e.subset.keys) for e in first.data.evals]:
-            raise ConfigError(f"group: member {i} ({m.out_dir}) evaluates other test sets than member 0")
 
 
 def _log_start(g: Group) -> None:
@@ -188,6 +118,9 @@ def _train_epoch(g: Group) -> None:
     for i, m in enumerate(members):
         m.start_epoch(g.steps_per_epoch, env, log_line=i == 0, members=len(members))
     loaders = [m.data.train_loader(epoch=m.state.epoch) for m in members]
+    tc = members[0].cfg.train
+    # CUDA graphs asked for: the first step compiles the graphs, and says whether Inductor kept CUDA graphs.
+    graphs = CudaGraphSkips() if tc.compile and tc.compile_mode == "reduce-overhead" and not g.stepped else None
     for batches in zip(*loaders):
         training = [m for m in members if m.outcome == TRAINING]
         if not training:
@@ -195,7 +128,13 @@ def _train_epoch(g: Group) -> None:
         # Pinned batches on CUDA (TrialData): the copies overlap the previous step's kernels.
         images = torch.cat([b[0] for b in batches]).to(env.device, non_blocking=True)
         labels = torch.stack([b[1] for b in batches]).to(env.device, non_blocking=True)
-        results = train_step(g.model, images, labels, [m.state for m in training], g.precision, env)
+        with graphs if graphs is not None else contextlib.nullcontext():
+            results = train_step(g.model, images, labels, [m.state for m in training], g.precision, env)
+        if graphs is not None:
+            if (line := graphs.report(env.device, tc.deterministic)) and env.is_main:
+                log.warning(line)
+            graphs = None
+        g.stepped = True
         reported, stops = False, []
         for m, res in zip(training, results):
             s = m.state

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .build import DEFAULT_UI_URL, Report, build_report, default_storage, default_tracking_uri
+from orchestrator.context import DEFAULT_WORKDIR, default_optuna_storage, default_tracking_uri
+
+from .build import DEFAULT_UI_URL, Report, build_report
 from .plan import ReportError, ReportPlan, load_plan, plan_from_dict
 
 __all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_plan", "plan_from_dict"]
@@ -15,7 +17,7 @@ __all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hisf-bench report", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("spec", help="experiment spec (experiments/*.yaml)")
-    parser.add_argument("--workdir", default="hisf-bench",
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
                         help="the run commands' --workdir, where the default stores are (default: ./hisf-bench)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
         plan = load_plan(args.spec)
         out = Path(args.out) if args.out else Path(args.workdir) / "reports" / plan.name
         tracking_uri = args.tracking_uri or default_tracking_uri(args.workdir)
-        storage = args.storage or default_storage(args.workdir)
+        storage = args.storage or default_optuna_storage(args.workdir)
         report = build_report(plan, out, tracking_uri, storage, args.ui_url)
     except (ReportError, ValueError) as e:
         print(f"hisf-bench report: {e}", file=sys.stderr)
@@ -38,6 +40,8 @@ def main(argv: list[str]) -> int:
     done, total, notes = missing_summary(report.table)
     print(f"report: {report.index.resolve()}  ({done}/{total} seeded runs finished"
           + (f", {len(notes)} cell(s) incomplete" if notes else "") + ")")
+    if report.environments.mixed:
+        print(f"  warning: {report.environments.note()}")
     print(f"  open it:         xdg-open {report.index.resolve()}  (or file://{report.index.resolve()})")
     print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}  ->  {args.ui_url}")
     print(f"  Optuna dashboard: optuna-dashboard {storage}  (pip install optuna-dashboard)")

@@ -5,24 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.context import default_optuna_storage, default_tracking_uri
+
+from .environments import EnvironmentSummary, summarise_environments
 from .export import write_tables
 from .figures import bar_charts, depth_curve
 from .index import RunLinks, write_index
 from .plan import ReportPlan
-from .runs import pending_runs, read_runs, table_runs
+from .runs import pending_runs, read_runs, table_launches, table_runs
 from .studies import StudyReport, write_study_reports
 from .tables import Table, build_table
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
-
-
-def default_tracking_uri(workdir: str | Path = "hisf-bench") -> str:
-    # The same defaults as the run commands (orchestrator.tracking / orchestrator.search).
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
-
-
-def default_storage(workdir: str | Path = "hisf-bench") -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'optuna.db'}"
 
 
 @dataclass(frozen=True)
@@ -33,21 +27,28 @@ class Report:
     tables: dict[str, Path]
     figures: list[Path]
     studies: list[StudyReport]
+    environments: EnvironmentSummary
 
 
 def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, storage: str | None = None,
                  ui_url: str = DEFAULT_UI_URL) -> Report:
     tracking_uri = tracking_uri or default_tracking_uri()
-    storage = storage or default_storage()
+    storage = storage or default_optuna_storage()
     tracked = read_runs(plan, tracking_uri)
-    table = build_table(plan, table_runs(plan, tracked), pending_runs(plan, tracked), tracked.experiment_id)
+    # One launch per table: cells never mix runs of two launches (docs/interfaces.md, tracking layout).
+    launches = table_launches(tracked)
+    launch = launches[0] if launches else None
+    chosen = table_runs(plan, tracked, launch)
+    table = build_table(plan, chosen, pending_runs(plan, tracked, launch), tracked.experiment_id, launch,
+                        tuple(launches[1:]))
+    environments = summarise_environments(chosen.values())
     out = Path(out)
-    tables = write_tables(table, out)
+    tables = write_tables(table, out, environments)
     figures = bar_charts(table, out / "figures")
     curve = depth_curve(plan, table, out / "figures")
     if curve is not None:
         figures.insert(0, curve)
     links = RunLinks(ui_url, tracked.experiment_id)
     studies = write_study_reports(plan, storage, out / "studies", tracked, links.run)
-    index = write_index(out, table, links, tables, figures, studies, tracking_uri, storage)
-    return Report(out, index, table, tables, figures, studies)
+    index = write_index(out, table, links, tables, figures, studies, tracking_uri, storage, environments)
+    return Report(out, index, table, tables, figures, studies, environments)

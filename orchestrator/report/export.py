@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .environments import EnvironmentSummary, markdown_lines
 from .tables import HEADERS, Table, format_cell
 
 
@@ -29,12 +30,13 @@ def tidy(table: Table) -> pd.DataFrame:
                     "seeds": ",".join(str(s) for s in sorted(cell.values)),
                     "missing_seeds": ",".join(str(s) for s in table.seeds if s not in cell.values),
                     "run_ids": ",".join(cell.run_ids),
+                    "launches": ",".join(cell.launches),
                     "pending": ",".join(cell.pending),
                 })
         for ref_row, cols in sec.reference.items():
             for col, value in cols.items():
                 base = {"section": sec.title, "column": col, "std": None, "n": None, "expected": None,
-                        "seeds": "", "missing_seeds": "", "run_ids": "", "pending": ""}
+                        "seeds": "", "missing_seeds": "", "run_ids": "", "launches": "", "pending": ""}
                 records.append({**base, "row": f"{ref_row} (paper)", "kind": "paper", "mean": value,
                                 "status": "reference"})
                 delta = table.delta(sec, ref_row, col)
@@ -45,14 +47,18 @@ def tidy(table: Table) -> pd.DataFrame:
     return df.astype({"mean": "float64", "std": "float64", "n": "Int64", "expected": "Int64"})
 
 
-def markdown(table: Table) -> str:
+def markdown(table: Table, environments: EnvironmentSummary | None = None) -> str:
     seeds = ", ".join(str(s) for s in table.seeds)
+    note = environments.note() if environments is not None else None
     lines = [
         f"# {table.name}: {table.shape}",
         "",
+        *([f"**{note}** (see Environments below)", ""] if note else []),
         f"Mean ± sample std (ddof=1) over seeds {seeds}; `(n=k/{len(table.seeds)})` marks cells with fewer "
         "finished seeds, `missing` cells with none (with the state of unfinished runs). Reference rows are the "
         "paper's numbers (docs/protocols.md); `− paper` rows are ours minus the paper's.",
+        "",
+        f"Source: {table.source()}",
         "",
     ]
     for sec in table.sections:
@@ -72,15 +78,17 @@ def markdown(table: Table) -> str:
                 lines.append(f"| {ref_row} − paper | " + " | ".join(
                     f"{d:+.2f}" if d is not None else "" for d in deltas) + " |")
         lines.append("")
+    if environments is not None:
+        lines += markdown_lines(environments)
     return "\n".join(lines)
 
 
-def write_tables(table: Table, out: Path) -> dict[str, Path]:
-    """`<name>.md`, `<name>.csv`, `<name>.parquet` under out; returns the paths by format."""
+def write_tables(table: Table, out: Path, environments: EnvironmentSummary | None = None) -> dict[str, Path]:
+    """`<name>.md` (with the runs' environments), `<name>.csv`, `<name>.parquet` under out; the paths by format."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"table_{table.shape}"
     paths = {"md": stem.with_suffix(".md"), "csv": stem.with_suffix(".csv"), "parquet": stem.with_suffix(".parquet")}
-    paths["md"].write_text(markdown(table))
+    paths["md"].write_text(markdown(table, environments))
     df = tidy(table)
     df.to_csv(paths["csv"], index=False)
     df.to_parquet(paths["parquet"], engine="pyarrow", index=False)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
+from .environments import SHOWN, EnvironmentSummary
 from .export import header
 from .studies import StudyReport
 from .tables import Cell, Table, format_cell
@@ -34,7 +35,7 @@ def _cell_html(cell: Cell, links: RunLinks) -> str:
     text = html.escape(format_cell(cell))
     cls = {"complete": "ok", "partial": "partial", "missing": "missing"}[cell.status]
     if cell.run_ids:
-        title = f"{len(cell.run_ids)} MLflow run(s)"
+        title = f"{len(cell.run_ids)} MLflow run(s) of launch {', '.join(cell.launches)}"
         text = f"<a href=\"{html.escape(links.cell(cell.run_ids))}\" title=\"{title}\">{text}</a>"
     return f"<td class=\"{cls}\">{text}</td>"
 
@@ -79,9 +80,39 @@ def missing_summary(table: Table) -> tuple[int, int, list[str]]:
     return done, total, notes
 
 
+def environments_html(summary: EnvironmentSummary | None, links: RunLinks) -> str:
+    """The index's Environments section: one column per environment, the differing keys marked."""
+    if summary is None or (not summary.environments and not summary.unrecorded):
+        return "<p>No finished run in the table yet.</p>"
+    parts = []
+    if summary.environments:
+        head = "".join(f"<th>env {i + 1}</th>" for i in range(len(summary.environments)))
+        rows = ["<tr><th>runs</th>" + "".join(
+            f"<td><a href=\"{html.escape(links.cell(e.run_ids))}\">{len(e.run_ids)}</a></td>"
+            for e in summary.environments) + "</tr>"]
+        for key in SHOWN:
+            cls = " class=\"differs\"" if key in summary.differing else ""
+            rows.append(f"<tr{cls}><th>{html.escape(key)}</th>" + "".join(
+                f"<td>{html.escape(e.value(key))}</td>" for e in summary.environments) + "</tr>")
+        rows.append("<tr><th>hosts</th>" + "".join(f"<td>{html.escape(', '.join(e.hosts))}</td>"
+                                                    for e in summary.environments) + "</tr>")
+        if len(summary.environments) > 1:
+            rows.append("<tr><th>cells</th>" + "".join(f"<td>{html.escape(', '.join(e.cells))}</td>"
+                                                        for e in summary.environments) + "</tr>")
+        parts.append(f"<table class=\"env\"><tr><th></th>{head}</tr>{''.join(rows)}</table>")
+    if summary.unrecorded:
+        parts.append(f"<p class=\"note\">Without an environment record: {len(summary.unrecorded)} run(s) "
+                     f"(tracked before runs recorded their environment).</p>")
+    return "\n".join(parts)
+
+
 def write_index(out: Path, table: Table, links: RunLinks, table_files: dict[str, Path], figures: list[Path],
-                studies: list[StudyReport], tracking_uri: str, storage: str) -> Path:
+                studies: list[StudyReport], tracking_uri: str, storage: str,
+                environments: EnvironmentSummary | None = None) -> Path:
     done, total, notes = missing_summary(table)
+    env_note = environments.note() if environments is not None else None
+    env_banner = f"<p class=\"mixed\">{html.escape(env_note)} (see <a href=\"#environments\">Environments</a>)</p>" \
+        if env_note else ""
     files = " · ".join(f"<a href=\"{p.name}\">{k.upper()}</a>" for k, p in table_files.items())
     figs = "\n".join(f"<figure><img src=\"{p.relative_to(out).as_posix()}\" alt=\"{p.stem}\">"
                      f"<figcaption>{p.name}</figcaption></figure>" for p in figures)
@@ -102,16 +133,22 @@ body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collaps
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th:first-child{{text-align:left}}
 td.missing{{background:#fde2e2}} td.partial{{background:#fff4d6}} td.ref{{color:#555}} td.delta{{color:#225}}
 .note{{color:#a60}} figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:580px}}
+.mixed{{background:#fde2e2;padding:6px 10px;border-left:4px solid #a00}} tr.differs th,tr.differs td{{background:#fff4d6}}
+table.env td{{text-align:left}}
 code{{background:#f4f4f4;padding:1px 4px}}
 </style></head>
 <body>
 <h1>hisf-bench report: {html.escape(table.name)} ({html.escape(table.shape)})</h1>
 <p>{done} of {total} expected seeded runs finished. Cells show mean ± sample std (ddof=1) over seeds
 {', '.join(str(s) for s in table.seeds)}; each links to its MLflow runs. Tables: {files}.</p>
+{env_banner}
+<p class="source">{html.escape(table.source())}</p>
 <h2>Missing</h2>
 {missing_html}
 <h2>Tables</h2>
 {table_html(table, links)}
+<h2 id="environments">Environments</h2>
+{environments_html(environments, links)}
 <h2>Figures</h2>
 {figs or '<p>No figure.</p>'}
 <h2>Optuna studies</h2>

@@ -47,6 +47,7 @@ class ReportPlan:
     seeds: tuple[int, ...]
     search_params: tuple[str, ...]
     search_metric: str = "val_acc"
+    spec_hash: str = ""
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -76,7 +77,7 @@ def plan_from_spec(spec: Any) -> ReportPlan:
     """What the tables expect from a validated `orchestrator.spec.ExperimentSpec`."""
     from hisf.config import TrialConfig, replace_path
 
-    from orchestrator.tracking import _param_str
+    from orchestrator.tracking import param_str
 
     if spec.report not in SHAPES:
         raise ReportError(f"report: unknown report shape {spec.report!r}; expected one of {list(SHAPES)}")
@@ -88,7 +89,7 @@ def plan_from_spec(spec: Any) -> ReportPlan:
         cfg = TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0]))
         # Compare against params as the tracker logs them: the value coerced by the config (1 -> "1.0"
         # for a float key), then written by the tracker's own formatter.
-        logged = [[_param_str(replace_path(cfg, k, v).flatten()[k]) for v in grid[k]] for k in grid_keys]
+        logged = [[param_str(replace_path(cfg, k, v).flatten()[k]) for v in grid[k]] for k in grid_keys]
         for combo in itertools.product(*logged):
             variants.append(Variant(row.name, tuple(zip(grid_keys, combo))))
     if spec.final is not None:
@@ -111,4 +112,5 @@ def plan_from_spec(spec: Any) -> ReportPlan:
         seeds=seeds,
         search_params=tuple(p.key for p in search.params) if search else (),
         search_metric=search.metric if search else "val_acc",
+        spec_hash=spec.hash,
     )

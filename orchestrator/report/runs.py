@@ -1,4 +1,5 @@
-"""Reading the trial runs behind a report out of MLflow (the tracking layout of docs/interfaces.md)."""
+"""Reading the trial runs behind a report out of MLflow (the tracking layout of docs/interfaces.md), and
+choosing the one launch (stage parent run) each table is built from."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .plan import ReportError, ReportPlan, Variant
 
 # Stages whose runs fill the tables; search-stage runs only feed the Optuna study reports.
 TABLE_STAGES = ("final", "sweep")
+# A run `--resume` replaced by a rerun of the same trial id with another identity (orchestrator/resume.py).
+STALE_TAG = "hisf.stale"
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,27 @@ class TrialRun:
     start_time: int
     tags: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def parent_run_id(self) -> str:
+        """The launch (stage parent run) the run belongs to."""
+        return self.tags.get("mlflow.parentRunId", "")
+
+    @property
+    def stale(self) -> bool:
+        return STALE_TAG in self.tags
+
     def variant(self, plan: ReportPlan) -> Variant:
         return Variant(self.row, tuple((k, self.params.get(k, "")) for k in plan.grid_keys))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One run of a stage command (its MLflow parent run), with everything `--resume` added to it."""
+
+    run_id: str
+    stage: str
+    start_time: int
+    spec_hash: str = ""
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,8 @@ class TrackedRuns:
     runs: tuple[TrialRun, ...]
     # Study names of the latest search stage (its parent run's `optuna.studies` tag), None if no stage says.
     studies: tuple[str, ...] | None = None
+    # The table stages' parent runs, by run id.
+    launches: dict[str, Launch] = field(default_factory=dict)
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -70,16 +94,19 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
         )
         stages = mlflow.search_runs(
             experiment_ids=[experiment.experiment_id],
-            filter_string="tags.`hisf.kind` = 'stage' and tags.`hisf.stage` = 'search'",
+            filter_string="tags.`hisf.kind` = 'stage'",
             output_format="list",
             order_by=["attributes.start_time DESC"],
-            max_results=1,
         )
     finally:
         mlflow.set_tracking_uri(previous)
     studies = None
-    if stages and stages[0].data.tags.get("optuna.studies"):
-        studies = tuple(stages[0].data.tags["optuna.studies"].split(","))
+    searches = [r for r in stages if r.data.tags.get("hisf.stage") == "search"]
+    if searches and searches[0].data.tags.get("optuna.studies"):
+        studies = tuple(searches[0].data.tags["optuna.studies"].split(","))
+    launches = {r.info.run_id: Launch(r.info.run_id, r.data.tags.get("hisf.stage", ""), r.info.start_time or 0,
+                                      r.data.tags.get("hisf.spec_hash", ""))
+                for r in stages if r.data.tags.get("hisf.stage") in TABLE_STAGES}
     runs = []
     for r in found:
         tags = dict(r.data.tags)
@@ -99,34 +126,54 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
                 tags=tags,
             )
         )
-    return TrackedRuns(experiment.experiment_id, tuple(runs), studies)
+    return TrackedRuns(experiment.experiment_id, tuple(runs), studies, launches)
 
 
-def table_runs(plan: ReportPlan, tracked: TrackedRuns) -> dict[tuple[Variant, str, int], TrialRun]:
-    """The one run per (variant, dataset, seed) that a table cell uses.
+def table_launches(tracked: TrackedRuns) -> list[Launch]:
+    """The launches whose trial runs could fill a table, best first: final before sweep, then newest."""
+    found: dict[str, Launch] = {}
+    for run in tracked.runs:
+        if run.stage in TABLE_STAGES and not run.stale:
+            known = tracked.launches.get(run.parent_run_id)
+            if known is None:  # a parent not recorded as a stage (runs logged by hand): dated by its runs
+                prior = found.get(run.parent_run_id)
+                known = Launch(run.parent_run_id, run.stage, min(run.start_time, prior.start_time if prior else run.start_time))
+            found[run.parent_run_id] = known
+    rank = {stage: i for i, stage in enumerate(TABLE_STAGES)}
+    return sorted(found.values(), key=lambda ln: (rank.get(ln.stage, len(rank)), -ln.start_time))
 
-    A finished final-stage run wins over a sweep-stage one, and the newest wins among equals (a rerun
-    of a trial after a failure); runs of rows, datasets or seeds the spec does not list are ignored.
+
+def table_runs(plan: ReportPlan, tracked: TrackedRuns, launch: Launch | None = None) -> dict[tuple[Variant, str, int], TrialRun]:
+    """The one run per (variant, dataset, seed) that a table cell uses, all from one launch (default: the
+    first of `table_launches`), so a table never mixes runs of two launches (e.g. earlier searched values).
+
+    Stale runs (replaced by a rerun of the same trial) are left out, and the newest wins among equals (a
+    rerun after a failure); runs of rows, datasets or seeds the spec does not list are ignored.
     """
+    launch = launch or next(iter(table_launches(tracked)), None)
+    if launch is None:
+        return {}
     wanted = set(plan.variants)
     chosen: dict[tuple[Variant, str, int], TrialRun] = {}
-    rank = {stage: i for i, stage in enumerate(TABLE_STAGES)}
-    for run in tracked.runs:  # newest first
-        if run.stage not in rank or run.status != "finished" or run.seed not in plan.seeds:
+    for run in _of_launch(tracked, launch):  # newest first
+        if run.status != "finished" or run.seed not in plan.seeds:
             continue
         variant = run.variant(plan)
         if variant not in wanted or run.dataset not in plan.datasets:
             continue
-        key = (variant, run.dataset, run.seed)
-        if key not in chosen or rank[run.stage] < rank[chosen[key].stage]:
-            chosen[key] = run
+        chosen.setdefault((variant, run.dataset, run.seed), run)
     return chosen
 
 
-def pending_runs(plan: ReportPlan, tracked: TrackedRuns) -> dict[tuple[Variant, str], list[TrialRun]]:
-    """Table-stage runs that have not finished (running, failed, pruned), by cell: the report shows them."""
+def pending_runs(plan: ReportPlan, tracked: TrackedRuns, launch: Launch | None = None) -> dict[tuple[Variant, str], list[TrialRun]]:
+    """The launch's runs that have not finished (running, failed, pruned), by cell: the report shows them."""
+    launch = launch or next(iter(table_launches(tracked)), None)
     out: dict[tuple[Variant, str], list[TrialRun]] = {}
-    for run in tracked.runs:
-        if run.stage in TABLE_STAGES and run.status != "finished":
+    for run in _of_launch(tracked, launch) if launch else ():
+        if run.status != "finished":
             out.setdefault((run.variant(plan), run.dataset), []).append(run)
     return out
+
+
+def _of_launch(tracked: TrackedRuns, launch: Launch) -> list[TrialRun]:
+    return [r for r in tracked.runs if r.parent_run_id == launch.run_id and r.stage == launch.stage and not r.stale]

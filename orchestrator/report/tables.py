@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .plan import PAPER_DATASETS, ReportPlan, Variant
 from .reference import AVERAGE, reference_cells
-from .runs import TrialRun
+from .runs import Launch, TrialRun
 
 TARGET_AVERAGE = "target_average"
 HEADERS = {"base_acc": "Base", "novel_acc": "Novel", "hm": "HM", "acc": "Source", TARGET_AVERAGE: "Average"}
@@ -25,6 +26,7 @@ class Cell:
     run_ids: tuple[str, ...] = ()
     pending: tuple[str, ...] = ()  # statuses of unfinished runs for the missing seeds (running, failed, ...)
     incomplete_parts: int = 0  # derived cells: parts not complete (a partial or missing dataset or target)
+    launches: tuple[str, ...] = ()  # the MLflow parent runs (launches) its runs belong to
 
     @property
     def n(self) -> int:
@@ -59,6 +61,26 @@ class Table:
     experiment_id: str
     rows: tuple[str, ...]  # our row labels in spec order
     sections: list[Section]
+    launch: Launch | None = None  # the one launch every cell's runs come from
+    other_launches: tuple[Launch, ...] = ()  # table-stage launches not used (older, or of the other stage)
+    spec_hash: str = ""  # the spec's hash now
+
+    def source(self) -> str:
+        """Where the numbers come from: the launch (MLflow parent run), when it started, its spec hash."""
+        if self.launch is None:
+            return "No finished final or sweep launch yet."
+        ln = self.launch
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ln.start_time / 1000)) if ln.start_time else "?"
+        text = f"Every cell comes from one {ln.stage} launch: MLflow parent run {ln.run_id or '(none)'}, started {started}"
+        if ln.spec_hash:
+            text += f", spec hash {ln.spec_hash}"
+            if self.spec_hash and ln.spec_hash != self.spec_hash:
+                text += f" (the spec's hash is now {self.spec_hash}: these runs are of an earlier version of the spec)"
+        text += "."
+        if self.other_launches:
+            text += f" {len(self.other_launches)} other final/sweep launch(es) not used: " + ", ".join(
+                f"{o.stage} {o.run_id}" for o in self.other_launches) + "."
+        return text
 
     def delta(self, section: Section, ref_row: str, column: str) -> float | None:
         """Ours − paper for the row of the same name, when both exist."""
@@ -70,8 +92,9 @@ class Table:
 
 
 def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRun],
-                pending: dict[tuple[Variant, str], list[TrialRun]], experiment_id: str) -> Table:
-    """Aggregate the chosen runs into the report shape the spec names."""
+                pending: dict[tuple[Variant, str], list[TrialRun]], experiment_id: str,
+                launch: Launch | None = None, other_launches: tuple[Launch, ...] = ()) -> Table:
+    """Aggregate the chosen runs (all of `launch`) into the report shape the spec names."""
     labels = tuple(v.label for v in plan.variants)
     sections: list[Section] = []
     transfer = plan.protocol in ("cross_dataset", "domain_generalization")
@@ -95,7 +118,8 @@ def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRu
             in_section = {col: val for (title, col), val in cells.items() if title == sec.title}
             if in_section:
                 sec.reference[ref_row] = in_section
-    return Table(plan.name, plan.shape, plan.seeds, experiment_id, labels, sections)
+    return Table(plan.name, plan.shape, plan.seeds, experiment_id, labels, sections, launch, tuple(other_launches),
+                 plan.spec_hash)
 
 
 def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
@@ -126,8 +150,9 @@ def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
 def _run_cell(runs: dict[int, TrialRun], metric: str, expected: int, unfinished: list[TrialRun]) -> Cell:
     values = {seed: r.metrics[metric] for seed, r in runs.items() if metric in r.metrics}
     ids = tuple(r.run_id for seed, r in sorted(runs.items()) if seed in values)
+    launches = tuple(sorted({r.parent_run_id for seed, r in runs.items() if seed in values}))
     mean = statistics.fmean(values.values()) if values else None
-    return Cell(values, expected, mean, ids, tuple(sorted(r.status for r in unfinished)))
+    return Cell(values, expected, mean, ids, tuple(sorted(r.status for r in unfinished)), launches=launches)
 
 
 def _derived(parts: list[Cell], combine: Callable[[list[float]], float], expected: int) -> Cell:
@@ -140,7 +165,8 @@ def _derived(parts: list[Cell], combine: Callable[[list[float]], float], expecte
     ids = tuple(i for p in parts for i in p.run_ids)
     pending = tuple(s for p in parts for s in p.pending)
     partial = sum(1 for p in parts if p.status != "complete")
-    return Cell(values, expected, mean, ids, pending, incomplete_parts=partial)
+    launches = tuple(sorted({ln for p in parts for ln in p.launches}))
+    return Cell(values, expected, mean, ids, pending, incomplete_parts=partial, launches=launches)
 
 
 def _mean(xs: list[float]) -> float:

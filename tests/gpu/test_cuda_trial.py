@@ -120,3 +120,27 @@ def test_trial_loaders_feed_cuda_from_pinned_memory(cuda, demo_root, tmp_path, w
         torch.cuda.synchronize(cuda)
         assert on_gpu[0].device == cuda
         assert torch.equal(on_gpu[0].cpu(), want_images) and torch.equal(on_gpu[1].cpu(), want_labels)
+
+
+def test_deterministic_reduce_overhead_trial_keeps_cuda_graphs(demo_root, tmp_path, caplog):
+    """train.deterministic with CUDA graphs: Inductor lowers the text pooling's accumulating index backward to
+    aten's deterministic kernel; torch >= 2.10 keeps CUDA graphs for it (older torch turns them off, and the
+    trial's log must then say so). Last in the file: the one cold compile here is the most expendable test."""
+    import logging
+
+    from hisf.config import TrialConfig
+    from hisf.engine import run_trial
+    from hisf.engine.step import CUDAGRAPH_DETERMINISTIC_FIX, torch_version
+    from torch._dynamo.utils import counters
+
+    cfg = cuda_trial_dict(demo_root, tmp_path / "det", train={"epochs": 1, "compile": True,
+                                                             "compile_mode": "reduce-overhead", "deterministic": True})
+    counters.clear()
+    with caplog.at_level(logging.WARNING, logger="hisf.engine"):
+        result = run_trial(TrialConfig.from_dict(cfg))
+    assert result["train/loss"] == result["train/loss"] and counters["frames"]["ok"] > 0  # finite, compiled
+    skipped = [r.getMessage() for r in caplog.records if "without CUDA graphs" in r.getMessage()]
+    if torch_version() >= CUDAGRAPH_DETERMINISTIC_FIX:
+        assert skipped == [] and not counters["inductor"]["cudagraph_skips"], skipped
+    else:
+        assert len(skipped) == 1 and "under train.deterministic" in skipped[0], skipped

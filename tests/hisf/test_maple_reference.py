@@ -96,3 +96,42 @@ def test_reference_moves_every_tensor_with_to(backbone, classes):
     assert block.attn_mask.dtype == torch.float64 and block.attn_mask[0, 1] == float("-inf")
     ref = ref.to("meta")
     assert {b.device.type for b in ref.buffers()} == {"meta"}
+
+
+def test_maple_fp16_storage_keeps_layernorms_float32_and_trains(backbone, classes, images):
+    """MaPLe's `PREC: fp16` storage (OpenAI's convert_weights + its prompt learner's dtypes) runs forward and
+    backward (here on the CPU, as in `gpu_check.sh --cpu-smoke`) and gives the fp32 logits up to half precision;
+    a blanket `.half()` puts the LayerNorms in half and fails next to their float32 inputs."""
+    import torch.nn.functional as F
+
+    from benchmarks.maple_reference import to_maple_fp16
+
+    ckpt = maple_checkpoint(3, 2, backbone.text_width, backbone.vision_width, len(classes))
+    ref = reference_from_backbone(backbone, ckpt["state_dict"], classes)
+    with torch.no_grad():
+        want = ref(images)
+    half = to_maple_fp16(reference_from_backbone(backbone, ckpt["state_dict"], classes))
+    dtypes = {name: p.dtype for name, p in half.named_parameters()}
+    fp32 = {n for n, d in dtypes.items() if d == torch.float32}
+    assert all(dtypes[n] == torch.float32 for n in dtypes if ".ln_" in n or n.startswith(("ln_final", "visual.ln_")))
+    assert {"token_embedding.weight", "positional_embedding", "visual.positional_embedding", "visual.class_embedding",
+            "logit_scale", "compound_prompts_text.0", "compound_prompt_projections.1.weight"} <= fp32
+    for name in ("visual.conv1.weight", "visual.proj", "text_projection", "transformer.resblocks.0.attn.in_proj_weight",
+                 "transformer.resblocks.2.attn.out_proj.weight", "visual.transformer.resblocks.1.mlp.c_fc.weight",
+                 "ctx", "proj.weight", "proj.bias"):
+        assert dtypes[name] == torch.float16, name
+    assert half.dtype == torch.float16 and half.token_prefix.dtype == torch.float16
+    got = half(images)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2 * float(want.abs().max()))
+    loss = F.cross_entropy(got, torch.tensor([0, 1, 2, 1]))
+    loss.backward()
+    assert half.ctx.grad.dtype == torch.float16 and half.compound_prompts_text[0].grad.dtype == torch.float32
+    assert torch.isfinite(half.ctx.grad).all() and half.ctx.grad.abs().sum() > 0
+    # A new class set (MaPLe: a new prompt learner over the same parameters) keeps the storage.
+    half.set_classnames([*classes, "sea turtle"], backbone.tokenizer)
+    assert half(images).shape == (4, 4) and half.token_suffix.dtype == torch.float16
+
+    blanket = reference_from_backbone(backbone, ckpt["state_dict"], classes).half()
+    with pytest.raises(RuntimeError, match=r"(?i)dtype|scalar type"):
+        blanket(images)

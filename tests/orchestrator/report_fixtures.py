@@ -44,12 +44,13 @@ def known_metrics(rng: np.random.Generator, protocol: str, targets=()) -> dict[s
 
 
 def write_store(tmp_path: Path, spec: dict, skip=(), running=(), failed=(), variants=None, stage="final",
-                seed_rng=0):
+                seed_rng=0, extra_tags=None):
     """Write one finished child run per (row, variant, dataset, seed), minus `skip`; returns (uri, runs).
 
     `skip`/`running`/`failed` hold (row, dataset, seed) keys: no run, a run left RUNNING without metrics,
     a run marked hisf.status=failed. `runs` maps each key (row, variant values, dataset, seed) to its
-    run id and metrics, the reference the tests compare the report against.
+    run id and metrics, the reference the tests compare the report against. `extra_tags(row, dataset, seed)`
+    gives more tags for a run (e.g. its `env.*` environment record).
     """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -76,6 +77,8 @@ def write_store(tmp_path: Path, spec: dict, skip=(), running=(), failed=(), vari
                     }
                     if status != "running":
                         tags["hisf.status"] = status
+                    if extra_tags is not None:
+                        tags.update(extra_tags(row["name"], dataset, seed))
                     run_id = client.create_run(exp, tags=tags, start_time=int(time.time() * 1000)).info.run_id
                     params = [Param("seed", str(seed)), Param("method.name", row["method"]["name"])]
                     params += [Param(k, str(v)) for k, v in values]

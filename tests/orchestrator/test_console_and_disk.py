@@ -12,9 +12,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator.checkpoints import DropFinishedCheckpoints
+from orchestrator.resume import DropFinishedCheckpoints
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.tuning import FINAL_KEY, STATUS_KEY
+from orchestrator.results import FINAL_KEY, STATUS_KEY
 
 from orch_helpers import mlflow_children, run_cli, write_spec
 
@@ -109,7 +109,7 @@ def test_tune_copy_goes_only_for_trials_on_record(tmp_path):
         "interrupted": {STATUS_KEY: "running", FINAL_KEY: False},   # not on record: kept for --resume
         "empty": {},
     }
-    cb = DropFinishedCheckpoints()
+    cb = DropFinishedCheckpoints(tmp_path)
     for name, last in cases.items():
         cb.on_trial_complete(0, [], trial(name, last))
     left = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in cases}

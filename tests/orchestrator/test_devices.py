@@ -67,3 +67,45 @@ def test_default_loader_workers_follow_the_resources():
     assert parse_spec(_with({"gpus_per_trial": 0, "cpus_per_trial": 4})).data.num_workers == 0
     # Set explicitly, it is kept.
     assert parse_spec(_with({"gpus_per_trial": 0.5, "cpus_per_trial": 4}, {"num_workers": 0})).data.num_workers == 0
+
+
+def test_a_fractional_trial_leaves_room_for_what_sits_outside_the_allocator():
+    from orchestrator.devices import CUBLAS_MIB, CUDA_CONTEXT_MIB, NCCL_MIB, allocator_cap
+
+    gib = 2**30
+    # Half an H200 (139.8 GiB): the allocator gets 69.9 GiB less the CUDA context and cuBLAS (768 MiB).
+    cap, reserved = allocator_cap(0.5, int(139.8 * gib))
+    assert reserved == CUDA_CONTEXT_MIB + CUBLAS_MIB == 768
+    assert cap * 139.8 * gib == pytest.approx(0.5 * 139.8 * gib - 768 * 2**20)
+    # Two such trials, each with its context, fit on the card: the point of the reserve.
+    assert 2 * (cap * 139.8 * gib + reserved * 2**20) <= 139.8 * gib + 1
+    # A DDP worker also keeps NCCL's buffers out.
+    cap_ddp, reserved_ddp = allocator_cap(0.5, int(139.8 * gib), workers=2)
+    assert reserved_ddp == reserved + NCCL_MIB and cap_ddp < cap
+    # A quarter of a 16 GiB card: 4 GiB less 0.75 GiB.
+    assert allocator_cap(0.25, 16 * gib)[0] == pytest.approx((4 * gib - 768 * 2**20) / (16 * gib))
+
+
+def test_a_share_too_small_to_train_in_is_a_config_error():
+    from hisf.config import ConfigError
+    from orchestrator.devices import allocator_cap
+
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_trial 0.1 of a 8.0 GiB GPU leaves 51 MiB for tensors once "
+                                          r"768 MiB are kept for the CUDA context, cuBLAS \(outside"):
+        allocator_cap(0.1, 8 * 2**30)
+    with pytest.raises(ConfigError, match=r"cuBLAS and NCCL"):
+        allocator_cap(0.1, 16 * 2**30, workers=2)
+
+
+def test_workers_start_with_a_deterministic_cublas_workspace(monkeypatch):
+    import os
+    from pathlib import Path
+
+    from orchestrator.scheduling import worker_env
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    env = worker_env()
+    assert Path(env["PYTHONPATH"].split(os.pathsep)[0]) == Path(__file__).resolve().parents[2]
+    assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the driver's own choice travels instead
+    assert worker_env()["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -19,7 +19,8 @@ from orchestrator.status import mlflow_ui_link
 from orchestrator.tracking import Tracker, TrialRun
 from orchestrator.trials import expand_sweep
 from orchestrator.spec import load_spec
-from orchestrator.tuning import trial_tags
+from orchestrator.context import Options, stage_context
+from orchestrator.trial_callback import trial_tags
 
 from orch_helpers import free_port, mlflow_server_at, stop_group, wait_for, write_spec
 
@@ -111,7 +112,7 @@ def test_experiment_opens_on_the_runs_table_with_parents_and_named_children(tmp_
     trials = expand_sweep(spec, tmp_path / "hisf-bench")
     tracker = Tracker(mlflow_server, spec.name)
     parent = tracker.stage_run("sweep", spec.hash, resume=False)
-    ctx = {"spec_name": spec.name, "spec_hash": spec.hash, "git_commit": "test"}
+    ctx = stage_context(spec, Options(workdir=str(tmp_path / "hisf-bench"), tracking_uri=mlflow_server).resolved(), tracker.experiment_id, parent)
     for t in trials:
         run = TrialRun(mlflow_server, tracker.experiment_id, parent, t.trial_id, trial_tags(t, ctx),
                        t.config.flatten(), run_name=t.run_name)

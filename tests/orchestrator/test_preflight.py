@@ -15,7 +15,7 @@ from orch_helpers import write_spec
 from hisf.config import BackboneConfig
 from orchestrator import preflight
 from orchestrator.cli import main as cli_main
-from orchestrator.runner import Options
+from orchestrator.context import Options
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
 

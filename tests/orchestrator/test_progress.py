@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.progress import StageProgress, ray_output_to_log
-from orchestrator.tuning import FINAL_KEY, STATUS_KEY
+from orchestrator.results import FINAL_KEY, STATUS_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 

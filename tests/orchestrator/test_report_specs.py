@@ -27,7 +27,7 @@ SPECS = {
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_spec_plans_and_dry_run(name, tmp_path):
-    from orchestrator.runner import Options
+    from orchestrator.context import Options
     from orchestrator.spec import load_spec
     from orchestrator.status import print_dry_run
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from ray.tune.search import Searcher
 
-from orchestrator.search import StudySearcher, best_values, default_storage, open_trial
+from orchestrator.context import default_optuna_storage as default_storage
+from orchestrator.search import StudySearcher, best_values, open_trial
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.trials import search_groups
 
@@ -80,17 +81,63 @@ def test_resume_reissues_orphaned_running_trials(tmp_path):
     assert again.suggest("r2") == Searcher.FINISHED  # 3 trials in all, the finished one not rerun
 
 
+def _recorded_launch(tmp_path, s, payload, ctx_change=None):
+    """A real MLflow launch holding the finished run of the trial `payload`, recorded under the stage context
+    (changed by `ctx_change`, e.g. another code version); returns (tracker, parent, the context now, run id)."""
+    import dataclasses
+
+    from orchestrator.context import Options, stage_context
+    from orchestrator.tracking import Tracker
+    from orchestrator.trial_callback import open_trial_run
+    from orchestrator.trials import Trial
+
+    opts = Options(workdir=str(tmp_path)).resolved()
+    tracker = Tracker(opts.tracking_uri, s.name)
+    parent = tracker.stage_run("search", s.hash, resume=False)
+    ctx = stage_context(s, opts, tracker.experiment_id, parent)
+    run = open_trial_run(Trial.from_payload(payload), dataclasses.replace(ctx, **(ctx_change or {})))
+    run.log_metrics({"val_acc": 77.0}, step=0)
+    run.finish("finished")
+    return tracker, parent, ctx, run.run_id
+
+
 def test_resume_tells_trials_whose_run_finished(tmp_path):
+    from orchestrator.resume import LaunchRuns
+
     s = spec(n_trials=2)
     url = default_storage(tmp_path)
     groups = search_groups(s, "tagC")
     first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
     a = first.suggest("t0")
-    tid = a["trial"]["trial_id"]
-    again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, finished={tid: {"val_acc": 77.0, "hisf_status": "finished"}})
-    assert again.pending == []
+    tracker, parent, ctx, _ = _recorded_launch(tmp_path, s, a["trial"])
+    again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, runs=LaunchRuns.read(tracker, parent, ctx))
+    assert again.pending == [] and again.told_from_record == 1
     st = optuna.load_study(study_name=groups[0].study, storage=optuna.storages.RDBStorage(url))
     assert st.trials[0].value == 77.0
+
+
+def test_resume_reruns_an_orphan_whose_run_is_another_trial(tmp_path):
+    # Its run finished, but under another code version: not the same trial, so it is issued again in a fresh
+    # folder (its old checkpoint gone), and the old run is marked stale.
+    from orchestrator.resume import STALE_TAG, LaunchRuns
+
+    s = spec(n_trials=2)
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "tagF")
+    first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
+    a = first.suggest("t0")
+    folder = Path(a["trial"]["config"]["output_dir"])
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "checkpoint" / "state.pt").write_bytes(b"old code's epoch")
+    tracker, parent, ctx, old = _recorded_launch(tmp_path, s, a["trial"], {"code_fingerprint": "0" * 16})
+    again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, runs=LaunchRuns.read(tracker, parent, ctx))
+    assert [t.trial_id for t in again.pending] == [a["trial"]["trial_id"]] and again.told_from_record == 0
+    (decision,) = again.rerun
+    assert [p for p, _ in decision.reasons] == ["code"]
+    assert not folder.exists()
+    assert "code: fingerprint 0000000000000000 there" in tracker.client.get_run(old).data.tags[STALE_TAG]
+    st = optuna.load_study(study_name=groups[0].study, storage=optuna.storages.RDBStorage(url))
+    assert st.trials[0].state.name == "RUNNING"  # not told the other trial's value
 
 
 def test_worker_side_pruning_against_the_median(tmp_path):

@@ -68,7 +68,8 @@ def test_run_search_then_final(tmp_path, demo_root):
         assert sorted({h.step for h in hist}) == [0, 1]
         arts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"prompts.pt", "config.yaml", "metrics.json"} <= arts
-        assert m["engine_seconds"] > 0 and m["orchestration_seconds"] >= 0
+        # Orchestration (tracking, Tune, process start) is real but bounded: seconds, not the trial's minutes.
+        assert m["engine_seconds"] > 0 and 0 < m["orchestration_seconds"] < 120
 
     # The orchestrator passes the config faithfully: a direct engine run of the logged config agrees exactly.
     r = next(r for r in final_runs if r.data.tags["hisf.trial_id"] == "final-hisf-demo-s2")

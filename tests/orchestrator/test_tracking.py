@@ -3,7 +3,9 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import Tracker, TrialRun, default_tracking_uri
+from orchestrator.context import default_tracking_uri
+from orchestrator.resume import LaunchRuns
+from orchestrator.tracking import Tracker, TrialRun
 
 
 @pytest.fixture()
@@ -37,7 +39,7 @@ def test_child_run_is_continued_not_duplicated(uri, tmp_path):
     assert run.data.tags["hisf.seed"] == "1" and run.data.tags["mlflow.parentRunId"] == parent
     assert "flag" not in run.data.metrics
     assert [a.path for a in c.list_artifacts(r1.run_id)] == ["prompts.pt"]
-    assert set(tr.finished_trials(parent)) == {"sweep-x-s1"}
+    assert [r.data.tags["hisf.trial_id"] for r in LaunchRuns.read(tr, parent, None).done()] == ["sweep-x-s1"]
     assert c.get_run(other.run_id).info.status == "FAILED"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.runner import Options
+from orchestrator.context import Options
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
 from orchestrator.trials import estimate_hours, expand_final, expand_sweep, search_groups, search_trial, trial_resources

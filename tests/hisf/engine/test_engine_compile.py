@@ -93,3 +93,88 @@ def test_released_mapping_compiles_to_one_graph_and_matches_eager():
                 assert (pc.grad is None) == (pe.grad is None), k
                 if pe.grad is not None:
                     torch.testing.assert_close(pc.grad, pe.grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_inductor_declines_cuda_graphs_on_the_cpu_under_deterministic_mode_and_it_is_reported():
+    """Real Inductor, reduce-overhead, deterministic mode: an indexed sum's backward (the accumulating index_put
+    our text pooling has) compiles through aten's deterministic kernel; no CUDA graph on a CPU, and the count
+    and the report say so."""
+    from hisf.engine import deterministic_mode
+    from hisf.engine.step import CudaGraphSkips
+
+    def pooled(x, idx):
+        return (x * 2)[torch.arange(x.shape[0]), idx].sum()
+
+    torch._dynamo.reset()
+    x = torch.randn(3, 5, requires_grad=True)
+    idx = torch.tensor([1, 4, 1])
+    with deterministic_mode(True), CudaGraphSkips() as skips:
+        torch.compile(pooled, mode="reduce-overhead")(x, idx).backward()
+    torch._dynamo.reset()
+    want = torch.zeros(3, 5)
+    want[torch.arange(3), idx] = 2.0
+    assert torch.equal(x.grad, want)
+    assert skips.count >= 1
+    line = skips.report(torch.device("cpu"), deterministic=True)
+    assert line.startswith("train.compile_mode reduce-overhead: ") and line.endswith("CUDA graphs need a CUDA device")
+
+
+def test_a_reduce_overhead_trial_logs_once_when_cuda_graphs_are_off(demo_root, tmp_path, caplog, monkeypatch):
+    """The trial checks after its first step (the one that compiles) and logs Inductor's reason once. A real
+    compile of the trial's model takes minutes on this CPU, so the compiled forward is a stand-in that does
+    what Inductor does when it declines CUDA graphs (the previous test shows it really does): log its
+    warning on its `cudagraphs` logger and count the skip."""
+    import logging
+
+    from hisf.engine import trial
+
+    def stand_in_compile(model, mode):
+        forward, calls = model.forward_losses, []
+
+        def compiled(images, labels):
+            if not calls:
+                logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").warning(
+                    "skipping cudagraphs due to deterministic index put. Found from : \n  File encoders.py")
+                torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] += 1
+            calls.append(mode)
+            return forward(images, labels)
+
+        model.forward_losses = compiled
+
+    monkeypatch.setattr(trial, "compile_losses", stand_in_compile)
+    cfg = tiny_trial(demo_root, tmp_path, train={"epochs": 2, "compile": True, "compile_mode": "reduce-overhead",
+                                                 "deterministic": True})
+    with caplog.at_level(logging.WARNING, logger="hisf.engine"):
+        run_trial(cfg)
+    lines = [r.getMessage() for r in caplog.records if r.name == "hisf.engine" and "without CUDA graphs" in r.getMessage()]
+    assert lines == ["train.compile_mode reduce-overhead: 1 compiled graph(s) run without CUDA graphs (skipping cudagraphs "
+                     "due to deterministic index put. Found from :); CUDA graphs need a CUDA device"], lines
+    # The default mode asks for no CUDA graphs: nothing to check, nothing logged.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hisf.engine"):
+        run_trial(tiny_trial(demo_root, tmp_path / "default", train={"epochs": 1, "compile": True}))
+    assert not [r for r in caplog.records if "without CUDA graphs" in r.getMessage()]
+
+
+def test_cuda_graph_skips_keep_inductors_reason_and_explain_deterministic_mode(monkeypatch):
+    import logging
+
+    from hisf.engine import step
+
+    inductor = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")  # where Inductor logs its skips
+    with step.CudaGraphSkips() as skips:
+        assert skips.report(torch.device("cuda", 0), deterministic=True) is None  # nothing skipped yet
+        # What torch < 2.10 logs for a deterministic index_put fallback.
+        inductor.warning("skipping cudagraphs due to deterministic index put. Found from : \n  File encoders.py, line 80")
+        torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] += 1
+    inductor.warning("skipping cudagraphs due to something after the step")  # not collected: handler removed
+    assert skips.reasons == ["skipping cudagraphs due to deterministic index put. Found from :"] and skips.count == 1
+    monkeypatch.setattr(step, "torch_version", lambda: (2, 9))
+    line = skips.report(torch.device("cuda", 0), deterministic=True)
+    assert line.startswith("train.compile_mode reduce-overhead: 1 compiled graph(s) run without CUDA graphs "
+                           "(skipping cudagraphs due to deterministic index put. Found from :); under train.deterministic")
+    assert "turns CUDA graphs off for the deterministic index_put/scatter fallbacks" in line
+    monkeypatch.setattr(step, "torch_version", lambda: (2, 11))
+    assert skips.report(torch.device("cuda", 0), deterministic=True).endswith("Found from :)")
+    assert skips.report(torch.device("cuda", 0), deterministic=False).endswith("Found from :)")
+    assert step.torch_version() >= (2, 0)

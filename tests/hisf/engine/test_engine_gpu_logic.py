@@ -62,6 +62,24 @@ def test_pick_device_errors(device, count, local_rank, world, match):
         pick_device(device, cuda_devices=count, local_rank=local_rank, world_size=world)
 
 
+def test_the_chosen_cuda_device_becomes_current_in_every_process_kind(monkeypatch):
+    """A single process given `cuda:1` makes it current (else the pin-memory thread and cuBLAS open a context
+    on GPU 0); a CPU trial never touches CUDA. No GPU here: the device count and set_device are stand-ins."""
+    from hisf.engine import distributed
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match=r"'cuda:1' asked for but CUDA is not available"):
+        distributed.init_from_env("cuda:1")  # the real (absent) CUDA: refused before any CUDA call
+    calls = []
+    monkeypatch.setattr(distributed, "cuda_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(torch.device(dev)))
+    env = distributed.init_from_env("cuda:1")
+    assert env.device == torch.device("cuda:1") and calls == [torch.device("cuda:1")]
+    assert distributed.init_from_env("cpu").device == torch.device("cpu") and calls == [torch.device("cuda:1")]
+    assert distributed.use_device(torch.device("cpu")) == torch.device("cpu") and len(calls) == 1
+
+
 def test_pick_device_names_the_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
     with pytest.raises(ValueError, match=r"CUDA_VISIBLE_DEVICES='5'"):
@@ -167,23 +185,63 @@ def test_deterministic_mode_sets_and_restores_the_flags(monkeypatch):
     import os
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32)
+    cudnn, matmul, sdp = torch.backends.cudnn, torch.backends.cuda.matmul, torch.backends.cuda
+    saved = (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32, sdp.mem_efficient_sdp_enabled())
     cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = True, True, True
+    sdp.enable_mem_efficient_sdp(False)  # a process's own backend choice, to be given back as it was
+    q = torch.randn(2, 4, 8, 16)
     try:
         before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic)
+        backends_before = (sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.math_sdp_enabled(),
+                           sdp.cudnn_sdp_enabled())
         with deterministic_mode(False):
             assert (torch.are_deterministic_algorithms_enabled(), cudnn.benchmark) == (before[0], True)
             assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+            assert sdp.flash_sdp_enabled() == backends_before[0]
         with deterministic_mode(True):
             assert torch.are_deterministic_algorithms_enabled()
             assert torch.is_deterministic_algorithms_warn_only_enabled()
             assert (cudnn.deterministic, cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, False, False, False)
             assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+            # Attention on the math backend only (flash and memory-efficient backwards are not deterministic):
+            # the dispatcher picks it, here on the CPU as it would on a GPU.
+            assert (sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.math_sdp_enabled(),
+                    sdp.cudnn_sdp_enabled()) == (False, False, True, False)
+            assert torch._fused_sdp_choice(q, q, q) == int(torch.nn.attention.SDPBackend.MATH)
         assert (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic) == before
         assert (cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32) == (True, True, True)
+        assert (sdp.flash_sdp_enabled(), sdp.mem_efficient_sdp_enabled(), sdp.math_sdp_enabled(),
+                sdp.cudnn_sdp_enabled()) == backends_before
+        assert backends_before[1] is False and torch._fused_sdp_choice(q, q, q) != int(torch.nn.attention.SDPBackend.MATH)
     finally:
-        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved[:3]
+        sdp.enable_mem_efficient_sdp(saved[3])
+
+
+@pytest.mark.parametrize("preset, cuda_started, kept, warning", [
+    (None, False, ":4096:8", None),  # a fresh process: set in time
+    (None, True, ":4096:8", "CUDA is already initialised in this process"),  # a reused worker: too late, said so
+    (":16:8", True, ":16:8", None),  # set where the process started (Ray's runtime env, torchrun's prefix)
+    (":4096:2", False, ":4096:2", "none of cuBLAS's deterministic settings"),
+])
+def test_cublas_workspace_is_set_or_the_log_says_why_not(monkeypatch, caplog, preset, cuda_started, kept, warning):
+    import logging
+    import os
+
+    if preset is None:
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", preset)
+    # No GPU here: whether CUDA (and so possibly cuBLAS) already started in this process is what is faked.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: cuda_started)
+    with caplog.at_level(logging.WARNING, logger="hisf.engine"):
+        with deterministic_mode(True):
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == kept
+    found = [r.getMessage() for r in caplog.records if "CUBLAS_WORKSPACE_CONFIG" in r.getMessage()]
+    if warning is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and warning in found[0] and "train.deterministic" in found[0], found
 
 
 def test_train_deterministic_is_a_checked_runtime_key():
@@ -194,6 +252,35 @@ def test_train_deterministic_is_a_checked_runtime_key():
     assert "train.deterministic" not in ckpt.identity(cfg)  # a resume may switch it
     with pytest.raises(ConfigError, match=r"train.deterministic: expected true or false, got 'yes'"):
         TrialConfig.from_dict({"train": {"deterministic": "yes"}})
+
+
+@pytest.mark.parametrize("train, store", [("bf16", "bf16 or fp32"), ("fp32", "fp32")])
+def test_an_fp16_backbone_trains_only_with_fp16_loss_scaling(train, store):
+    from hisf.config import ConfigError, TrialConfig
+
+    with pytest.raises(ConfigError, match=rf"backbone.precision: 'fp16' storage with train.precision '{train}' trains "
+                                          rf"without loss scaling.*set train.precision: fp16 .*backbone.precision: {store}$"):
+        TrialConfig.from_dict({"backbone": {"precision": "fp16"}, "train": {"precision": train}})
+    assert TrialConfig.from_dict({"backbone": {"precision": "fp16"}, "train": {"precision": "fp16"}}).backbone.precision == "fp16"
+    assert TrialConfig.from_dict({"backbone": {"precision": "bf16"}, "train": {"precision": train}}).train.precision == train
+
+
+def test_an_fp16_backbone_under_the_cpus_bf16_fallback_is_stored_in_bf16(demo_root, tmp_path, caplog):
+    import logging
+
+    from engine_helpers import tiny_trial
+    from hisf.engine import run_trial
+    from hisf.engine.trial import _backbone_storage
+
+    cfg = tiny_trial(demo_root, tmp_path, backbone={"precision": "fp16"}, train={"epochs": 1, "precision": "fp16"})
+    with pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        cpu = resolve_precision("fp16", torch.device("cpu"))
+    assert _backbone_storage(cfg, cpu).precision == "bf16"
+    assert _backbone_storage(cfg, Precision("fp16", "cuda", torch.float16, None)) is cfg.backbone
+    with caplog.at_level(logging.WARNING, logger="hisf.engine"), pytest.warns(UserWarning, match="fp16 needs CUDA"):
+        result = run_trial(cfg)
+    assert math.isfinite(result["train/loss"])
+    assert any("storing the backbone in bf16 instead" in r.getMessage() for r in caplog.records)
 
 
 # --- host-side label check and pinned batches (items 8, 9) ---------------------------------------------

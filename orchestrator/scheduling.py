@@ -1,0 +1,93 @@
+"""Ray on the driver: the session (a cluster at `--address`, or a small local Ray), a stage's Tuner (resources,
+failure and checkpoint configs, callbacks) and its results read back through the result protocol."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+
+from orchestrator.context import Options
+from orchestrator.results import ERROR_KEY, STATUS_KEY, final_status
+from orchestrator.spec import ExperimentSpec
+from orchestrator.trials import trial_resources
+
+
+def worker_env() -> dict[str, str]:
+    """The environment every Ray worker process starts with (runtime_env env_vars)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {"PYTHONPATH": os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            # cuBLAS reads it once, at a process's first CUDA matmul: a reused worker that trains a
+            # `train.deterministic` trial after another can only have it from its start. :4096:8 is PyTorch's
+            # own default workspace on H100/H200 (more than its default elsewhere), so other trials lose nothing.
+            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")}
+
+
+@contextlib.contextmanager
+def ray_session(spec: ExperimentSpec, opts: Options):
+    """Connect to `--address`, or start a small local Ray on 127.0.0.1 and stop it afterwards."""
+    import ray
+
+    # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, the warning about it is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        yield
+        return
+    env = worker_env()
+    if opts.address:
+        ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        r = spec.resources
+        # A DDP trial also holds a sliver of a CPU while its workers run (trials.trial_resources).
+        waiting = 0.01 * r.max_concurrent_trials if r.workers_per_trial > 1 else 0.0
+        need = max(1, math.ceil(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials + waiting))
+        # Ray resolves a loopback node address to the machine's own IP on purpose; the dashboard stays off.
+        ray.init(num_cpus=opts.num_cpus or need, include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
+    try:
+        yield
+    finally:
+        if not opts.address:
+            ray.shutdown()
+
+
+def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space: dict | None = None,
+          searcher=None):
+    """The stage's Tuner over `param_space` (a grid of trial payloads) or, with `searcher`, the trials it suggests."""
+    from ray import tune
+
+    from orchestrator.resume import DropFinishedCheckpoints
+    from orchestrator.trainable import tune_trainable
+
+    def trial_name(t):
+        return t.config["trial"]["trial_id"]
+
+    storage = str(Path(opts.workdir) / "ray_results")
+    tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
+                                  trial_name_creator=trial_name, trial_dirname_creator=trial_name, reuse_actors=True)
+    if searcher is not None:
+        tune_config.search_alg = searcher
+        tune_config.num_samples = -1
+    callbacks = [progress] + ([] if spec.resources.keep_checkpoints else [DropFinishedCheckpoints(storage)])
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0, callbacks=callbacks)
+    return tune.Tuner(tune.with_resources(tune_trainable, trial_resources(spec)), param_space=param_space,
+                      tune_config=tune_config, run_config=run_config)
+
+
+def collect(grid) -> dict[str, dict]:
+    """trial_id -> the trial's last result with its status (`final_status`) and error, from a fitted Tuner."""
+    out = {}
+    for res in grid:
+        cfg = res.config or {}
+        tid = (cfg.get("trial") or {}).get("trial_id")
+        if tid is None:
+            continue
+        m = dict(res.metrics or {})
+        status = "failed" if res.error is not None else final_status(m)
+        error = str(res.error) if res.error else m.get(ERROR_KEY)
+        out[tid] = {**m, "trial_id": tid, STATUS_KEY: status, "error": error}
+    return out
