@@ -28,6 +28,8 @@ def finish_members(model: Any, members: list[Member], done: list[Member], env: D
             artifacts[id(m)]["prompts"] = str(export_prompts(m.out_dir / PROMPTS_FILE,
                                                              model.trainable_state_dict(m.state.member), m.cfg,
                                                              m.data.train.classnames))
+    # Before evaluation switches the class set (HISF's label embeddings then hold the novel or target classes).
+    totals = {id(m): m.totals() for m in done}
     t0 = time.perf_counter()
     unvalidated = [m for m in done if not (m.state.history and "val_acc" in m.state.history[-1])]
     val = {}
@@ -40,7 +42,7 @@ def finish_members(model: Any, members: list[Member], done: list[Member], env: D
         s, k = m.state, m.state.member
         last = dict(s.history[-1]) if s.history else {}
         final = {"val_acc": last.get("val_acc", val.get(k)), **finals[k]}
-        result = {key: float(v) for key, v in {**last, **final, **m.totals(),
+        result = {key: float(v) for key, v in {**last, **final, **totals[id(m)],
                                                 "eval_seconds": s.eval_seconds + seconds}.items()}
         if env.is_main:
             files = artifacts[id(m)]

@@ -270,16 +270,30 @@ def test_released_adam_adds_one_update_per_layer_to_the_shared_visual_prompt(bac
     assert (per_layer - one_param).abs().max() > 5e-4  # 1e-3 here, as large as the step itself
 
 
-def _engine_steps(model, optimizer, xs, labels):
+def _member_state(model, cfg, drop=()):
+    """The one member's TrialState: the preset's optimiser over its views (as the engine builds it), leaving out the
+    stacked parameters in `drop`."""
+    from hisf.engine.checkpoint import TrialState
+    from hisf.engine.optim import build_optimizer, build_scheduler, member_views
+
+    groups, pairs = member_views(model, 0)
+    keep = [(p, v) for p, v in pairs if not any(p is d for d in drop)]
+    views = {id(v) for _, v in keep}
+    opt = build_optimizer(cfg, {g: [v for v in vs if id(v) in views] for g, vs in groups.items()})
+    stacked = {id(v): p for p, v in keep}
+    ordered = [(stacked[id(v)], v) for g in opt.param_groups for v in g["params"]]
+    return TrialState(model, opt, build_scheduler(opt, cfg), member=0, pairs=ordered)
+
+
+def _engine_steps(model, state, xs, labels):
     """Our engine's training step (fp32, one rank) on each batch; the loss terms of each step."""
     from hisf.engine.distributed import DistEnv
     from hisf.engine.step import resolve_precision, train_step
 
     env, precision = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False), resolve_precision("fp32", torch.device("cpu"))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     out = []
     for x in xs:
-        res = train_step(model, x, labels, optimizer, precision, params, env)
+        (res,) = train_step(model, x, labels, [state], precision, env)
         assert not res.skipped
         out.append(res.losses)
     return out
@@ -307,12 +321,13 @@ def _assert_prompts_equal(model, ref, atol):
 def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, descriptions, tmp_path, steps):
     """Our `released` model with the `hicropl` preset trains as the released code's Dassl Adam does (D = 3)."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     ref = released_reference(backbone, classes, descriptions)
     model = hicropl(backbone, classes, descriptions)
     import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
-    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
+    # warm-up off: the schedule sets the lr it is built with, and Dassl's optimiser here has none
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0))
+    opt = state.optimizer
     # Every alias is its own optimiser entry, as in Dassl's Adam over model.parameters(); updated one by one.
     # (`ctx` is the same object as `cross_prompts_text.0`: one entry in both.)
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(
@@ -325,7 +340,7 @@ def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, d
     model.train()
     ref.train()
     start = model.prompts.cross_prompts_visual[0].detach().clone()
-    ours, theirs = _engine_steps(model, opt, xs, labels), _reference_steps(ref, ref_opt, xs, labels)
+    ours, theirs = _engine_steps(model, state, xs, labels), _reference_steps(ref, ref_opt, xs, labels)
     for a, b in zip(ours, theirs, strict=True):
         for term in model.loss_terms:
             assert a[term] == pytest.approx(b[term], abs=2e-5), term
@@ -340,20 +355,17 @@ def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, d
 def test_one_parameter_for_the_shared_visual_prompt_would_train_otherwise(backbone, classes, descriptions, tmp_path):
     """The test above can fail: Adam over one visual prompt parameter (one update from the summed gradient) differs."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     ref = released_reference(backbone, classes, descriptions)
     model = hicropl(backbone, classes, descriptions)
     import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
-    groups = model.param_groups()
-    groups["prompts"] = [p for p in groups["prompts"] if p is not model.prompts.cross_prompts_visual[1]
-                         and p is not model.prompts.cross_prompts_visual[2]]
-    opt = build_optimizer(TrainConfig(preset="hicropl"), groups)
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0),
+                          drop=(model.prompts.cross_prompts_visual[1], model.prompts.cross_prompts_visual[2]))
     x = batches()[0]
     labels = torch.tensor([0, 1, 2, 1])
     model.train()
     ref.train()
-    _engine_steps(model, opt, [x], labels)
+    _engine_steps(model, state, [x], labels)
     _reference_steps(ref, dassl_optimizer(ref), [x], labels)
     diff = (model.prompts.cross_prompts_visual[0] - ref.prompt_learner.cross_prompts_visual[0]).abs().max()
     assert diff > 1e-3
@@ -392,12 +404,11 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     assert len({p.untyped_storage().data_ptr() for p in model.prompts.cross_prompts_visual}) == DEPTH
     import_hicropl_prompts(model, path)
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
-    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
-    assert opt.defaults["foreach"] is None  # nothing aliased: torch's default implementation
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0))
+    assert state.optimizer.defaults["foreach"] is None  # nothing aliased: torch's default implementation
     model.train()
-    ours, theirs = _engine_steps(model, opt, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
+    ours, theirs = _engine_steps(model, state, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=2e-5)
     _assert_prompts_equal(model, ref, atol=1e-5)
 
@@ -405,21 +416,22 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
 def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descriptions, tmp_path):
     """A checkpoint (trainable state + optimiser state, as the engine saves them) resumes the released training exactly."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     def fresh(seed):
         torch.manual_seed(seed)
         m = hicropl(backbone, classes, descriptions).train()
-        return m, build_optimizer(TrainConfig(preset="hicropl"), m.param_groups())
+        return m, _member_state(m, TrainConfig(preset="hicropl", warmup_epochs=0))
 
     x1, x2 = batches()
     labels = torch.tensor([0, 1, 2, 1])
-    model, opt = fresh(0)
-    _engine_steps(model, opt, [x1], labels)
-    torch.save({"trainable": model.trainable_state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model, mstate = fresh(0)
+    _engine_steps(model, mstate, [x1], labels)
+    torch.save({"trainable": model.trainable_state_dict(), "optimizer": mstate.optimizer.state_dict()},
+               tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert sum(k.startswith("prompts.cross_prompts_visual.") for k in state["trainable"]) == DEPTH
-    resumed, ropt = fresh(1)
+    resumed, rstate = fresh(1)
+    ropt = rstate.optimizer
     assert not torch.equal(resumed.prompts.cross_prompts_visual[0], model.prompts.cross_prompts_visual[0])
     resumed.load_trainable_state_dict(state["trainable"])
     ropt.load_state_dict(state["optimizer"])
@@ -427,9 +439,9 @@ def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descr
     for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
         assert len({p.untyped_storage().data_ptr() for p in plist}) == 1  # copied into the storage, still shared
     # Each alias got its own moment estimates back (they differ: one per layer's gradient).
-    moments = [ropt.state[p]["exp_avg"] for p in pr.cross_prompts_visual]
-    assert not torch.equal(moments[0], moments[DEPTH - 1])
-    a, b = _engine_steps(model, opt, [x2], labels), _engine_steps(resumed, ropt, [x2], labels)
+    moments = [ropt.state[v]["exp_avg"] for q in pr.cross_prompts_visual for p, v in rstate.pairs if p is q]
+    assert len(moments) == DEPTH and not torch.equal(moments[0], moments[DEPTH - 1])
+    a, b = _engine_steps(model, mstate, [x2], labels), _engine_steps(resumed, rstate, [x2], labels)
     assert a == b
     for (k, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), k
