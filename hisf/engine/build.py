@@ -37,6 +37,7 @@ class Group:
     steps_per_epoch: int = 0
     eager_fallbacks: int = 0  # Dynamo's process-wide count before this group (train.compile)
     stepped: bool = False  # a training step has run (the first one compiles, under train.compile)
+    group_callbacks: list = dataclasses.field(default_factory=list)  # GroupCallbacks this rank calls
 
     def stacked(self) -> list[torch.nn.Parameter]:
         return [p for _, p in self.model.member_parameters() if p.requires_grad]

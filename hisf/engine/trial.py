@@ -15,7 +15,7 @@ import torch
 from hisf.config import ConfigError, TrialConfig
 from hisf.engine import checkpoint as ckpt
 from hisf.engine.build import Group, build_group
-from hisf.engine.callbacks import TrialCallback
+from hisf.engine.callbacks import GroupCallback, TrialCallback, listeners
 from hisf.engine.distributed import (DistEnv, any_rank_each, barrier, broadcast_params, gather_cuda_rng_states,
                                      init_from_env, shutdown)
 from hisf.engine.evaluation import accuracy
@@ -46,8 +46,9 @@ def run_trial(cfg: TrialConfig, callbacks: Sequence[TrialCallback] = (), resume:
 
 
 def run_group(cfgs: Sequence[TrialConfig], callbacks: Sequence[Sequence[TrialCallback]] | None = None,
-              resume: bool = True) -> list[dict[str, float] | BaseException]:
-    """Train and evaluate `cfgs` as one fused group (hisf.engine.group: they may differ only in MEMBER_KEYS).
+              resume: bool = True, group_callbacks: Sequence[GroupCallback] = ()) -> list[dict[str, float] | BaseException]:
+    """Train and evaluate `cfgs` as one fused group (hisf.engine.group: they may differ only in MEMBER_KEYS);
+    `callbacks[i]` are member i's, `group_callbacks` the group's (GroupCallback).
 
     Returns, per member, its final metrics or the error that ended it alone (its NaN guard, its callbacks); the
     other members go on. An error of the group itself (data, device, memory) raises: every member's checkpoint of
@@ -62,7 +63,7 @@ def run_group(cfgs: Sequence[TrialConfig], callbacks: Sequence[Sequence[TrialCal
     with deterministic_mode(cfgs[0].train.deterministic):
         env = init_from_env(cfgs[0].device)
         try:
-            return _run(list(cfgs), callbacks, resume, env)
+            return _run(list(cfgs), callbacks, resume, env, list(group_callbacks))
         finally:
             free_trial_memory(env, compiled=cfgs[0].train.compile)
             shutdown(env)
@@ -81,8 +82,10 @@ def free_trial_memory(env: DistEnv, compiled: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _run(cfgs: list[TrialConfig], callbacks: list[list[TrialCallback]], resume: bool, env: DistEnv) -> list:
+def _run(cfgs: list[TrialConfig], callbacks: list[list[TrialCallback]], resume: bool, env: DistEnv,
+         group_callbacks: list[GroupCallback]) -> list:
     g = build_group(cfgs, callbacks, env)
+    g.group_callbacks = listeners(group_callbacks, env.is_main)
     for m in g.members:
         m.resumed = resume and ckpt.resume(m.out_dir, m.state, m.identity, m.data.train.classnames, env.rank,
                                            env.device)
@@ -191,6 +194,10 @@ def _end_epoch(g: Group) -> None:
     for m, stop in zip(finishing, any_rank_each(stops, env)):
         if stop and m.outcome == TRAINING:
             m.outcome = STOPPED
+    records = [{"member": g.everyone.index(m), "epoch": m.state.epoch - 1, "metrics": dict(m.epoch_metrics),
+                "checkpoint_dir": d, "stopped": m.outcome != TRAINING} for m, d in zip(finishing, checkpoint_dirs)]
+    for cb in g.group_callbacks:
+        cb.on_epoch_end(records)
 
 
 def _leave(g: Group) -> None:
