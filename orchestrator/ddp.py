@@ -17,7 +17,7 @@ from orchestrator.context import RunContext
 from orchestrator.groups import TrialGroup
 from orchestrator.identity import trial_identity
 from orchestrator.paths import remove_tree
-from orchestrator.results import FINAL_KEY, STATUS_KEY
+from orchestrator.results import epoch_report
 from orchestrator.resume import drop_engine_checkpoint, restore_train_checkpoint
 from orchestrator.trial_callback import TrialBridge, _link_or_copy, group_staging, open_trial_run, write_pid
 from orchestrator.trials import Trial
@@ -67,8 +67,7 @@ class TrainGroupReport:
                 ckpt = ray.train.Checkpoint.from_directory(str(self.staging))
                 ckpt.set_metadata({"epochs": epochs})
         # The engine's folders stay where they are: each is its member's own resume point on this node.
-        ray.train.report({STATUS_KEY: "running", FINAL_KEY: False, "members_reported": len(records)},
-                         checkpoint=ckpt, delete_local_checkpoint_after_upload=False)
+        ray.train.report(epoch_report(records), checkpoint=ckpt, delete_local_checkpoint_after_upload=False)
         if self.is_main:
             remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
 

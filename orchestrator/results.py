@@ -54,7 +54,22 @@ def member_results(result: Mapping[str, Any] | None, member_ids: list[str]) -> d
 
 
 def group_result(members: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """A group's final report: its members' records, and the group's own status (failed when any member failed)."""
+    """A group's final report: its members' records, and the group's own status (failed when any member failed);
+    a group of one also carries its member's numbers at the top, as Tune's own tables show a trial's."""
     statuses = [m.get(STATUS_KEY) for m in members.values()]
     status = "failed" if "failed" in statuses else "finished"
-    return {STATUS_KEY: status, FINAL_KEY: True, MEMBERS_KEY: json.dumps(members, default=str)}
+    own = numbers(next(iter(members.values()))) if len(members) == 1 else {}
+    return {**own, STATUS_KEY: status, FINAL_KEY: True, MEMBERS_KEY: json.dumps(members, default=str)}
+
+
+def epoch_report(records: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """A group's report at an epoch boundary: how many members reported, the best epoch and val_acc among them, and
+    with one member its own epoch metrics (what Tune's tables of a trial alone show)."""
+    report: dict[str, Any] = {STATUS_KEY: "running", FINAL_KEY: False, "members_reported": len(records)}
+    if len(records) == 1:
+        report.update(numbers(records[0]["metrics"]))
+    for key in ("epoch", "val_acc"):
+        values = [float(r["metrics"][key]) for r in records if key in r["metrics"]]
+        if values:
+            report[f"max_{key}"] = max(values)
+    return report

@@ -12,7 +12,7 @@ from typing import Any
 from orchestrator.context import RunContext
 from orchestrator.identity import trial_identity
 from orchestrator.paths import remove_tree
-from orchestrator.results import FINAL_KEY, STATUS_KEY, numbers
+from orchestrator.results import epoch_report, numbers
 from orchestrator.tracking import TrialRun
 from orchestrator.trials import Trial
 
@@ -143,12 +143,7 @@ class TuneGroupReport:
         if epochs:
             ckpt = tune.Checkpoint.from_directory(str(self.staging))
             ckpt.set_metadata({"epochs": epochs})
-        report = {STATUS_KEY: "running", FINAL_KEY: False, "members_reported": len(records)}
-        for key in ("epoch", "val_acc"):
-            values = [float(r["metrics"][key]) for r in records if key in r["metrics"]]
-            if values:
-                report[f"max_{key}"] = max(values)
-        tune.report(report, checkpoint=ckpt)
+        tune.report(epoch_report(records), checkpoint=ckpt)
         remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
         self.track_seconds += time.perf_counter() - t0
 
