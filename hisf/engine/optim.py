@@ -74,7 +74,9 @@ def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Par
     param_groups = build_param_groups(cfg, groups)
     if not param_groups:
         raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
-    sequential = {"foreach": False} if shares_storage([p for g in param_groups for p in g["params"]]) else {}
+    # The multi-tensor (foreach) implementation, on every device: one call per update for all of a trial's tensors
+    # (a fused group steps K optimisers per step, so per-tensor Python loops would grow with K).
+    sequential = {"foreach": not shares_storage([p for g in param_groups for p in g["params"]])}
     preset = PRESETS[cfg.preset]
     if preset.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum, **sequential)

@@ -406,7 +406,7 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     from hisf.config import TrainConfig
 
     state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0))
-    assert state.optimizer.defaults["foreach"] is None  # nothing aliased: torch's default implementation
+    assert state.optimizer.defaults["foreach"] is True  # nothing aliased: the multi-tensor implementation
     model.train()
     ours, theirs = _engine_steps(model, state, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=2e-5)
