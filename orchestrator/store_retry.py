@@ -26,7 +26,9 @@ TRANSIENT = (
     "database is locked", "database table is locked",  # SQLite under concurrent writers
     "connection refused", "connection reset", "connection aborted", "broken pipe", "remotedisconnected",
     "max retries exceeded", "failed to establish a new connection", "read timed out", "connect timeout",
-    "error code 429", "error code 502", "error code 503", "error code 504",  # an `mlflow server` or its proxy
+    # an `mlflow server` (503 while its database is away) or a proxy in front of it
+    "error code 429", "error code 502", "error code 503", "error code 504",
+    "too many 429 error", "too many 502 error", "too many 503 error", "too many 504 error",
     "server closed the connection", "terminating connection", "could not connect to server",
     "connection failed", "consuming input failed", "the database system is starting up",
     "the database system is shutting down", "the database system is in recovery mode",
@@ -51,21 +53,28 @@ def _chain(e: BaseException):
         e = e.__cause__ or e.__context__
 
 
-def is_transient(e: BaseException) -> bool:
+def _transient_cause(e: BaseException) -> BaseException | None:
+    """The error in e's chain that says the store is busy or away, or None when none does."""
     for err in _chain(e):
         if isinstance(err, (ConnectionError, TimeoutError)):
-            return True
+            return err
         if any(cls.__name__ in ("ConnectionError", "ConnectTimeout", "ReadTimeout") for cls in type(err).__mro__):
-            return True  # requests' and urllib3's
+            return err  # requests' and urllib3's
         if getattr(err, "connection_invalidated", False):  # sqlalchemy.exc.DBAPIError on a dropped connection
-            return True
+            return err
         text = str(err).lower()
         if any(t in text for t in TRANSIENT):
-            return True
-    return False
+            return err
+    return None
+
+
+def is_transient(e: BaseException) -> bool:
+    return _transient_cause(e) is not None
 
 
 def _first_line(e: BaseException) -> str:
+    # Optuna wraps database errors in a generic StorageInternalError: name the cause that says what happened.
+    e = _transient_cause(e) or e
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 

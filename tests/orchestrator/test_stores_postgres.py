@@ -1,8 +1,10 @@
 """Cluster-grade stores, really run: PostgreSQL 15 behind an `mlflow server` and Optuna's RDB storage; a search
 + final sweep on them, and the same sweep while the `mlflow server` goes away for 20 s and PostgreSQL restarts."""
 
+import re
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -90,30 +92,41 @@ def check_records(st, experiment: str, n_search: int, final_ids: list[str], epoc
 def test_search_and_final_on_postgres_stores(tmp_path, demo_root, pg_stores):
     epochs = 2
     spec = write_spec(tmp_path / "pg.yaml", demo_root, name="pg", rows=rows(), search=search_spec(4),
-                      seeds=(1, 2), epochs=epochs, max_concurrent=2)
+                      seeds=(1,), epochs=epochs, max_concurrent=2)
     out = run_cli(["run", spec, *flags(pg_stores), "--num-cpus", "2"], cwd=tmp_path, timeout=420)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    check_records(pg_stores, "pg", 4, [f"final-{r}-demo-s{s}" for r in ("coop", "hisf") for s in (1, 2)], epochs)
+    check_records(pg_stores, "pg", 4, [f"final-{r}-demo-s1" for r in ("coop", "hisf")], epochs)
     # nothing fell back to a local SQLite store
     assert not list((tmp_path / "hisf-bench").glob("*.db"))
     with pg_stores.postgres.admin("mlflow") as conn:
         assert conn.execute("select count(*) from runs join experiments using (experiment_id) where experiments.name = 'pg'"
-                            ).fetchone()[0] == 4 + 4 + 2  # trials + the two stages' parent runs
+                            ).fetchone()[0] == 4 + 2 + 2  # trials + the two stages' parent runs
     status = run_cli(["status", spec, *flags(pg_stores)], cwd=tmp_path, timeout=120)
     assert status.returncode == 0, status.stderr[-3000:]
-    assert "4 finished" in status.stdout and "'complete'" in status.stdout, status.stdout
+    assert re.search(r"^final +run \w+ FINISHED: 2 finished$", status.stdout, re.M), status.stdout
+    assert re.search(r"study pg:HISF:demo:\w+: \{.*'complete': [1-4]", status.stdout), status.stdout
 
 
 def test_a_store_blink_loses_nothing(tmp_path, demo_root, pg_stores):
-    """The `mlflow server` stops for 20 s and PostgreSQL restarts while the search runs; the trials wait (bounded,
-    logged retries) or fail and are retried; `--resume` completes it: no duplicate run, no missing metric."""
-    epochs, n_search = 4, 6
+    """PostgreSQL stops (under the `mlflow server` and the trials' Optuna connections) until a client has felt it,
+    then the `mlflow server` is away for 20 s, while the search runs: trials wait (bounded, logged retries) or
+    fail and are retried, and `--resume` completes it: no duplicate run, no missing metric."""
+    epochs, n_search = 3, 4
     spec = write_spec(tmp_path / "blink.yaml", demo_root, name="blink", rows=rows(), search=search_spec(n_search),
-                      seeds=(1, 2), epochs=epochs, max_concurrent=2)
+                      seeds=(1,), epochs=epochs, max_concurrent=2)
     st = pg_stores
+    logs = tmp_path / "hisf-bench" / "logs"
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", str(spec), *flags(st), "--num-cpus", "2"],
-                              cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              cwd=tmp_path, env={**cli_env(), "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True).start()
+
+    def retries() -> int:
+        """Retries logged so far: the trials' (Ray's output, in the stage logs) and the driver's own."""
+        text = "".join(lines) + "".join(p.read_text(errors="replace") for p in logs.glob("*.log"))
+        return text.count("store unavailable")
+
     try:
         def finished_search():
             return [r for r in mlflow_children(st.tracking_uri, "blink", "search")
@@ -121,25 +134,24 @@ def test_a_store_blink_loses_nothing(tmp_path, demo_root, pg_stores):
 
         before = wait_for(finished_search, 300, 0.5, "a finished search trial")
         kept = {r.info.run_id: r.data.tags["hisf.trial_id"] for r in before}
-        # PostgreSQL restarts under both the mlflow server and the trials' Optuna connections...
+        seen = retries()
         st.postgres.stop()
-        time.sleep(3)
+        # down until a trial's write has met the outage and is retrying (what the test is about), 5 s at least
+        time.sleep(5)
+        wait_for(lambda: retries() > seen, 120, 0.5, "a retried write while PostgreSQL is down")
         st.postgres.start()
-        # ...then the mlflow server is away for 20 s.
+        seen = retries()
         st.mlflow.stop()
         time.sleep(20)
+        wait_for(lambda: retries() > seen, 120, 0.5, "a retried write while the mlflow server is down")
         st.mlflow.start()
-        assert driver.poll() is None, "the sweep ended during the blink; it must outlast it to test anything"
-        out, _ = driver.communicate(timeout=420)
+        driver.wait(420)
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert driver.returncode in (0, 1), out[-3000:]
+    # Whatever the blinked run's end (it may have failed trials), the resumed one completes the stage.
     resumed = run_cli(["run", spec, *flags(st), "--num-cpus", "2", "--resume"], cwd=tmp_path, timeout=420)
-    assert resumed.returncode == 0, out[-2000:] + resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    got = check_records(st, "blink", n_search, [f"final-{r}-demo-s{s}" for r in ("coop", "hisf") for s in (1, 2)], epochs)
+    assert resumed.returncode == 0, "".join(lines)[-2000:] + resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    got = check_records(st, "blink", n_search, [f"final-{r}-demo-s1" for r in ("coop", "hisf")], epochs)
     # trials finished before the blink keep their runs
     assert kept.items() <= {r.info.run_id: r.data.tags["hisf.trial_id"] for r in got["search"]}.items()
-    # the outage was met and waited out by retries, and each was logged
-    logs = "".join(p.read_text(errors="replace") for p in Path(tmp_path / "hisf-bench" / "logs").glob("*.log"))
-    assert "store unavailable" in logs + out, (out[-3000:], logs[-3000:])
