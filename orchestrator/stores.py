@@ -411,7 +411,7 @@ def read_password(password_file: str | None) -> str | None:
 @contextlib.contextmanager
 def serving(root: str | Path, host: str = "127.0.0.1", port: int = 5000, pg_port: int = 5433,
             password: str | None = None, run_as: str | None = None, workers: int = 4,
-            advertise: str | None = None, mlflow_args: tuple[str, ...] = (), durable: bool = True) -> Iterator[Stores]:
+            advertise: str | None = None, allowed_hosts: str | None = None, durable: bool = True) -> Iterator[Stores]:
     """Start (or reuse the cluster of) `root`'s PostgreSQL and an `mlflow server` on it; stop both on exit."""
     if not is_loopback(host) and not password:
         raise StoresError(f"--host {host} is not a loopback address: the stores would be open to the network "
@@ -428,14 +428,26 @@ def serving(root: str | Path, host: str = "127.0.0.1", port: int = 5000, pg_port
     try:
         pg.start()
         auth = _auth_setup(root, pg, password) if password else None
-        ml = MlflowServer(pg.socket_url("mlflow"), root / "mlflow-artifacts", host, port, workers,
-                          logs / "mlflow.log", auth, mlflow_args).start()
         shown = advertise or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
+        ml = MlflowServer(pg.socket_url("mlflow"), root / "mlflow-artifacts", host, port, workers,
+                          logs / "mlflow.log", auth, _allowed_hosts(host, shown, port, allowed_hosts)).start()
         yield Stores(root, pg, ml, shown)
     finally:
         if ml is not None:
             ml.stop()
         pg.close()
+
+
+def _allowed_hosts(host: str, shown: str, port: int, extra: str | None) -> tuple[str, ...]:
+    """`mlflow server --allowed-hosts`: MLflow's own defaults (localhost, private addresses) plus the name the
+    printed flags use, so the clients that follow them are not refused (DNS-rebinding protection)."""
+    if is_loopback(host) and not extra:
+        return ()
+    from mlflow.server.security_utils import get_default_allowed_hosts
+
+    hosts = [*get_default_allowed_hosts(), _url_host(shown), f"{_url_host(shown)}:{port}"]
+    hosts += [h.strip() for h in (extra or "").split(",") if h.strip()]
+    return ("--allowed-hosts", ",".join(dict.fromkeys(hosts)))
 
 
 class _Stop(Exception):
@@ -463,8 +475,9 @@ def main(argv: list[str]) -> int:
                                                      "machine's name when binding 0.0.0.0)")
     s.add_argument("--run-as", default=None, help="as root: the unprivileged user PostgreSQL runs as (default postgres)")
     s.add_argument("--workers", type=int, default=4, help="mlflow server worker processes (default 4)")
-    s.add_argument("--allowed-hosts", default=None, help="passed to `mlflow server --allowed-hosts` (needed when "
-                                                         "clients reach it by a public name or address)")
+    s.add_argument("--allowed-hosts", default=None, help="more Host names clients may reach the mlflow server by "
+                                                         "(`mlflow server --allowed-hosts`; localhost, private "
+                                                         "addresses and the --advertise name are always allowed)")
     args = p.parse_args(argv)
     root = Path(args.root).resolve()
     state_file = root / "stores.json"
@@ -486,8 +499,8 @@ def main(argv: list[str]) -> int:
     try:
         password = read_password(args.password_file)
         reused = (root / "postgres" / "PG_VERSION").is_file()
-        extra = ("--allowed-hosts", args.allowed_hosts) if args.allowed_hosts else ()
-        with serving(root, host, port, pg_port, password, args.run_as, args.workers, args.advertise, extra) as st:
+        with serving(root, host, port, pg_port, password, args.run_as, args.workers, args.advertise,
+                     args.allowed_hosts) as st:
             state_file.write_text(json.dumps({"port": port, "pg_port": pg_port}))
             _print_served(st, reused, bool(password))
             while st.postgres.running and st.mlflow.running:
