@@ -79,9 +79,10 @@ def status_and_report(spec: Path, base: Path, uri: str, storage: str) -> dict:
 def add_runs(uri: str, total: int, threads: int = 8) -> float:
     """Runs for seeds up to `total` under the sweep's parent run, copied from a real trial run's tags, params
     and metrics (only the trial id, seed and run name differ); returns the seconds it took."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("scale")
     parent = client.search_runs([exp.experiment_id], "tags.`hisf.kind` = 'stage'", max_results=1)[0]

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return report_main(argv[1:]) or 0
     if argv[:1] == ["stores"]:
-        from orchestrator.stores import main as stores_main
+        from orchestrator.stores_cli import main as stores_main
 
         return stores_main(argv[1:])
     if argv[:1] and argv[0] in STAGE_COMMANDS:

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import optuna
 import pytest
