@@ -8,8 +8,12 @@ finished/pruned), metrics lost (epochs a run or the study should hold but does n
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/store_concurrency.py [--stores sqlite postgres]
         [--concurrency 2 4 8 16] [--trials 32] [--code DIR]
+    PYTHONPATH=. python benchmarks/store_concurrency.py --writers 16 32 64 [--per-writer 10]
 
 `--code DIR` runs the CLI of another checkout (e.g. an older commit's, to measure the stores as they were).
+`--writers` measures the stores alone: processes that make a trial's writes (run, ~100 params, per-epoch
+metrics, Optuna ask/report/should_prune/tell, finish) through the orchestrator's own code, with no training
+in between, the most write pressure trials could ever put on the stores.
 """
 
 from __future__ import annotations
@@ -141,6 +145,80 @@ def one(kind: str, st, base: Path, data: Path, code: Path, c: int, trials: int, 
     return res
 
 
+def writer(args: tuple) -> dict:
+    """One store-only 'trial' process: the writes of `n` trials of `epochs` epochs through the orchestrator's own
+    tracking and Optuna code (no training), as fast as the stores take them."""
+    import logging
+
+    import optuna
+
+    from orchestrator.search import storage as open_storage
+    from orchestrator.tracking import TrialRun
+
+    uri, storage_url, exp_id, parent, study_name, k, n, epochs = args
+    retries = []
+    handler = logging.Handler()
+    handler.emit = lambda record: retries.append(record.getMessage())
+    logging.getLogger("hisf.stores").addHandler(handler)
+    params = {f"p{i}": i for i in range(100)}  # a trial logs ~100 params (TrialConfig.flatten())
+    errors, t0 = [], time.perf_counter()
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    for j in range(n):
+        try:
+            run = TrialRun(uri, exp_id, parent, f"w{k}-{j}", {"hisf.stage": "search"}, params)
+            trial = study.ask()
+            for e in range(epochs):
+                run.log_metrics({"val_acc": 50.0 + e, "train/loss": 1.0 / (e + 1), "lr": 0.002}, step=e)
+                trial.report(50.0 + e, e)
+                trial.should_prune()
+            study.tell(trial, 50.0 + epochs)
+            run.finish("finished", {"val_acc": 50.0 + epochs})
+        except Exception as exc:  # what the retries did not absorb
+            errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+    return {"seconds": time.perf_counter() - t0, "errors": errors,
+            "lock_retries": sum("locked" in m for m in retries), "retries": len(retries)}
+
+
+def writers(kind: str, st, base: Path, procs: int, per_proc: int, epochs: int) -> dict:
+    """`procs` store-only writers at once (orchestrator.tracking + Optuna, no training): the stores' own limit."""
+    import multiprocessing
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.search import storage as open_storage
+    from orchestrator.tracking import Tracker
+
+    wd = base / f"writers-{kind}-{procs}"
+    wd.mkdir(parents=True)
+    if st is None:
+        uri, storage = f"sqlite:///{wd / 'mlflow.db'}", f"sqlite:///{wd / 'optuna.db'}"
+    else:
+        uri, storage = st.tracking_uri, st.optuna_storage
+    name = f"writers-{kind}-{procs}"
+    tracker = Tracker(uri, name, artifact_root=(wd / "artifacts").as_uri() if st is None else None)
+    parent = tracker.stage_run("search", "bench", resume=False)
+    optuna.create_study(study_name=name, storage=open_storage(storage), direction="maximize")
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        out = pool.map(writer, [(uri, storage, tracker.experiment_id, parent, name, k, per_proc, epochs)
+                                for k in range(procs)])
+    wall = time.perf_counter() - t0
+    client = MlflowClient(uri)
+    runs = tracker.children(parent)
+    lost = sum(epochs - len({m.step for m in client.get_metric_history(r.info.run_id, "val_acc")}) for r in runs)
+    trials = optuna.load_study(study_name=name, storage=open_storage(storage)).get_trials(deepcopy=False)
+    errors = [e for o in out for e in o["errors"]]
+    res = {"stores": kind, "writers": procs, "trials": procs * per_proc, "runs": len(runs),
+           "runs_finished": sum(r.data.tags.get("hisf.status") == "finished" for r in runs),
+           "optuna_complete": sum(t.state.name == "COMPLETE" for t in trials), "metrics_lost": lost,
+           "errors": len(errors), "error_kinds": sorted({e.split(":")[0] for e in errors}),
+           "lock_retries": sum(o["lock_retries"] for o in out), "retries": sum(o["retries"] for o in out),
+           "wall_s": round(wall, 1), "trial_writes_per_s": round(procs * per_proc / wall, 1)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--stores", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
@@ -150,8 +228,20 @@ def main() -> None:
     ap.add_argument("--code", default=str(ROOT), help="checkout whose CLI runs the sweeps (default: this one)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None, help="also write the results (JSON lines) here")
+    ap.add_argument("--writers", nargs="*", type=int, default=None,
+                    help="instead of sweeps: this many store-only writer processes at once (e.g. 16 32 64)")
+    ap.add_argument("--per-writer", type=int, default=10, help="trials each writer records (with --writers)")
     args = ap.parse_args()
     base = Path(args.workdir or tempfile.mkdtemp(prefix="hisf-store-conc-"))
+    if args.writers:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        found = []
+        for kind in args.stores:
+            with stores(kind, base) as st:
+                found += [writers(kind, st, base, n, args.per_writer, args.epochs) for n in args.writers]
+        if args.out:
+            Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in found))
+        return
     data = base / "data"
     build_demo(data)
     results = []
