@@ -59,7 +59,9 @@ def count(tracking_uri: str, storage: str, name: str, epochs: int) -> dict:
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id], "tags.`hisf.trial_id` != ''", max_results=5000) if exp else []
-    studies = optuna.study.get_all_study_names(storage)
+    # This configuration's study (one PostgreSQL server holds every configuration's).
+    studies = [n for n in optuna.study.get_all_study_names(storage) if n.startswith(name + ":")]
+    assert len(studies) <= 1, studies
     trials = optuna.load_study(study_name=studies[0], storage=storage).get_trials(deepcopy=False) if studies else []
     by_number = {t.number: t for t in trials}
     lost = 0
