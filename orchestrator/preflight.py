@@ -192,7 +192,8 @@ def storage_problems(spec: ExperimentSpec, opts: Any) -> list[str]:
     problems = []
     if _sqlite_or_file(opts.tracking_uri):
         problems.append(f"tracking store {opts.tracking_uri!r} is a file on this machine: pass "
-                        "`--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches)")
+                        "`--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches; "
+                        "`hisf-bench stores serve` on the head node starts one and prints the flags)")
     if spec.search is not None and _sqlite_or_file(opts.optuna_storage):
         problems.append(f"Optuna storage {opts.optuna_storage!r} is a file on this machine: pass "
                         "`--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches")

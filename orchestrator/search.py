@@ -23,8 +23,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def storage(url: str) -> optuna.storages.RDBStorage:
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    """The study storage at `url`; its calls ride out a locked SQLite file or a restarting database server
+    (orchestrator.optuna_storage.RetryingRDBStorage)."""
+    from orchestrator.optuna_storage import open_storage
+
+    return open_storage(url)
 
 
 def make_sampler(s: SearchSpec) -> optuna.samplers.BaseSampler:

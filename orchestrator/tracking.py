@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator.store_retry import quiet_mlflow_http_retries, retry
+
 _MAX_BATCH = 900  # MLflow's log_batch limit is 1000 entries
 # MLflow 3's UI opens an experiment by this tag: without it an experiment with no traces lands on the GenAI
 # overview ("Traces: 0"); this value opens the runs table (the value set in mlflow's server js bundle).
@@ -33,15 +35,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _retry(fn: Callable[[], Any], attempts: int = 6) -> Any:
-    """SQLite stores answer `database is locked` while another trial writes; wait and try again."""
-    for i in range(attempts):
-        try:
-            return fn()
-        except Exception as e:  # mlflow wraps sqlalchemy errors in MlflowException
-            if i == attempts - 1 or "locked" not in str(e).lower():
-                raise
-            time.sleep(0.2 * (i + 1))
+quiet_mlflow_http_retries()
+
+
+def _retry(fn: Callable[[], Any], what: str = "MLflow call") -> Any:
+    """A locked SQLite store, an `mlflow server` or its database away for a while: wait (bounded, logged) and
+    try again (orchestrator.store_retry)."""
+    return retry(fn, what)
 
 
 def open_tracker(spec, opts) -> "Tracker":
@@ -164,20 +164,22 @@ class TrialRun:
         flt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`hisf.trial_id` = '{trial_id}'"
         if tags.get("hisf.identity"):
             flt += f" and tags.`hisf.identity` = '{tags['hisf.identity']}'"
-        found = _retry(lambda: self.client.search_runs([experiment_id], filter_string=flt, max_results=1,
-                                                       order_by=["attributes.start_time DESC"]))
-        if found:
-            self.run_id = found[0].info.run_id
-            self.resumed = True
-            logged = found[0].data.params
+        all_tags = {"mlflow.parentRunId": parent_run_id, "hisf.trial_id": trial_id, "hisf.status": "running"}
+        all_tags.update({k: str(v) for k, v in tags.items()})
+
+        def find_or_create():
+            # Each attempt looks first: a create whose answer was lost in a blink made the run already.
+            found = self.client.search_runs([experiment_id], filter_string=flt, max_results=1,
+                                            order_by=["attributes.start_time DESC"])
+            if found:
+                return found[0], True
+            return self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or trial_id), False
+
+        run, self.resumed = _retry(find_or_create, "MLflow find or create the trial's run")
+        self.run_id = run.info.run_id
+        logged = run.data.params if self.resumed else {}
+        if self.resumed:
             _retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
-        else:
-            all_tags = {"mlflow.parentRunId": parent_run_id, "hisf.trial_id": trial_id, "hisf.status": "running"}
-            all_tags.update({k: str(v) for k, v in tags.items()})
-            run = _retry(lambda: self.client.create_run(experiment_id, tags=all_tags, run_name=run_name or trial_id))
-            self.run_id = run.info.run_id
-            self.resumed = False
-            logged = {}
         # A param may be logged once; a resumed run re-logs only what is missing (same values anyway).
         todo = [Param(k, param_str(v)) for k, v in params.items() if k not in logged]
         for i in range(0, len(todo), _MAX_BATCH):

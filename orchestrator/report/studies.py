@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 import optuna
 from optuna.trial import TrialState
 
+from orchestrator.optuna_storage import open_storage
+
 from .plan import ReportPlan
 from .runs import TrackedRuns
 
@@ -27,21 +29,25 @@ class StudyReport:
     n_failed: int
 
 
-def study_names(plan: ReportPlan, storage: str, tracked: TrackedRuns) -> list[str]:
+def study_names(plan: ReportPlan, storage, tracked: TrackedRuns) -> list[str]:
     """The spec's current studies: those the latest search stage names, else every study named after the spec.
 
     Study names are `<spec>:<row>:<dataset>[:<grid point>]:<tag>` (orchestrator.trials.search_groups);
     the tag keeps a rerun's studies apart, so the latest search stage's list is the one to report.
     """
-    parsed = urlparse(storage)
-    if parsed.scheme == "sqlite" and storage.startswith("sqlite:///"):
-        db = Path(storage[len("sqlite:///"):])
-        if not db.is_file():
+    if isinstance(storage, str):
+        if _no_sqlite_file(storage):
             return []  # no study was ever created there; connecting would create an empty database
+        storage = open_storage(storage)
     names = optuna.study.get_all_study_names(storage=storage)
     if tracked.studies is not None:
         return [n for n in tracked.studies if n in names]
     return sorted(n for n in names if n == plan.name or n.startswith(plan.name + ":"))
+
+
+def _no_sqlite_file(storage: str) -> bool:
+    return urlparse(storage).scheme == "sqlite" and storage.startswith("sqlite:///") \
+        and not Path(storage[len("sqlite:///"):]).is_file()
 
 
 def write_study_reports(plan: ReportPlan, storage: str, out: Path, tracked: TrackedRuns,
@@ -49,6 +55,9 @@ def write_study_reports(plan: ReportPlan, storage: str, out: Path, tracked: Trac
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     reports = []
+    if isinstance(storage, str) and not _no_sqlite_file(storage):
+        # One storage (one connection pool) for all studies, opened as the run commands open it.
+        storage = open_storage(storage)
     for name in study_names(plan, storage, tracked):
         study = optuna.load_study(study_name=name, storage=storage)
         reports.append(_one_study(study, plan, out, tracked, run_url))

@@ -196,3 +196,37 @@ def mlflow_server_at(store: Path, workers: int = 2):
     finally:
         stop_group(proc, marker=str(store))
 
+
+
+def stores_root() -> Path:
+    """A folder for a test's stores that PostgreSQL's unprivileged user (when tests run as root) can reach:
+    pytest's own tmp folders are private to root."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="hs", dir="/tmp"))
+    root.chmod(0o711)
+    return root
+
+
+@contextlib.contextmanager
+def postgres_stores(workers: int = 2):
+    """A real PostgreSQL cluster (initdb'd into a temporary folder, loopback and a private unix socket) and a
+    real `mlflow server` on it serving artifacts from its own folder (orchestrator.stores.serving); yields the
+    Stores, whose tracking_uri / optuna_storage are the flags a user passes."""
+    import shutil
+
+    from orchestrator.stores import serving
+
+    root = stores_root()
+    try:
+        with serving(root / "stores", port=free_port(), pg_port=free_port(), workers=workers, durable=False) as st:
+            yield st
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def search_spec(n_trials: int = 4) -> dict:
+    """The demo's search block (HISF's λ1, λ2 by TPE with median pruning) with `n_trials` trials."""
+    return {"sampler": "tpe", "n_trials": n_trials, "startup_trials": 2, "seed": 1, "metric": "val_acc",
+            "pruner": "median", "params": {"method.lambda_le": {"low": 0.0, "high": 2.0},
+                                           "method.lambda_sa": {"low": 0.0, "high": 2.0}}}
