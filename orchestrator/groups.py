@@ -13,9 +13,13 @@ from typing import Any, Mapping, Sequence
 
 from orchestrator.trials import Trial
 
-# `fuse: auto` on a CPU: a tiny trial's step is bound by per-operation overhead, which fusion amortises; past ~8
-# members the fused step's arithmetic dominates (benchmarks/RESULTS.md, trial fusion).
+# `fuse: auto` on a CPU: a small step is bound by per-operation overhead, which fusion amortises, but a fused step
+# over many sequences is bound by arithmetic and memory traffic, and then costs as much as its members one after
+# another, or more (benchmarks/RESULTS.md, trial fusion: the tiny model fuses 8 members at batch 4 over 3 classes at
+# ~3x, and gains nothing at 50 classes). So up to 8 members, while the group's images and class texts per step stay
+# within CPU_SEQUENCES.
 CPU_AUTO = 8
+CPU_SEQUENCES = 128
 MAX_AUTO = 16
 # Of a trial's GPU memory, what a group may plan to use (the rest: allocator fragmentation, CUDA context, NCCL).
 MEMORY_SHARE = 0.8
@@ -44,12 +48,13 @@ class TrialGroup:
 
 def group_size(spec, cfg, n_classes: int) -> int:
     """How many members a group of trials like `cfg` may have: `resources.fuse`, or with `auto` the most (up to 16)
-    whose estimated peak memory fits the trial's GPU share (`gpu_memory_gib` x `gpus_per_trial`), 8 on a CPU."""
+    whose estimated peak memory fits the trial's GPU share (`gpu_memory_gib` x `gpus_per_trial`); on a CPU up to 8
+    while the group's sequences per step (images and class texts) stay within CPU_SEQUENCES."""
     r = spec.resources
     if r.fuse != "auto":
         return int(r.fuse)
     if r.gpus_per_trial <= 0:
-        return CPU_AUTO
+        return max(1, min(CPU_AUTO, CPU_SEQUENCES // (cfg.train.batch_size + n_classes)))
     budget = MEMORY_SHARE * r.gpu_memory_gib * GIB * r.gpus_per_trial
     fits = [k for k in range(1, MAX_AUTO + 1) if estimate_peak_bytes(cfg, k, n_classes) <= budget]
     return max(fits, default=1)
