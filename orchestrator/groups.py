@@ -82,8 +82,11 @@ def plan_groups(trials: Sequence[Trial], spec, class_count) -> tuple[list[TrialG
             groups.append(TrialGroup(tuple(chunk)))
             if len(chunk) == 1:
                 t = chunk[0]
-                alone[t.trial_id] = reason or (f"resources.fuse is {spec.resources.fuse}" if size == 1 else
-                                               "no other trial of the stage shares its shapes and settings")
+                alone[t.trial_id] = reason or (
+                    f"resources.fuse is {spec.resources.fuse}" if size == 1 and spec.resources.fuse != "auto" else
+                    "one member fits the device (fuse: auto)" if size == 1 else
+                    "no other trial of the stage shares its shapes and settings" if len(members) == 1 else
+                    f"its {len(members)} compatible trials split into groups of at most {size}")
     order = {t.trial_id: i for i, t in enumerate(trials)}
     groups.sort(key=lambda g: order[g.members[0].trial_id])
     return groups, alone
