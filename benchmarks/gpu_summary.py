@@ -17,6 +17,9 @@ from pathlib import Path
 # Our maple step against MaPLe's formulation (issue: "≥ 10x at batch 4 / 50 classes, ≥ 3x at batch 32 / 500").
 TARGETS = {(4, 50): 10.0, (32, 500): 3.0}
 MODES = ("eager", "reduce-overhead", "default", "max-autotune")
+# Trial fusion (issue 17): member-steps per second of K = 8 fused maple members at batch 4 / 50 classes against one
+# trial's steps per second (K = 1, compiled: train_step's reduce-overhead row, else our fastest K = 1 row).
+FUSION_TARGET = 5.0
 # First-step losses of our fp32 maple and MaPLe's reference on the same batch agree to this (fp32 reordering).
 LOSS_TOL = 1e-3
 
@@ -146,6 +149,8 @@ def summarise(out: Path) -> str:
         else:
             lines.append(f"- batch {batch} / {classes} classes: not measured (target >= {target:g}x)")
 
+    lines += _fusion_section(read_jsonl(out / "fusion.jsonl"), runs)
+
     lines += ["", "## Data reader (`benchmarks/data_throughput.py`)", ""]
     path = out / "data_throughput.json"
     try:
@@ -158,6 +163,38 @@ def summarise(out: Path) -> str:
     else:
         lines.append("Not measured (the sub-run failed or timed out).")
     return "\n".join(lines) + "\n"
+
+
+def _fusion_section(records: list[dict], step_runs: list[dict]) -> list[str]:
+    """Trial fusion's rows (benchmarks/fusion.py) and the target: K = 8 fused maple against one compiled trial."""
+    rows = [r for r in records if r.get("record") == "row"]
+    lines = ["", "## Trial fusion (`benchmarks/fusion.py`)", ""]
+    if not rows:
+        return lines + ["Not measured (the sub-runs failed or timed out)."]
+    lines += ["| mode | method | batch | classes | K | fused ms | sequential ms | fused member-steps/s | "
+              "sequential member-steps/s | x sequential | peak MiB | first-step loss diff |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['compile']} | {r['method']} | {r['batch']} | {r['classes']} | {r['k']} | {_fmt(r['fused_ms'])} | "
+                     f"{_fmt(r['sequential_ms'])} | {_fmt(r['fused_member_steps_per_s'], 1)} | "
+                     f"{_fmt(r['sequential_member_steps_per_s'], 1)} | {_fmt(r['speedup'])} | {_fmt(r['peak_mib'], 0)} "
+                     f"({r['peak_kind']}) | {r['loss_diff']:.1e} |")
+    # One trial alone, compiled where it was: steps per second of our maple at 4 x 50.
+    singles = [1000.0 / row["ms_per_step"] for run in step_runs for row in run["rows"]
+               if row.get("kind") == "ours" and row.get("method") == "maple" and (row["batch"], row["classes"]) == (4, 50)
+               and row.get("ms_per_step")]
+    singles += [r["fused_member_steps_per_s"] for r in rows if r["method"] == "maple" and r["k"] == 1
+                and (r["batch"], r["classes"]) == (4, 50)]
+    fused = [r["fused_member_steps_per_s"] for r in rows if r["method"] == "maple" and r["k"] == 8
+             and (r["batch"], r["classes"]) == (4, 50)]
+    if singles and fused:
+        ratio = max(fused) / max(singles)
+        lines += ["", f"Target: K = 8 fused maple at batch 4 / 50 classes, {max(fused):.1f} member-steps/s, against one "
+                      f"trial's best {max(singles):.1f} steps/s: {ratio:.2f}x, target >= {FUSION_TARGET:g}x: "
+                      f"{'met' if ratio >= FUSION_TARGET else 'NOT met'}"]
+    else:
+        lines += ["", f"Target (K = 8 against one compiled trial, >= {FUSION_TARGET:g}x): not measured."]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

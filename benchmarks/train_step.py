@@ -52,7 +52,7 @@ from benchmarks.maple_reference import ReferenceMaPLe, to_maple_fp16  # noqa: E4
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
 from hisf.engine import Precision, compile_losses, release_compiled, seed_everything, train_step  # noqa: E402
 from hisf.engine.distributed import DistEnv  # noqa: E402
-from hisf.engine.optim import build_optimizer  # noqa: E402
+from hisf.engine.optim import member_optimizer  # noqa: E402
 from hisf.model.backbone import load_backbone  # noqa: E402
 from hisf.model.facts import METHODS  # noqa: E402
 from hisf.model.maple_import import maple_key_map  # noqa: E402
@@ -133,9 +133,16 @@ def build_ours(method: str, backbone, n_classes: int, device: torch.device, comp
     return model
 
 
-def paper_optimizer(model):
-    opt = build_optimizer(TrainConfig(preset="paper", lr=1e-3), model.param_groups())
-    return opt, [p for g in opt.param_groups for p in g["params"]]
+def paper_states(model, precision: Precision) -> list:
+    """Each member's TrialState under the `paper` preset (lr 1e-3, no warm-up epoch), with its own GradScaler in fp16."""
+    from hisf.engine.checkpoint import TrialState
+
+    cfg = TrainConfig(preset="paper", lr=1e-3, warmup_epochs=0)
+    states = []
+    for k in range(getattr(model, "members", 1)):
+        opt, sched, pairs = member_optimizer(model, k, cfg)
+        states.append(TrialState(model, opt, sched, precision.new_scaler(), member=k, pairs=pairs))
+    return states
 
 
 def build_reference(ours_maple, backbone, n_classes: int, device: torch.device, precision: str) -> ReferenceMaPLe:
@@ -170,8 +177,7 @@ def reference_step(ref, opt, images, labels) -> float:
 
 def step_precision(name: str, device: torch.device) -> Precision:
     """Our step's precision, the GPU's on any device (fp16: autocast + GradScaler also on a CPU)."""
-    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
-    return Precision(name, device.type, _DTYPES[name], scaler)
+    return Precision(name, device.type, _DTYPES[name], grad_scaling=name == "fp16")
 
 
 def timed(fn, warmup: int, steps: int, device: torch.device) -> dict:
@@ -410,11 +416,11 @@ def main(argv: list[str] | None = None) -> int:
                 models[(row.method, row.classes)] = (model, model.trainable_state_dict())
             model, initial = models[(row.method, row.classes)]
             model.load_trainable_state_dict(initial)
-        opt, params = paper_optimizer(model)
         prec = step_precision(prec_name, device)
+        states = paper_states(model, prec)
         images, labels = batch_of(row.batch, row.classes)
         try:
-            result = timed(lambda: train_step(model, images, labels, opt, prec, params, env).losses["loss"],
+            result = timed(lambda: train_step(model, images, labels, states, prec, env)[0].losses["loss"],
                            warmup, steps, device)
         finally:
             if args.compile:

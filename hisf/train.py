@@ -1,4 +1,5 @@
-"""Command line for one trial: `hisf-bench train CONFIG.yaml` and `torchrun -m hisf.train CONFIG.yaml`."""
+"""Command line for one trial, or a fused group of them (docs/fusion.md): `hisf-bench train CONFIG.yaml [MORE.yaml ...]`
+and `torchrun -m hisf.train CONFIG.yaml ...`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from hisf.config import ConfigError, TrialConfig, replace_path
 EPILOG = """Results go to output_dir (default `runs/trial`, relative to the current folder): checkpoint/ (the
 training state, after every epoch), prompts.pt, config.yaml and metrics.json. A rerun with the same output_dir
 resumes from checkpoint/ only when it is the same run (config, ranks x batch size, the data's builds);
-otherwise it stops and says what differs. Example: experiments/trial.yaml."""
+otherwise it stops and says what differs. Several configs train as one fused group (one process, one forward of the
+backbone per step; they may differ only in seed, loss weights, learning-rate settings, epochs and output_dir), each
+with its own output_dir and results, equal to running it alone. Example: experiments/trial.yaml."""
 
 
 def _parse_set(item: str) -> tuple[str, object]:
@@ -31,10 +34,10 @@ def _parse_set(item: str) -> tuple[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hisf-bench train", description="Run one trial from a TrialConfig YAML file.",
-                                epilog=EPILOG)
-    p.add_argument("config", help="trial config YAML (TrialConfig keys: protocol, seed, backbone, method, data, train, "
-                                  "output_dir, device, evaluate_test; see experiments/trial.yaml)")
+    p = argparse.ArgumentParser(prog="hisf-bench train", description="Run one trial from a TrialConfig YAML file (several: "
+                                "one fused group).", epilog=EPILOG)
+    p.add_argument("config", nargs="+", help="trial config YAML (TrialConfig keys: protocol, seed, backbone, method, data, "
+                                             "train, output_dir, device, evaluate_test; see experiments/trial.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one dotted key, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--output-dir", help="override output_dir (default runs/trial)")
@@ -46,14 +49,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(args: argparse.Namespace) -> TrialConfig:
-    cfg = TrialConfig.from_yaml(args.config)
-    for item in args.overrides:
-        key, value = _parse_set(item)
-        cfg = replace_path(cfg, key, value)
-    if args.output_dir:
-        cfg = replace_path(cfg, "output_dir", args.output_dir)
-    return cfg.validate()
+def load_configs(args: argparse.Namespace) -> list[TrialConfig]:
+    """Every CONFIG with the --set overrides (and --output-dir, one config only), validated; several form one group."""
+    if args.output_dir and len(args.config) > 1:
+        raise ConfigError(f"--output-dir: one output folder for {len(args.config)} configs; set output_dir in each")
+    cfgs = []
+    for path in args.config:
+        cfg = TrialConfig.from_yaml(path)
+        for item in args.overrides:
+            key, value = _parse_set(item)
+            cfg = replace_path(cfg, key, value)
+        if args.output_dir:
+            cfg = replace_path(cfg, "output_dir", args.output_dir)
+        cfgs.append(cfg.validate())
+    if len(cfgs) > 1:
+        from hisf.engine.group import check_group
+
+        check_group(cfgs)
+    return cfgs
 
 
 def resolved_yaml(cfg: TrialConfig) -> str:
@@ -79,39 +92,56 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = load_config(args)
+        cfgs = load_configs(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(resolved_yaml(cfg), end="")
+        print("---\n".join(resolved_yaml(cfg) for cfg in cfgs), end="")
         return 0
 
-    from hisf.engine import INPUT_ERRORS, NonFiniteLossError, run_trial
-    from hisf.engine.checkpoint import ResumeError, clear_checkpoint
+    from hisf.engine import INPUT_ERRORS, run_group
+    from hisf.engine.checkpoint import clear_checkpoint
 
     where = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         if args.fresh and local_rank == 0:
             # Every rank runs with resume=False, so none reads the folder while one node's rank 0 deletes it.
-            cleared = clear_checkpoint(cfg.output_dir)
-            if cleared is not None:
-                logging.getLogger("hisf.train").info("--fresh: deleted %s", cleared)
-        result = run_trial(cfg, resume=not args.fresh)
-    except ResumeError as e:
-        hint = "" if args.fresh else (f"\nto start this trial afresh rerun with --fresh (deletes {e.path.parent}, the "
-                                      "saved training state only), or give another --output-dir")
+            for cfg in cfgs:
+                cleared = clear_checkpoint(cfg.output_dir)
+                if cleared is not None:
+                    logging.getLogger("hisf.train").info("--fresh: deleted %s", cleared)
+        outcomes = run_group(cfgs, resume=not args.fresh)
+    except INPUT_ERRORS as e:
+        return _error(e, where, args.fresh)
+    failed = [_error(o, where, args.fresh) for o in outcomes if isinstance(o, BaseException)]
+    if rank == 0:
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
+        if len(cfgs) == 1 and results:
+            print(json.dumps(results[0], indent=2, sort_keys=True))
+        elif results:
+            print(json.dumps({c.output_dir: o for c, o in zip(cfgs, outcomes) if not isinstance(o, BaseException)},
+                             indent=2, sort_keys=True))
+    return max(failed, default=0)
+
+
+def _error(e: BaseException, where: str, fresh: bool) -> int:
+    """Print what ended a trial as one line; the exit status: 2 for bad input, 1 for a diverged trial."""
+    from hisf.engine import INPUT_ERRORS, NonFiniteLossError
+    from hisf.engine.checkpoint import ResumeError
+
+    if isinstance(e, ResumeError):
+        hint = "" if fresh else (f"\nto start this trial afresh rerun with --fresh (deletes {e.path.parent}, the "
+                                 "saved training state only), or give another --output-dir")
         print(f"{where}error: {e}{hint}", file=sys.stderr)
         return 2
-    except INPUT_ERRORS as e:
+    if isinstance(e, INPUT_ERRORS):
         print(f"{where}error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    if isinstance(e, NonFiniteLossError):
         print(f"{where}error: {e}", file=sys.stderr)
         return 1
-    if rank == 0:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    return 0
+    raise e
 
 
 if __name__ == "__main__":

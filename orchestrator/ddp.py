@@ -1,9 +1,11 @@
-"""A multi-worker (DDP) trial: a Ray Train V2 `TorchTrainer` built inside the Tune function trial.
+"""A multi-worker (DDP) group: a Ray Train V2 `TorchTrainer` built inside the Tune function trial, every rank holding
+every member of the group (docs/fusion.md; one member: a trial alone).
 
-Every worker calls `ray.train.report` each epoch (rank 0 with the engine's checkpoint), and
-`TuneReportCallback` (architecture.md) passes rank 0's metrics on to Tune, so a worker failure
-(`FailureConfig`) or a Tune retry resumes from `ray.train.get_checkpoint()`. The trial's config is checked
-here, before any worker group starts: a bad one fails in seconds, not after Ray Train's controller waits.
+Every worker calls `ray.train.report` each epoch boundary (rank 0 with one checkpoint holding each member's), and
+`TuneReportCallback` (architecture.md) passes rank 0's report on to Tune, so a worker failure (`FailureConfig`) or a
+Tune retry resumes every member from `ray.train.get_checkpoint()`. Rank 0 keeps each member's MLflow run and Optuna
+pruning and puts each member's outcome on its run, where the Tune trial reads it back. The members' configs are
+checked here, before any worker group starts: a bad one fails in seconds, not after Ray Train's controller waits.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.context import RunContext
+from orchestrator.groups import TrialGroup
 from orchestrator.identity import trial_identity
-from orchestrator.results import FINAL_KEY, STATUS_KEY, numbers
+from orchestrator.paths import remove_tree
+from orchestrator.results import epoch_report
 from orchestrator.resume import drop_engine_checkpoint, restore_train_checkpoint
-from orchestrator.trial_callback import TrialBridge, open_trial_run, write_pid
+from orchestrator.trial_callback import TrialBridge, _link_or_copy, group_staging, open_trial_run, write_pid
 from orchestrator.trials import Trial
+
+OUTCOME_TAG = "hisf.ddp_outcome"  # rank 0's word on a member: finished | pruned (failures: hisf.status=failed)
 
 
 def check_before_workers(trial: Trial, workers: int) -> None:
@@ -32,69 +38,91 @@ def check_before_workers(trial: Trial, workers: int) -> None:
                                           owns_group=False))
 
 
-class TrainReport:
-    """Ray Train V2 needs every worker to call `ray.train.report` each time: this engine callback runs on all
-    ranks (`all_ranks`), rank 0 attaching the engine's epoch checkpoint; rank 0's metrics reach Tune."""
+class TrainGroupReport:
+    """Ray Train V2 needs every worker to call `ray.train.report` each time: this GroupCallback runs on all ranks
+    (`all_ranks`), rank 0 attaching one checkpoint with each member that finished the epoch under its trial id."""
 
     all_ranks = True
 
-    def __init__(self, bridge: TrialBridge | None):
-        self.bridge = bridge  # rank 0's, which runs first and knows whether Optuna pruned this epoch
+    def __init__(self, member_ids: list[str], ctx: RunContext, group_id: str, is_main: bool):
+        self.ids, self.ctx, self.is_main = member_ids, ctx, is_main
+        self.staging = group_staging(ctx, group_id)
 
-    def on_epoch_end(self, epoch: int, metrics: dict, checkpoint_dir: str) -> None:
+    def on_epoch_end(self, records: list[dict]) -> None:
         import ray.train
 
-        ckpt, status = None, "running"
-        if self.bridge is not None:
-            ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if Path(checkpoint_dir).is_dir() else None
-            status = "pruned" if self.bridge.pruned else status
-        # The engine's folder stays where it is: it is the engine's own resume point on this node.
-        ray.train.report({**numbers(metrics), STATUS_KEY: status, FINAL_KEY: False}, checkpoint=ckpt,
-                         delete_local_checkpoint_after_upload=False)
+        ckpt = None
+        if self.is_main:
+            remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
+            epochs = {}
+            for rec in records:
+                tid, src = self.ids[rec["member"]], Path(rec["checkpoint_dir"])
+                if src.is_dir():
+                    (self.staging / tid).mkdir(parents=True, exist_ok=True)
+                    for f in src.iterdir():
+                        if f.is_file() and not f.name.startswith("."):
+                            _link_or_copy(f, self.staging / tid / f.name)
+                    epochs[tid] = int(rec["epoch"])
+            if epochs:
+                ckpt = ray.train.Checkpoint.from_directory(str(self.staging))
+                ckpt.set_metadata({"epochs": epochs})
+        # The engine's folders stay where they are: each is its member's own resume point on this node.
+        ray.train.report(epoch_report(records), checkpoint=ckpt, delete_local_checkpoint_after_upload=False)
+        if self.is_main:
+            remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
 
 
 def ddp_worker(loop_config: dict) -> None:
-    """One Ray Train worker: TorchTrainer has set up the process group; rank 0 tracks to MLflow."""
+    """One Ray Train worker: TorchTrainer has set up the process group; rank 0 tracks every member to MLflow."""
     import ray.train
 
-    from hisf.config import ConfigError
-    from hisf.engine import run_trial
+    from hisf.engine import INPUT_ERRORS, run_group
     from orchestrator.devices import place_trial
 
-    trial = Trial.from_payload(loop_config["trial"])
+    group = TrialGroup.from_payload(loop_config["group"])
     ctx = RunContext.from_dict(loop_config["ctx"])
     rank = ray.train.get_context().get_world_rank()
-    write_pid(trial, f"worker.rank{rank}.pid")
-    resumed_epochs = restore_train_checkpoint(trial)
-    bridge = run = None
+    for t in group.members:
+        write_pid(t, f"worker.rank{rank}.pid")
+    restored = restore_train_checkpoint(group)
+    runs, bridges = [], []
     if rank == 0:
-        run = open_trial_run(trial, ctx)
-        bridge = TrialBridge(trial, run, ctx, report_to_tune=False)
-        # Worker-group starts of this trial, FailureConfig restarts included (hisf.attempts counts Tune's).
         from ray.util.placement_group import get_current_placement_group
 
         pg = get_current_placement_group()
-        run.set_tags({"hisf.train_attempts": int(run.tags().get("hisf.train_attempts", "0")) + 1,
-                      "hisf.placement_group": pg.id.hex() if pg is not None else ""})
-        if resumed_epochs is not None:
-            run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=resumed_epochs)
-    callbacks = [bridge, TrainReport(bridge)] if bridge is not None else [TrainReport(None)]
+        for t in group.members:
+            run = open_trial_run(t, ctx)
+            # Worker-group starts of this trial, FailureConfig restarts included (hisf.attempts counts Tune's).
+            run.set_tags({"hisf.train_attempts": int(run.tags().get("hisf.train_attempts", "0")) + 1,
+                          "hisf.placement_group": pg.id.hex() if pg is not None else ""})
+            if t.trial_id in restored:
+                run.log_metrics({"resumed_from_epoch": restored[t.trial_id]}, step=restored[t.trial_id])
+            runs.append(run)
+            bridges.append(TrialBridge(t, run, ctx))
+    callbacks = [[b] for b in bridges] if rank == 0 else [[] for _ in group.members]
+    report = TrainGroupReport([t.trial_id for t in group.members], ctx, group.group_id, rank == 0)
     try:
-        final = run_trial(place_trial(trial.config, ctx.gpus_per_trial), callbacks=callbacks, resume=True)
-    except ConfigError as e:
+        outcomes = run_group([place_trial(t.config, ctx.gpus_per_trial) for t in group.members], callbacks,
+                             resume=True, group_callbacks=[report])
+    except INPUT_ERRORS as e:
         # Raising would make FailureConfig retry what fails the same way each time: every rank returns, and
-        # rank 0 leaves the error on the run for the Tune trial (the driver-side process) to act on.
-        if run is not None:
+        # rank 0 leaves the error on each member's run for the Tune trial (the driver-side process) to act on.
+        for run in runs:
             run.fail(str(e))
         return
-    if bridge is not None:
+    for run, bridge, outcome in zip(runs, bridges, outcomes):
         # Rank 0 holds the final metrics and wrote the artifacts on its node: it logs them itself.
-        bridge.log_final(final or {})
+        if isinstance(outcome, BaseException):
+            run.fail(f"{type(outcome).__name__}: {outcome}")
+            continue
+        bridge.log_final(outcome or {})
         run.log_artifacts(bridge.artifacts)
+        run.set_tags({OUTCOME_TAG: "pruned" if bridge.pruned else "finished"})
     if not ctx.keep_checkpoints:
         # Each rank drops its node's copy (on other nodes the only place it is). Ray Train's copy stays until
-        # the Tune trial has put the trial on record, so a driver killed in between still resumes from it.
-        drop_engine_checkpoint(trial.config.output_dir)
+        # the Tune trial has put the members on record, so a driver killed in between still resumes from it.
+        for t in group.members:
+            drop_engine_checkpoint(t.config.output_dir)
 
 
 def remove_stale_placement_group(run) -> None:
@@ -120,36 +148,47 @@ def remove_stale_placement_group(run) -> None:
         remove_placement_group(pg)
 
 
-def fit_ddp(trial: Trial, ctx: RunContext, run) -> tuple[str, Any]:
-    """Check the config, then run the DDP workers; returns the trial's status (finished or pruned) and Ray
-    Train's result; raises the ConfigError of the check or of a worker."""
+def fit_ddp(group: TrialGroup, members: list[Trial], ctx: RunContext, runs: list) -> list:
+    """Check each member's config, then run the DDP workers over the members; returns, per member, a dict (its
+    final metrics, `pruned` when Optuna stopped it) or its error, as rank 0 put them on its run. Raises the
+    ConfigError of the check (a bad config fails every member the same way)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from hisf.config import ConfigError
-
-    check_before_workers(trial, ctx.workers_per_trial)
-    remove_stale_placement_group(run)
+    for t in members:
+        check_before_workers(t, ctx.workers_per_trial)
+    for run in runs:
+        remove_stale_placement_group(run)
+    ddp_group = TrialGroup(tuple(members))
+    digest = "".join(trial_identity(t.config, ctx).digest[:8] for t in members)[:16]
     gpus = ctx.gpus_per_trial
     trainer = TorchTrainer(
         ddp_worker,
-        train_loop_config={"trial": trial.payload(), "ctx": ctx.to_dict()},
+        train_loop_config={"group": ddp_group.payload(), "ctx": ctx.to_dict()},
         scaling_config=ScalingConfig(
             num_workers=ctx.workers_per_trial, use_gpu=gpus > 0,
             resources_per_worker={"CPU": ctx.cpus_per_trial, **({"GPU": gpus} if gpus else {})}),
         run_config=RunConfig(
-            # Same name on a Tune retry or `--resume` of the same trial (stage run and identity): Train V2
-            # restores its checkpoint snapshot from storage_path, so get_checkpoint() resumes; a fresh stage,
-            # or the same trial id rerun with another identity, starts a fresh run.
-            name=f"{trial.trial_id}-ddp-{ctx.parent_run_id[:8]}-{trial_identity(trial.config, ctx).digest[:8]}",
+            # Same name on a Tune retry or `--resume` of the same members (stage run and identities): Train V2
+            # restores its checkpoint snapshot from storage_path, so get_checkpoint() resumes; a fresh stage, or
+            # the same members rerun with another identity, starts a fresh run.
+            name=f"{group.group_id}-ddp-{ctx.parent_run_id[:8]}-{digest}",
             storage_path=ctx.storage_path,
             failure_config=FailureConfig(max_failures=ctx.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()]),
     )
     result = trainer.fit()
-    tags = run.tags()
-    if tags.get("hisf.status") == "failed":
-        raise ConfigError(tags.get("hisf.error", "a DDP worker reported a bad trial config"))
-    return ("pruned" if (result.metrics or {}).get(STATUS_KEY) == "pruned" else "finished"), result
+    outcomes = []
+    for run in runs:
+        tags = run.tags()
+        if tags.get("hisf.status") == "failed":
+            outcomes.append(RuntimeError(tags.get("hisf.error", "a DDP worker reported a bad trial config")))
+        else:
+            outcomes.append({**run.latest_metrics(), "pruned": tags.get(OUTCOME_TAG) == "pruned"})
+    if not ctx.keep_checkpoints and all(isinstance(o, dict) for o in outcomes):
+        from orchestrator.resume import drop_ray_checkpoints
+
+        drop_ray_checkpoints(result.filesystem, result.path, ctx.storage_path)
+    return outcomes

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Mapping, TextIO
 
 from ray.tune import Callback
 
-from orchestrator.results import STATUSES, final_status
+from orchestrator.results import STATUS_KEY, STATUSES, member_results
 
 
 def log_path(workdir: str | Path, spec_name: str, stage: str) -> Path:
@@ -71,8 +71,9 @@ def _fileno(stream: Any) -> int | None:
 
 
 class StageProgress(Callback):
-    """A Tune callback that keeps one progress line per stage: finished / running / failed / pruned of N,
-    elapsed time, ETA, and (search) the best validation value so far.
+    """A Tune callback that keeps one progress line per stage: finished / running / failed / pruned of N member
+    trials (a Tune trial runs a group of them, docs/fusion.md), elapsed time, ETA, and (search) the best validation
+    value so far.
 
     On a terminal the line is redrawn in place (`\\r`) at most once a second; otherwise (CI logs, pipes) a
     plain line is printed when something changed and `every` seconds passed, and at least every 5 × `every`.
@@ -85,7 +86,7 @@ class StageProgress(Callback):
         self.stage, self.total, self.console, self.metric, self.best = stage, total, console, metric, best
         self.prior = dict(prior or {})
         self.counts = {s: 0 for s in STATUSES if s != "running"}
-        self.running: set[str] = set()
+        self.running: dict[str, int] = {}  # Tune trial id -> its group's member count
         self.every = every
         self.live = bool(live if live is not None else getattr(console, "isatty", lambda: False)())
         self.started = time.monotonic()
@@ -99,22 +100,22 @@ class StageProgress(Callback):
 
     # ---- Tune events (driver side) ----
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running.add(trial.trial_id)
+        self.running[trial.trial_id] = len(_member_ids(trial))
         self._changed = True
         self.draw()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        result = trial.last_result or {}
-        status = final_status(result)
-        self._done(trial, status if status in self.counts else "failed")
-        if status == "finished" and self.metric and isinstance(result.get(self.metric), (int, float)):
-            value = float(result[self.metric])
-            self.best = value if self.best is None else max(self.best, value)
-        self.draw()
+        for rec in member_results(trial.last_result, _member_ids(trial)).values():
+            status = rec[STATUS_KEY]
+            self.counts[status if status in self.counts else "failed"] += 1
+            if status == "finished" and self.metric and isinstance(rec.get(self.metric), (int, float)):
+                value = float(rec[self.metric])
+                self.best = value if self.best is None else max(self.best, value)
+        self._settle(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._done(trial, "failed")
-        self.draw()
+        self.counts["failed"] += len(_member_ids(trial))
+        self._settle(trial)
 
     def on_step_end(self, iteration, trials, **info):
         self.draw()
@@ -122,10 +123,10 @@ class StageProgress(Callback):
     def on_experiment_end(self, trials, **info):
         self.close()
 
-    def _done(self, trial, status: str) -> None:
-        self.running.discard(trial.trial_id)
-        self.counts[status] += 1
+    def _settle(self, trial) -> None:
+        self.running.pop(trial.trial_id, None)
         self._changed = True
+        self.draw()
 
     # ---- the line ----
     def line(self) -> str:
@@ -140,7 +141,7 @@ class StageProgress(Callback):
             eta = _clock(elapsed / finished_now * left)
         else:
             eta = "?"
-        text = (f"[{self.stage}] {done['finished']}/{self.total} finished, {len(self.running)} running, "
+        text = (f"[{self.stage}] {done['finished']}/{self.total} finished, {sum(self.running.values())} running, "
                 f"{done['failed']} failed, {done['pruned']} pruned · {_clock(elapsed)} elapsed · ETA {eta}")
         if self.metric:
             text += f" · best {self.metric} " + ("-" if self.best is None else f"{self.best:.2f}")
@@ -184,6 +185,10 @@ class StageProgress(Callback):
             self.console.flush()
         except (OSError, ValueError):  # a closed console must not fail the stage
             self.console = None
+
+
+def _member_ids(trial) -> list[str]:
+    return [m["trial_id"] for m in (trial.config.get("group") or {}).get("members", [])]
 
 
 def _clock(seconds: float) -> str:

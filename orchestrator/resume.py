@@ -31,7 +31,7 @@ from ray.tune import Callback
 
 from orchestrator.identity import PART_NAMES, differences, trial_identity
 from orchestrator.paths import remove_remote_tree, remove_tree
-from orchestrator.results import DONE, STATUS_KEY, is_done
+from orchestrator.results import DONE, STATUS_KEY, member_results
 from orchestrator.trials import Trial
 
 STALE_TAG = "hisf.stale"
@@ -160,51 +160,64 @@ def clear_trial_folder(trial: Trial, runs_root: str | Path) -> None:
 # ---- what a retried trial restores (worker side) ---------------------------------------------------------
 
 
-def restore_tune_checkpoint(trial: Trial) -> int | None:
-    """Put Tune's last checkpoint where the engine looks, when this node's output folder lacks it; returns the
-    number of epochs it holds (None on a first attempt)."""
+def restore_tune_checkpoint(group) -> dict[str, int]:
+    """Put the members' parts of Tune's last checkpoint of a group (orchestrator/trial_callback.TuneGroupReport:
+    one folder per member trial id) where the engine looks, for each member whose folder on this node lacks one;
+    returns trial id -> the epochs its part holds (empty on a first attempt)."""
     from ray import tune
+
+    from hisf.engine.checkpoint import checkpoint_path
 
     ckpt = tune.get_checkpoint()
     if ckpt is None:
-        return None
-    meta = ckpt.get_metadata() or {}
-    rel = meta.get("relpath")
-    if rel:
-        dest = Path(trial.config.output_dir) / rel
-        if not dest.is_dir():
-            with ckpt.as_directory() as src:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copytree(src, dest)
-    return int(meta.get("epoch", -1)) + 1
+        return {}
+    epochs = {str(k): int(v) + 1 for k, v in ((ckpt.get_metadata() or {}).get("epochs") or {}).items()}
+    wanted = {t.trial_id: t for t in group.members if t.trial_id in epochs}
+    missing = {tid: t for tid, t in wanted.items() if not checkpoint_path(t.config.output_dir).is_file()}
+    if missing:
+        with ckpt.as_directory() as src:
+            for tid, t in missing.items():
+                dest = checkpoint_path(t.config.output_dir).parent
+                dest.mkdir(parents=True, exist_ok=True)
+                for f in sorted((Path(src) / tid).iterdir()):
+                    if f.is_file():
+                        shutil.copyfile(f, dest / f.name)
+    return {tid: epochs[tid] for tid in wanted}
 
 
-def restore_train_checkpoint(trial: Trial) -> int | None:
-    """Copy Ray Train's latest checkpoint into this node's engine checkpoint folder (every rank: without
-    shared storage, other nodes' folders are empty or stale) and return the epochs it holds.
+def restore_train_checkpoint(group) -> dict[str, int]:
+    """Copy each member's part of Ray Train's latest checkpoint of a group (one folder per member trial id) into
+    its engine checkpoint folder on this node (every rank: without shared storage, other nodes' folders are empty
+    or stale); returns trial id -> the epochs its part holds.
 
-    Ray's copy wins over a newer local one, and with none a local one is dropped, so that all ranks start
-    from the same epoch (a node without shared storage has no local copy to agree with).
+    Ray's copy wins over a newer local one, and a member it has none for drops its local one, so that all ranks
+    start from the same epoch (a node without shared storage has no local copy to agree with).
     """
     import ray.train
-    import torch
 
     from hisf.engine.checkpoint import checkpoint_path
 
     ckpt = ray.train.get_checkpoint()
-    dest = checkpoint_path(trial.config.output_dir)
-    if ckpt is None:
-        remove_tree(dest, trial.config.output_dir, "local checkpoint")
-        return None
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    epochs = {str(k): int(v) + 1 for k, v in (((ckpt.get_metadata() or {}).get("epochs") or {}) if ckpt else {}).items()}
+    for t in group.members:
+        dest = checkpoint_path(t.config.output_dir)
+        if t.trial_id not in epochs:
+            remove_tree(dest, t.config.output_dir, "local checkpoint")
+    if not epochs:
+        return {}
     with ckpt.as_directory() as src:
-        for f in sorted(Path(src).iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                # Ranks on one node may copy the same file at once: each renames its own whole copy into place.
-                tmp = dest.parent / f".{f.name}.{os.getpid()}.restore"
-                shutil.copyfile(f, tmp)
-                os.replace(tmp, dest.parent / f.name)
-    return int(torch.load(dest, map_location="cpu", weights_only=True)["epoch"]) if dest.is_file() else None
+        for t in group.members:
+            if t.trial_id not in epochs:
+                continue
+            dest = checkpoint_path(t.config.output_dir)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for f in sorted((Path(src) / t.trial_id).iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    # Ranks on one node may copy the same file at once: each renames its own whole copy into place.
+                    tmp = dest.parent / f".{f.name}.{os.getpid()}.restore"
+                    shutil.copyfile(f, tmp)
+                    os.replace(tmp, dest.parent / f.name)
+    return {t.trial_id: epochs[t.trial_id] for t in group.members if t.trial_id in epochs}
 
 
 # ---- which checkpoints go once a trial is on record ------------------------------------------------------
@@ -239,15 +252,17 @@ def drop_ray_checkpoints(fs, path: str | None, owner: str) -> int:
 
 
 class DropFinishedCheckpoints(Callback):
-    """Driver side: Tune's copy of a trial's checkpoints goes when the trial completes as finished/pruned.
+    """Driver side: Tune's copy of a group's checkpoints goes when the Tune trial completes with every member
+    finished or pruned.
 
-    The trial's own process recorded it in MLflow before its last report, so by now it is on record and a
-    `--resume` skips it; a trial that failed for good (or is retried) keeps its checkpoints.
+    Each member's process recorded it in MLflow before the group's last report, so by now they are on record and a
+    `--resume` skips them; a group with a member that failed (or that is retried) keeps its checkpoints.
     """
 
     def __init__(self, owner: str | Path):
         self.owner = str(owner)  # the stage's Ray storage folder (<workdir>/ray_results)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if is_done(trial.last_result):
+        ids = [m["trial_id"] for m in trial.config["group"]["members"]]
+        if all(r[STATUS_KEY] in DONE for r in member_results(trial.last_result, ids).values()):
             drop_ray_checkpoints(trial.storage.storage_filesystem, trial.path, self.owner)

@@ -57,7 +57,9 @@ def run_trials(stage: str, spec: ExperimentSpec, trials: list[Trial], opts: Opti
     ctx = stage_context(spec, opts, tracker.experiment_id, parent, search_run_id)
     plan = plan_stage(trials, tracker, parent, ctx, opts.resume)
     reused, todo = plan.reused, plan.todo
-    print(f"[{stage}] {len(trials)} trials, {len(reused)} already finished, running {len(todo)} "
+    groups = stage_groups(spec, todo)
+    fused = f" in {len(groups)} fused group(s)" if len(groups) < len(todo) else ""
+    print(f"[{stage}] {len(trials)} trials, {len(reused)} already finished, running {len(todo)}{fused} "
           f"(MLflow parent run {parent})", file=opts.out)
     if plan.rerun:
         print(f"[{stage}] {plan.why_rerun()}", file=opts.out)
@@ -71,11 +73,19 @@ def run_trials(stage: str, spec: ExperimentSpec, trials: list[Trial], opts: Opti
             progress = StageProgress(stage, len(trials), console, prior=_statuses(reused.values()),
                                      every=opts.progress_every, live=False if opts.verbose else None)
             grid = tuner(spec, opts, f"{spec.name}-{stage}-{parent[:8]}", progress,
-                         param_space={"trial": tune.grid_search([t.payload() for t in todo]),
+                         param_space={"group": tune.grid_search([g.payload() for g in groups]),
                                       "ctx": ctx.to_dict()}).fit()
             progress.close()
             results = collect(grid)
     return _finish(stage, tracker, parent, len(trials), reused, results, started)
+
+
+def stage_groups(spec: ExperimentSpec, trials: list[Trial]):
+    """The trials that run now, in fused groups (orchestrator/groups.py; `resources.fuse`)."""
+    from orchestrator.groups import plan_groups
+    from orchestrator.trials import class_count
+
+    return plan_groups(trials, spec, lambda key: class_count(spec.data.root, key))[0]
 
 
 def run_search(spec: ExperimentSpec, opts: Options) -> StageResult:

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from orchestrator.context import Options
-from orchestrator.results import ERROR_KEY, STATUS_KEY, final_status
+from orchestrator.results import ERROR_KEY, member_results
 from orchestrator.spec import ExperimentSpec
 from orchestrator.trials import trial_resources
 
@@ -55,14 +55,15 @@ def ray_session(spec: ExperimentSpec, opts: Options):
 
 def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space: dict | None = None,
           searcher=None):
-    """The stage's Tuner over `param_space` (a grid of trial payloads) or, with `searcher`, the trials it suggests."""
+    """The stage's Tuner over `param_space` (a grid of group payloads, orchestrator/groups.py) or, with `searcher`,
+    the groups it suggests; one Tune trial per group."""
     from ray import tune
 
     from orchestrator.resume import DropFinishedCheckpoints
     from orchestrator.trainable import tune_trainable
 
     def trial_name(t):
-        return t.config["trial"]["trial_id"]
+        return t.config["group"]["group_id"]
 
     storage = str(Path(opts.workdir) / "ray_results")
     tune_config = tune.TuneConfig(max_concurrent_trials=spec.resources.max_concurrent_trials,
@@ -79,15 +80,13 @@ def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space:
 
 
 def collect(grid) -> dict[str, dict]:
-    """trial_id -> the trial's last result with its status (`final_status`) and error, from a fitted Tuner."""
+    """member trial id -> its final record (status, error, metrics) from a fitted Tuner's groups; every member of a
+    Tune trial that errored (retries used up) or did not end by itself failed."""
     out = {}
     for res in grid:
-        cfg = res.config or {}
-        tid = (cfg.get("trial") or {}).get("trial_id")
-        if tid is None:
-            continue
-        m = dict(res.metrics or {})
-        status = "failed" if res.error is not None else final_status(m)
-        error = str(res.error) if res.error else m.get(ERROR_KEY)
-        out[tid] = {**m, "trial_id": tid, STATUS_KEY: status, "error": error}
+        group = (res.config or {}).get("group") or {}
+        ids = [m["trial_id"] for m in group.get("members", [])]
+        for tid, rec in member_results(None if res.error is not None else res.metrics, ids).items():
+            error = str(res.error) if res.error is not None else rec.get(ERROR_KEY)
+            out[tid] = {**rec, "trial_id": tid, "error": error}
     return out

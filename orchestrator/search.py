@@ -13,7 +13,8 @@ from typing import Any, Mapping
 import optuna
 from ray.tune.search import Searcher
 
-from orchestrator.results import STATUS_KEY
+from orchestrator.groups import TrialGroup
+from orchestrator.results import STATUS_KEY, member_results
 from orchestrator.resume import LaunchRuns, clear_trial_folder, result_record
 from orchestrator.spec import ExperimentSpec, ParamRange, SearchSpec, SpecError
 from orchestrator.trials import SearchGroup, Trial, search_trial, trials_root
@@ -94,13 +95,15 @@ class StudySearcher(Searcher):
 
     def __init__(self, spec: ExperimentSpec, groups: list[SearchGroup], url: str, workdir: str, ctx: dict,
                  runs: LaunchRuns | None = None):
-        super().__init__(metric=spec.search.metric, mode="max")
+        # No metric for Tune itself: a Tune trial reports a fused group's progress, not one trial's val_acc; each
+        # member's value is told to its study here (on_trial_complete), its pruning asked in its own process.
+        super().__init__(metric=None, mode=None)
         self.spec, self.groups, self.url, self.workdir, self.ctx = spec, groups, url, workdir, ctx
         self.dists = distributions(spec.search.params)
         self.studies = {g.study: open_study(url, g.study, spec.search) for g in groups}
         self.asked = {g.study: 0 for g in groups}
         self.pending: list[Trial] = []
-        self.live: dict[str, tuple[str, int]] = {}
+        self.live: dict[str, list[Trial]] = {}  # Tune trial id -> the members of the group it runs
         self.told_from_record = 0
         self.rerun = []  # resume decisions of orphans that rerun fresh (another identity), for the console
         for g in groups:
@@ -130,26 +133,55 @@ class StudySearcher(Searcher):
             s.tell(number, float(result[self.spec.search.metric]))
 
     def suggest(self, tune_trial_id: str):
-        if self.pending:
-            t = self.pending.pop(0)
-        else:
-            open_groups = [g for g in self.groups if self.asked[g.study] < self.spec.search.n_trials]
-            if not open_groups:
-                return Searcher.FINISHED
-            g = min(open_groups, key=lambda g: self.asked[g.study])
-            ot = self.studies[g.study].ask(self.dists)
-            self.asked[g.study] += 1
-            t = search_trial(self.spec, g, ot.number, ot._trial_id, ot.params, self.workdir)
-            # A new trial starts clean: an earlier search's folder under the same id holds other values.
-            clear_trial_folder(t, trials_root(self.workdir, self.spec))
-        self.live[tune_trial_id] = (t.study, t.optuna_number)
-        return {"trial": t.payload(), "ctx": self.ctx}
+        """The next group: trials a killed driver left RUNNING first, then asks to the study with the fewest, up to
+        the group size (`resources.fuse`) and only trials that fuse (a searched value may change shapes)."""
+        from hisf.engine.group import fusion_key
+
+        members: list[Trial] = []
+        while not members or len(members) < self._size(members[0]):
+            t = self._next(members[0].study if members else None)
+            if t is None:
+                break
+            if members and fusion_key(t.config) != fusion_key(members[0].config):
+                self.pending.insert(0, t)  # it starts the next group
+                break
+            members.append(t)
+        if not members:
+            return Searcher.FINISHED
+        self.live[tune_trial_id] = members
+        return {"group": TrialGroup(tuple(members)).payload(), "ctx": self.ctx}
+
+    def _next(self, study: str | None) -> Trial | None:
+        """A pending trial (of `study` when given), else a new ask of `study` (or of the open study with the fewest
+        asks); None when there is none."""
+        for i, t in enumerate(self.pending):
+            if study is None or t.study == study:
+                return self.pending.pop(i)
+        open_groups = [g for g in self.groups if self.asked[g.study] < self.spec.search.n_trials
+                       and (study is None or g.study == study)]
+        if not open_groups:
+            return None
+        g = min(open_groups, key=lambda g: self.asked[g.study])
+        ot = self.studies[g.study].ask(self.dists)
+        self.asked[g.study] += 1
+        t = search_trial(self.spec, g, ot.number, ot._trial_id, ot.params, self.workdir)
+        # A new trial starts clean: an earlier search's folder under the same id holds other values.
+        clear_trial_folder(t, trials_root(self.workdir, self.spec))
+        return t
+
+    def _size(self, first: Trial) -> int:
+        from orchestrator.groups import group_size, train_classes
+        from orchestrator.trials import class_count
+
+        cfg = first.config
+        return group_size(self.spec, cfg, train_classes(cfg, class_count(self.spec.data.root, cfg.data.dataset)))
 
     def on_trial_complete(self, tune_trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if tune_trial_id not in self.live:
+        members = self.live.pop(tune_trial_id, None)
+        if not members:
             return
-        study, number = self.live.pop(tune_trial_id)
-        if error or not result or self.spec.search.metric not in result:
-            self._tell_from_record(study, number, None)
-        else:
-            self._tell_from_record(study, number, {**result, STATUS_KEY: result.get(STATUS_KEY, "finished")})
+        records = member_results(None if error else result, [t.trial_id for t in members])
+        for t in members:
+            rec = records[t.trial_id]
+            ok = rec[STATUS_KEY] != "failed" and (rec[STATUS_KEY] == "pruned" or self.spec.search.metric in rec)
+            self._tell_from_record(t.study, t.optuna_number, rec if ok else None)

@@ -83,6 +83,10 @@ class ResourcesSpec:
     max_failures: int = 2
     # false: a finished trial's training checkpoints are deleted once it is on record (orchestrator/resume.py)
     keep_checkpoints: bool = False
+    # Trial fusion (docs/fusion.md): up to `fuse` compatible trials train as one group in one Tune trial; "auto"
+    # sizes groups to the device's memory (gpu_memory_gib per GPU) and up to 8 members on a CPU.
+    fuse: int | str = 1
+    gpu_memory_gib: float = 80.0
 
 
 @dataclass(frozen=True)
@@ -419,7 +423,7 @@ def _resources(v: Any) -> ResourcesSpec:
     m = _mapping(v, "resources")
     _keys(m, "resources", required=(), optional=(
         "cpus_per_trial", "gpus_per_trial", "workers_per_trial", "max_concurrent_trials", "max_failures",
-        "keep_checkpoints"))
+        "keep_checkpoints", "fuse", "gpu_memory_gib"))
     gpus = _num(m.get("gpus_per_trial", 0), "resources.gpus_per_trial")
     if gpus < 0 or (gpus > 1 and gpus != int(gpus)):
         raise SpecError(f"resources.gpus_per_trial: expected 0 or a fraction in (0, 1] (GPUs per worker), got {gpus}")
@@ -439,7 +443,24 @@ def _resources(v: Any) -> ResourcesSpec:
         max_concurrent_trials=_int(m.get("max_concurrent_trials", 2), "resources.max_concurrent_trials", minimum=1),
         max_failures=_int(m.get("max_failures", 2), "resources.max_failures", minimum=0),
         keep_checkpoints=_bool(m.get("keep_checkpoints", False), "resources.keep_checkpoints"),
+        fuse=_fuse(m.get("fuse", 1)),
+        gpu_memory_gib=_positive(m.get("gpu_memory_gib", 80.0), "resources.gpu_memory_gib"),
     )
+
+
+def _fuse(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SpecError(f"resources.fuse: expected a group size >= 1 (1: every trial alone) or 'auto', got {v!r}")
+    return v
+
+
+def _positive(v: Any, where: str) -> float:
+    x = _num(v, where)
+    if x <= 0:
+        raise SpecError(f"{where}: expected > 0, got {v!r}")
+    return x
 
 
 def _deep_merge(base: dict, over: Mapping) -> dict:

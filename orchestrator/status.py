@@ -7,7 +7,8 @@ from pathlib import Path
 
 from hisf.model.facts import METHODS
 from orchestrator.spec import ExperimentSpec
-from orchestrator.trials import expand_final, expand_sweep, estimate_hours, search_groups, trial_resources
+from orchestrator.estimate import estimate_hours
+from orchestrator.trials import expand_final, expand_sweep, search_groups, trial_resources
 
 
 def plan(command: str, spec: ExperimentSpec, workdir: str) -> tuple[list, list]:
@@ -68,16 +69,44 @@ def print_dry_run(command: str, spec: ExperimentSpec, opts) -> int:
         print(f"{t.stage:6s}  {t.trial_id}: method {cfg.method.name}, dataset {t.dataset}, seed {t.seed}, "
               f"epochs {cfg.train.epochs}{', ' + extra if extra else ''}{searched}"
               f"{''.join(f', {k}={v}' for k, v in t.point)}", file=out)
+    fused = _print_groups(spec, trials, groups, out)
     for note in notes:
         print(f"note    {note}", file=out)
     stage = {"sweep": "sweep", "final": "final", "run": "final" if groups else "sweep"}.get(command)
     if stage is not None:
         print(f"resume  {stage}: {dry_run_resume_preview(stage, spec, opts)}", file=out)
-    est = estimate_hours(spec, trials, n_search=1 if groups else 0)
+    alone = estimate_hours(spec, trials, n_search=1 if groups else 0)
+    est = estimate_hours(spec, trials, n_search=1 if groups else 0, groups=fused)
     n = len(trials) + (len(groups) * spec.search.n_trials if groups else 0)
-    print(f"total: {n} trials, estimated {est['trial_hours']:.2f} trial-hours, "
-          f"{est['gpu_hours']:.2f} GPU-hours (rough: per-backbone step time × steps)", file=out)
+    how = (f"fused as planned; {alone['gpu_hours']:.2f} GPU-hours with every trial alone" if len(fused) < len(trials)
+           else "every trial alone")
+    print(f"total: {n} trials, estimated {est['trial_hours']:.2f} device-hours, {est['gpu_hours']:.2f} GPU-hours "
+          f"({how}; step-cost model and its measured figures: orchestrator/estimate.py)", file=out)
     return 0
+
+
+def _print_groups(spec: ExperimentSpec, trials: list, studies: list, out) -> list:
+    """The fused groups of the fixed trials (with each group's estimated peak memory) and why a trial runs alone;
+    for the search stage, the group size its asks run in. Returns the groups."""
+    from orchestrator.groups import estimate_peak_bytes, group_size, plan_groups, train_classes
+    from orchestrator.trials import class_count
+
+    classes = lambda cfg: train_classes(cfg, class_count(spec.data.root, cfg.data.dataset))  # noqa: E731
+    groups, alone = plan_groups(trials, spec, lambda key: class_count(spec.data.root, key))
+    for g in groups:
+        cfg = g.members[0].config
+        peak = estimate_peak_bytes(cfg, len(g.members), classes(cfg)) / 2 ** 30
+        if len(g.members) > 1:
+            print(f"group   {g.group_id}: {len(g.members)} members ({', '.join(t.trial_id for t in g.members)}), "
+                  f"est. peak {peak:.2f} GiB", file=out)
+        else:
+            print(f"alone   {g.members[0].trial_id}: {alone.get(g.members[0].trial_id, '')}, est. peak {peak:.2f} GiB",
+                  file=out)
+    for s in studies:
+        k = min(spec.search.n_trials, group_size(spec, s.config, classes(s.config)))
+        print(f"search  {s.study}: asks {k} trial(s) at a time, trained as one fused group" if k > 1 else
+              f"search  {s.study}: one trial at a time (resources.fuse is {spec.resources.fuse})", file=out)
+    return groups
 
 
 def print_status(spec: ExperimentSpec, opts) -> int:

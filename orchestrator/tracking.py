@@ -125,6 +125,35 @@ class Tracker:
         _retry(lambda: self.client.set_terminated(run_id, status))
 
 
+def open_group_run(tracking_uri: str, experiment_id: str, parent_run_id: str, group_id: str,
+                   members: Mapping[str, str]) -> str:
+    """Worker side: the MLflow run of a fused group (docs/fusion.md), a child of the stage's parent run tagged
+    `hisf.kind=group`, linking its members (`hisf.group.members`: trial ids, `hisf.group.runs`: their runs, in the
+    same order); found again by (parent, `hisf.group_id`) on a retry. Returns its run id. Members' own runs stay
+    the stage's children (the runs table, `status`, reports and `--resume` read those)."""
+    client = MlflowClient(tracking_uri)
+    flt = (f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`hisf.kind` = 'group' "
+           f"and tags.`hisf.group_id` = '{group_id}'")
+    found = _retry(lambda: client.search_runs([experiment_id], filter_string=flt, max_results=1))
+    tags = {"hisf.group.members": ",".join(members), "hisf.group.runs": ",".join(members.values()),
+            "hisf.group_size": str(len(members))}
+    if found:
+        run_id = found[0].info.run_id
+        _retry(lambda: client.update_run(run_id, status="RUNNING"))
+        _retry(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+        return run_id
+    tags.update({"mlflow.parentRunId": parent_run_id, "hisf.kind": "group", "hisf.group_id": group_id})
+    run = _retry(lambda: client.create_run(experiment_id, tags=tags, run_name=f"group of {len(members)} · {group_id}"))
+    return run.info.run_id
+
+
+def end_group_run(tracking_uri: str, run_id: str, failed: bool, metrics: Mapping[str, float]) -> None:
+    client = MlflowClient(tracking_uri)
+    now = int(time.time() * 1000)
+    _retry(lambda: client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]))
+    _retry(lambda: client.set_terminated(run_id, "FAILED" if failed else "FINISHED"))
+
+
 class TrialRun:
     """Worker side: the child run of one trial, found or created by (parent, trial id, and the identity when
     `tags` hold `hisf.identity`)."""

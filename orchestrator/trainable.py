@@ -1,10 +1,12 @@
-"""The Ray Tune function trainable: one trial from its payload to a final result on record.
+"""The Ray Tune function trainable: one Tune trial runs one group of member trials (docs/fusion.md; one member: a
+trial alone) from its payload to every member's result on record.
 
-A one-device trial runs `hisf.engine.run_trial` inside the Tune function; each epoch's metrics go to Tune
-and MLflow, and the engine's epoch checkpoint directory is the Tune checkpoint, so a retried trial
-(`max_failures`) continues from `tune.get_checkpoint()` (orchestrator/resume.py). A multi-worker trial runs
-its DDP workers through orchestrator/ddp.py. A `ConfigError` fails the trial at once: a bad config fails the
-same way on every retry. The last report follows the result protocol (orchestrator/results.py).
+One-device groups run `hisf.engine.run_group` inside the Tune function; each member's epochs go to its own MLflow
+run and Optuna trial, and once per epoch the group reports to Tune with one checkpoint holding every member's, so a
+retried group (`max_failures`) continues each member from `tune.get_checkpoint()` (orchestrator/resume.py). A
+multi-worker group runs its DDP workers through orchestrator/ddp.py. Bad input (config, data, backbone) fails a
+member at once, without retries: it fails the same way on every retry. A member's own failure (its NaN guard) is
+on its own record and the others go on. The last report follows the result protocol (orchestrator/results.py).
 """
 
 from __future__ import annotations
@@ -12,87 +14,149 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from orchestrator.context import RunContext
-from orchestrator.results import ERROR_KEY, FINAL_KEY, STATUS_KEY, numbers
-from orchestrator.resume import drop_engine_checkpoint, drop_ray_checkpoints, restore_tune_checkpoint
-from orchestrator.trial_callback import TrialBridge, open_trial_run, write_pid
+from orchestrator.groups import TrialGroup
+from orchestrator.results import ERROR_KEY, STATUS_KEY, group_result, numbers
+from orchestrator.resume import drop_engine_checkpoint, restore_tune_checkpoint
+from orchestrator.trial_callback import TrialBridge, TuneGroupReport, open_trial_run, remove_pid, write_pid
 from orchestrator.trials import Trial
 
 
+@dataclass
+class MemberRun:
+    """One member on the worker side: its trial, MLflow run, engine callback, and what it ends with."""
+
+    trial: Trial
+    run: Any
+    bridge: TrialBridge
+    attempt: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, trial: Trial, ctx: RunContext) -> "MemberRun":
+        import ray
+
+        run = open_trial_run(trial, ctx)
+        attempt = run.next_attempt()
+        run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt,
+                      "hisf.status": "running"})
+        return cls(trial, run, TrialBridge(trial, run, ctx), attempt)
+
+    def fail(self, message: str) -> None:
+        self.run.fail(message)
+        self.record = {STATUS_KEY: "failed", ERROR_KEY: message}
+
+
 def tune_trainable(config: dict) -> None:
-    """The Tune function trainable: config = {"trial": Trial.payload(), "ctx": RunContext.to_dict()}."""
-    import ray
+    """The Tune function trainable: config = {"group": TrialGroup.payload(), "ctx": RunContext.to_dict()}."""
     from ray import tune
 
     from hisf.engine import INPUT_ERRORS
 
     started = time.perf_counter()
-    trial = Trial.from_payload(config["trial"])
+    group = TrialGroup.from_payload(config["group"])
     ctx = RunContext.from_dict(config["ctx"])
-    run = open_trial_run(trial, ctx)
-    resumed_epochs = restore_tune_checkpoint(trial)
-    attempt = run.next_attempt()
-    run.set_tags({"hisf.node": ray.get_runtime_context().get_node_id(), "hisf.attempts": attempt,
-                  "hisf.status": "running"})
-    if resumed_epochs is not None:
-        run.log_metrics({"resumed_from_epoch": resumed_epochs}, step=attempt)
-    write_pid(trial)
-    ddp = ctx.workers_per_trial > 1
-    bridge = TrialBridge(trial, run, ctx, report_to_tune=not ddp)
+    members = [MemberRun.open(t, ctx) for t in group.members]
+    group_run = _open_group_run(group, ctx, members)
+    for tid, epochs in restore_tune_checkpoint(group).items():
+        m = next(m for m in members if m.trial.trial_id == tid)
+        m.run.log_metrics({"resumed_from_epoch": epochs}, step=m.attempt)
+    for m in members:
+        write_pid(m.trial)
+    runnable = []
+    for m in members:  # a member whose own config is bad fails alone, before the group starts
+        try:
+            m.trial.config.validate()
+            runnable.append(m)
+        except INPUT_ERRORS as e:
+            m.fail(f"bad trial config (not retried): {e}")
     t0 = time.perf_counter()
+    outcomes: list = []
     try:
-        ddp_result = None
-        if ddp:
+        if runnable and ctx.workers_per_trial > 1:
             from orchestrator.ddp import fit_ddp
 
-            status, ddp_result = fit_ddp(trial, ctx, run)
-            final = run.latest_metrics()
-        else:
-            final = run_engine(trial, bridge, ctx.gpus_per_trial)
-            status = "pruned" if bridge.pruned else "finished"
+            outcomes = fit_ddp(group, [m.trial for m in runnable], ctx, [m.run for m in runnable])
+        elif runnable:
+            outcomes = run_engine(runnable, ctx, group.group_id)
     except INPUT_ERRORS as e:
-        # Bad input (config, data, backbone, prompt sizes) fails the same way on every retry. Returning (not
-        # raising) ends the Tune trial without the max_failures retries.
-        message = f"bad trial config (not retried): {e}"
-        run.fail(message)
-        tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: message})
-        return
+        # The group's own input (its dataset, its backbone) is bad for every member: no retries.
+        for m in runnable:
+            m.fail(f"bad trial config (not retried): {e}")
+        runnable = []
     except Exception as e:
-        run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        for m in runnable:
+            m.run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
+        if group_run:
+            from orchestrator.tracking import end_group_run
+
+            end_group_run(ctx.tracking_uri, group_run, True, {})
         raise
-    # The engine's own time excludes what our callback spent tracking and reporting inside it.
-    engine_seconds = time.perf_counter() - t0 - bridge.track_seconds
-    final = numbers(final or bridge.last)
-    if not ddp:
-        bridge.log_final(final)  # (a DDP trial's rank 0 logged its own)
-    run.log_artifacts(bridge.artifacts)
-    if attempt > 1:
-        backfill_epochs(run, bridge.artifacts.get("metrics"))
-    overhead = time.perf_counter() - started - engine_seconds
-    run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
-    run.finish(status)
-    if not ctx.keep_checkpoints:
-        # On record as finished: its checkpoints only served resuming it (Tune's copy goes on the driver).
-        drop_engine_checkpoint(trial.config.output_dir)
-        if ddp_result is not None:
-            drop_ray_checkpoints(ddp_result.filesystem, ddp_result.path, ctx.storage_path)
-    tune.report({**final, STATUS_KEY: status, FINAL_KEY: True, "engine_seconds": engine_seconds,
-                 "orchestration_seconds": overhead})
+    # The engine's own time excludes what our callbacks spent tracking and reporting inside it; a member's share of
+    # a group's time is what it cost (the group's time is on the group's run).
+    group_seconds = time.perf_counter() - t0 - sum(m.bridge.track_seconds for m in runnable)
+    for m, outcome in zip(runnable, outcomes):
+        overhead = max(0.0, time.perf_counter() - started - group_seconds) / len(members)
+        _finish_member(m, outcome, ctx, group_seconds / len(runnable), overhead, ddp=ctx.workers_per_trial > 1)
+    if group_run:
+        from orchestrator.tracking import end_group_run
+
+        end_group_run(ctx.tracking_uri, group_run, any(m.record[STATUS_KEY] == "failed" for m in members),
+                      {"group_engine_seconds": group_seconds, "group_size": len(members)})
+    tune.report(group_result({m.trial.trial_id: m.record for m in members}))
 
 
-def run_engine(trial: Trial, bridge: TrialBridge, gpus: float) -> dict:
-    from hisf.engine import StopTrial, run_trial
+def run_engine(members: list[MemberRun], ctx: RunContext, group_id: str) -> list:
+    """One device, one process: the members as one group; each member's final metrics or its own error."""
+    from hisf.engine import run_group
     from orchestrator.devices import place_trial
 
-    try:
-        # The device follows the trial's resources (orchestrator/devices.py), not what this process sees.
-        return run_trial(place_trial(trial.config, gpus), callbacks=[bridge], resume=True)
-    except StopTrial:
-        if not bridge.pruned:
-            raise
-        return dict(bridge.last)
+    # The device follows the trial's resources (orchestrator/devices.py), not what this process sees.
+    cfgs = [place_trial(m.trial.config, ctx.gpus_per_trial) for m in members]
+    report = TuneGroupReport([m.trial.trial_id for m in members], ctx, group_id)
+    outcomes = run_group(cfgs, [[m.bridge] for m in members], resume=True, group_callbacks=[report])
+    members[0].bridge.track_seconds += report.track_seconds
+    return outcomes
+
+
+def _open_group_run(group: TrialGroup, ctx: RunContext, members: list[MemberRun]) -> str | None:
+    """A group of several members gets its own MLflow run linking them; each member's run names it."""
+    if len(members) < 2:
+        return None
+    from orchestrator.tracking import open_group_run
+
+    run_id = open_group_run(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, group.group_id,
+                            {m.trial.trial_id: m.run.run_id for m in members})
+    for m in members:
+        m.run.set_tags({"hisf.group": run_id, "hisf.group_size": len(members)})
+    return run_id
+
+
+def _finish_member(m: MemberRun, outcome: Any, ctx: RunContext, engine_seconds: float, overhead: float,
+                   ddp: bool = False) -> None:
+    """A member's outcome on its record: failed with its error, or finished/pruned with its metrics and files (a
+    DDP member's rank 0 logged its metrics and files on its own node already)."""
+    if isinstance(outcome, BaseException):
+        m.fail(f"{type(outcome).__name__}: {outcome}")
+        return
+    final = numbers({k: v for k, v in (outcome or m.bridge.last).items() if k != "pruned"})
+    status = "pruned" if (outcome.get("pruned") if ddp else m.bridge.pruned) else "finished"
+    if not ddp:
+        m.bridge.log_final(final)
+        m.run.log_artifacts(m.bridge.artifacts)
+    if m.attempt > 1:
+        backfill_epochs(m.run, m.bridge.artifacts.get("metrics"))
+    m.run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
+    m.run.finish(status)
+    remove_pid(m.trial)
+    if not ctx.keep_checkpoints:
+        # On record as finished: its checkpoint only served resuming it (Tune's copy goes on the driver).
+        drop_engine_checkpoint(m.trial.config.output_dir)
+    m.record = {**final, STATUS_KEY: status, "engine_seconds": engine_seconds, "orchestration_seconds": overhead}
 
 
 def backfill_epochs(run, metrics_json: str | None) -> None:

@@ -1,5 +1,6 @@
-"""The engine callback of a trial: each epoch to MLflow (and Tune), Optuna's pruning decision, and the trial's
-MLflow run with the tags that say what it is (stage, row, dataset, seed, identity, Optuna links)."""
+"""The engine callbacks of a Tune trial: per member, each epoch to MLflow and Optuna's pruning decision, and the
+member's MLflow run with the tags that say what it is (stage, row, dataset, seed, identity, Optuna links); per
+group, one Tune report per epoch with one checkpoint holding every member's (docs/fusion.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.identity import trial_identity
-from orchestrator.results import FINAL_KEY, STATUS_KEY, numbers
+from orchestrator.paths import remove_tree
+from orchestrator.results import epoch_report, numbers
 from orchestrator.tracking import TrialRun
 from orchestrator.trials import Trial
 
@@ -45,12 +47,16 @@ def write_pid(trial: Trial, name: str = "worker.pid") -> None:
     (Path(trial.config.output_dir) / name).write_text(str(os.getpid()))
 
 
-class TrialBridge:
-    """The engine callback that forwards epochs to MLflow (and Tune) and asks Optuna whether to prune."""
+def remove_pid(trial: Trial, name: str = "worker.pid") -> None:
+    """A finished trial's folder keeps its results, not the pid of a process long gone."""
+    (Path(trial.config.output_dir) / name).unlink(missing_ok=True)
 
-    def __init__(self, trial: Trial, run: TrialRun, ctx: RunContext, report_to_tune: bool):
+
+class TrialBridge:
+    """The engine callback of one member: forwards its epochs to MLflow and asks Optuna whether to prune."""
+
+    def __init__(self, trial: Trial, run: TrialRun, ctx: RunContext):
         self.trial, self.run, self.ctx = trial, run, ctx
-        self.report_to_tune = report_to_tune
         self.pruned = False
         self.artifacts: dict[str, str] = {}
         self.last: dict[str, Any] = {}
@@ -83,15 +89,6 @@ class TrialBridge:
         if self._optuna_trial is not None and metric in metrics:
             self._optuna_trial.report(float(metrics[metric]), epoch)
             stop = self._optuna_trial.should_prune()
-        if self.report_to_tune:
-            from ray import tune
-
-            ckpt = None
-            if checkpoint_dir and Path(checkpoint_dir).is_dir():
-                ckpt = tune.Checkpoint.from_directory(checkpoint_dir)
-                rel = os.path.relpath(checkpoint_dir, self.trial.config.output_dir)
-                ckpt.set_metadata({"relpath": rel, "epoch": epoch})
-            tune.report({**numbers(metrics), STATUS_KEY: "running", FINAL_KEY: False}, checkpoint=ckpt)
         self.track_seconds += time.perf_counter() - t0
         if stop:
             from hisf.engine import StopTrial
@@ -110,3 +107,51 @@ class TrialBridge:
         last = numbers(self.last)
         self.run.log_metrics({k: v for k, v in numbers(final).items() if last.get(k) != v},
                              step=int(final.get("epoch", 0)))
+
+
+def group_staging(ctx: RunContext, group_id: str) -> Path:
+    """Where a group stages the checkpoint it reports to Tune (inside the stage's trial folders, which it owns)."""
+    return Path(ctx.runs_root) / "groups" / group_id
+
+
+class TuneGroupReport:
+    """A GroupCallback: one `tune.report` per epoch boundary for the whole group, with one checkpoint holding each
+    member that finished that epoch under its trial id (hard links to its engine checkpoint, staged in the group's
+    folder and removed once Tune has persisted them), so a retried group restores every member."""
+
+    def __init__(self, member_ids: list[str], ctx: RunContext, group_id: str):
+        self.ids, self.ctx, self.staging = member_ids, ctx, group_staging(ctx, group_id)
+        self.track_seconds = 0.0
+
+    def on_epoch_end(self, records: list[dict]) -> None:
+        from ray import tune
+
+        t0 = time.perf_counter()
+        remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
+        epochs = {}
+        for rec in records:
+            tid, src = self.ids[rec["member"]], Path(rec["checkpoint_dir"])
+            if not src.is_dir():
+                continue
+            dest = self.staging / tid
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and not f.name.startswith("."):
+                    _link_or_copy(f, dest / f.name)
+            epochs[tid] = int(rec["epoch"])
+        ckpt = None
+        if epochs:
+            ckpt = tune.Checkpoint.from_directory(str(self.staging))
+            ckpt.set_metadata({"epochs": epochs})
+        tune.report(epoch_report(records), checkpoint=ckpt)
+        remove_tree(self.staging, self.ctx.runs_root, "group checkpoint staging")
+        self.track_seconds += time.perf_counter() - t0
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dest)  # same file system: no bytes copied here (Tune copies them into its storage)
+    except OSError:
+        shutil.copyfile(src, dest)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import itertools
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -206,38 +205,11 @@ def trial_resources(spec: ExperimentSpec) -> dict[str, float]:
     return {"cpu": r.cpus_per_trial, "gpu": r.gpus_per_trial}
 
 
-# Seconds per optimiser step and per 100 evaluated images on one device; rough figures for the dry run.
-_STEP_SECONDS = {"ViT-B-16": 0.12, "ViT-B-32": 0.06, "ViT-L-14": 0.45, "hisf-tiny": 0.01}
 _DEFAULT_CLASSES = 100
 
 
-def estimate_hours(spec: ExperimentSpec, trials: list[Trial], n_search: int = 0) -> dict[str, float]:
-    """Device hours for `trials` (+ `n_search` search trials): epochs × steps × a per-backbone step time.
-
-    Class counts come from built data (`ROOT/<key>/info.json`) when present, else 100 are assumed.
-    """
-    total = 0.0
-    for t in trials:
-        total += _trial_seconds(spec, t.config)
-    if n_search and spec.search is not None:
-        for g in search_groups(spec):
-            total += spec.search.n_trials * _trial_seconds(spec, g.config)
-    devices = max(spec.resources.gpus_per_trial, 0) * spec.resources.workers_per_trial
-    return {"trial_hours": total / 3600, "gpu_hours": total * devices / 3600}
-
-
-def _trial_seconds(spec: ExperimentSpec, cfg: TrialConfig) -> float:
-    step = _STEP_SECONDS.get(cfg.backbone.name, 0.12)
-    n_classes = _class_count(spec.data.root, cfg.data.dataset)
-    train_classes = math.ceil(n_classes / 2) if cfg.protocol == "base2new" else n_classes
-    epochs = 0 if cfg.method.name == "zeroshot" else cfg.train.epochs
-    steps = epochs * math.ceil(train_classes * cfg.data.shots / (cfg.train.batch_size * spec.resources.workers_per_trial))
-    # Evaluation: roughly 50 test images per class at a tenth of a train step per image batch of 100.
-    eval_s = n_classes * 50 / 100 * step * 3
-    return steps * step + eval_s
-
-
-def _class_count(root: str, key: str) -> int:
+def class_count(root: str, key: str) -> int:
+    """A built dataset's class count (its info.json), or 100 when it is not built yet (an estimate's guess)."""
     import json
 
     info = Path(root) / key / "info.json"

@@ -7,13 +7,13 @@
 #   bash scripts/gpu_check.sh --cpu-smoke OUT_DIR   # the same steps on a CPU, tiny settings (CI runs this)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. Wheels: bash scripts/fetch_gpu_wheels.sh (docs/gpu_check.md).
-# OUT_DIR ends with 6 files (a device session returns at most 8): summary.md, gpu_check.log, steps.tsv,
-# tests.jsonl, train_step.jsonl and data_throughput.json. The JSONL files grow one line per finished test or
+# OUT_DIR ends with 7 files (a device session returns at most 8): summary.md, gpu_check.log, steps.tsv,
+# tests.jsonl, train_step.jsonl, fusion.jsonl and data_throughput.json. The JSONL files grow one line per finished test or
 # row, so a sub-run stopped by its time limit keeps what it measured and leaves no temporary file.
 #
 # Time: each sub-run has a nominal limit (seconds; LIMIT_<NAME> overrides it) and also gets whatever earlier
 # sub-runs left unused, so the sub-runs together never take longer than the sum of the nominal limits
-# (GPU: 300 s). The train-step sub-runs are told their limit (--budget) and skip the rows that would not fit,
+# (GPU: 380 s). The train-step sub-runs are told their limit (--budget) and skip the rows that would not fit,
 # the target shapes excepted. One that runs out of time is reported, not fatal.
 set -uo pipefail
 
@@ -35,7 +35,8 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG=$OUT/gpu_check.log
 # What this script writes, and what its earlier versions wrote (train_step_*.json, *.tmp, pytest.xml): nothing else.
-rm -f "$OUT"/summary.md "$OUT"/steps.tsv "$OUT"/tests.jsonl "$OUT"/train_step.jsonl "$OUT"/data_throughput.json \
+rm -f "$OUT"/summary.md "$OUT"/steps.tsv "$OUT"/tests.jsonl "$OUT"/train_step.jsonl "$OUT"/fusion.jsonl \
+  "$OUT"/data_throughput.json \
   "$OUT"/pytest.xml "$OUT"/train_step_*.json "$OUT"/train_step_*.tmp
 : >"$LOG"
 : >"$OUT/steps.tsv"
@@ -130,7 +131,10 @@ if [ "$SMOKE" = 1 ]; then
   # Compiling even the tiny model takes minutes on a CPU: the smoke run checks these sub-runs' plumbing
   # with torch.compile switched off (tests/hisf/engine/test_engine_compile.py compiles on the CPU).
   NOCOMPILE=(env TORCH_COMPILE_DISABLE=1)
-  N_EAGER=300 N_RO=120 N_DEFAULT=120 N_TESTS=120 N_DATA=120
+  # Trial fusion's dtype paths (fp16 autocast + each member's GradScaler, fp16 storage) on the tiny model.
+  FUSED=(--device cpu --methods maple hisf --shapes 4x50 --ks 1 8 --steps 1 --warmup 1 --precision fp16 --storage fp16)
+  FUSED_COMPILED=(--device cpu --methods maple --shapes 4x50 --ks 8 --steps 1 --warmup 1 --precision fp16 --storage fp16)
+  N_EAGER=300 N_RO=120 N_DEFAULT=120 N_FUSED=120 N_FUSED_COMPILED=60 N_TESTS=120 N_DATA=120
 else
   # Every method at the two target shapes, then the other shapes while the limit lasts.
   EAGER=(--shapes 4x50 32x500 4x500 4x1000 32x50 32x1000 --steps 20 --warmup 5)
@@ -140,12 +144,21 @@ else
   DEFAULT=(--methods maple --shapes 32x500 4x50 --targets 32x500 --steps 20 --warmup 5 --no-loss-check "${REUSE[@]}")
   DATA=(--images 300 --size 224 --jobs 8 --workers 4)
   NOCOMPILE=()
-  # Nominal seconds, 300 in all; 90 s of the 6.5 minutes stay free for setup, the summary and added sub-runs.
-  N_EAGER=70 N_RO=70 N_DEFAULT=40 N_TESTS=100 N_DATA=20
+  # Trial fusion (docs/fusion.md): K = 1, 8, 16 members of ViT-B/16 at batch 4 / 50 classes, fused against the same
+  # K trials one after another, eager; then K = 8 compiled (reduce-overhead), against train_step's K = 1 rows.
+  FUSED=(--backbone ViT-B-16 --methods maple hisf hicropl --shapes 4x50 --ks 1 8 16 --steps 10 --warmup 3
+         --precision fp16 --storage fp16)
+  FUSED_COMPILED=(--backbone ViT-B-16 --methods maple --shapes 4x50 --ks 8 --steps 10 --warmup 3 --precision fp16
+                  --storage fp16)
+  # Nominal seconds, 380 in all; 10-15 s of setup and the summary keep the call within 6.5 minutes.
+  N_EAGER=70 N_RO=70 N_DEFAULT=40 N_FUSED=50 N_FUSED_COMPILED=30 N_TESTS=100 N_DATA=20
 fi
 step train_step_eager "$N_EAGER" "${BENCH[@]}" "${EAGER[@]}"
 step train_step_reduce-overhead "$N_RO" "${NOCOMPILE[@]}" "${BENCH[@]}" "${RO[@]}" --compile reduce-overhead
 step train_step_default "$N_DEFAULT" "${NOCOMPILE[@]}" "${BENCH[@]}" "${DEFAULT[@]}" --compile default
+FUSION=("$PY" benchmarks/fusion.py --jsonl "$OUT/fusion.jsonl" --budget @BUDGET@)
+step fusion_eager "$N_FUSED" "${FUSION[@]}" "${FUSED[@]}"
+step fusion_compiled "$N_FUSED_COMPILED" "${NOCOMPILE[@]}" "${FUSION[@]}" "${FUSED_COMPILED[@]}" --compile reduce-overhead
 # CUDA tests (tests/gpu imports no Ray/MLflow/Optuna; deselected without CUDA); outcomes in tests.jsonl as they come.
 step tests "$N_TESTS" env HISF_GPU_TESTS_JSONL="$OUT/tests.jsonl" \
   "$PY" -m pytest tests/gpu -m gpu -q -rfE -p no:cacheprovider -p tests.gpu.results_plugin

@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-FILES = ["summary.md", "gpu_check.log", "steps.tsv", "tests.jsonl", "train_step.jsonl", "data_throughput.json"]
+FILES = ["summary.md", "gpu_check.log", "steps.tsv", "tests.jsonl", "train_step.jsonl", "fusion.jsonl",
+         "data_throughput.json"]
 
 
 def _env(**extra) -> dict:
@@ -43,8 +44,17 @@ def test_gpu_check_cpu_smoke_writes_summary_and_rows(tmp_path):
 
     steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
     assert [s[0] for s in steps] == ["setup", "train_step_eager", "train_step_reduce-overhead", "train_step_default",
-                                     "tests", "data_throughput"]
+                                     "fusion_eager", "fusion_compiled", "tests", "data_throughput"]
     assert all(s[1] == "0" and 0 <= int(s[2]) and (s[0] == "setup" or int(s[2]) <= int(s[3])) for s in steps), steps
+
+    # Trial fusion's rows: fused against one after another, on the GPU's fp16 path, each member's loss its own.
+    fused = [r for r in read_jsonl(out / "fusion.jsonl") if r["record"] == "row"]
+    assert [(r["compile"], r["method"], r["k"]) for r in fused] == [
+        ("eager", "maple", 1), ("eager", "maple", 8), ("eager", "hisf", 1), ("eager", "hisf", 8),
+        ("reduce-overhead", "maple", 8)]
+    assert all(r["precision"] == "fp16" and r["fused_ms"] > 0 and r["sequential_ms"] > 0 for r in fused)
+    assert all(r["loss_diff"] < 1e-2 for r in fused)
+    assert "## Trial fusion" in summary and "Target: K = 8 fused maple" in summary
 
     records = read_jsonl(out / "train_step.jsonl")
     runs = [r for r in records if r["record"] == "run"]

@@ -29,6 +29,19 @@ class TrialCallback:
     def on_trial_end(self, metrics: dict, artifacts: dict[str, str]) -> None: ...
 
 
+class GroupCallback:
+    """Listener of a whole group (docs/fusion.md), once per epoch boundary after every member's own callbacks: e.g.
+    one Tune report with one checkpoint holding every member's. Rank 0 only unless `all_ranks = True`.
+
+    `records`: one per member that finished an epoch at this boundary, `{"member": its position in the group's
+    configs, "epoch": the epoch (0-based), "metrics": its epoch metrics, "checkpoint_dir": its checkpoint folder,
+    "stopped": whether it leaves now (pruned or stopped)}`."""
+
+    all_ranks: bool = False
+
+    def on_epoch_end(self, records: list[dict]) -> None: ...
+
+
 def listeners(callbacks: Sequence[TrialCallback], is_main: bool) -> list[TrialCallback]:
     """The callbacks this rank calls: all of them on rank 0, the `all_ranks` ones elsewhere."""
     return [cb for cb in callbacks if is_main or getattr(cb, "all_ranks", False)]

@@ -44,7 +44,12 @@ _COUNTERS = ("epoch", "history", "skipped_steps", "global_step", "train_seconds"
 @dataclass
 class TrialState:
     """One trial's training state: its trainable tensors with their optimiser, schedule and loss scaler, the data
-    position (`epoch`, the next one to run) and the running totals. A checkpoint is this whole, and so is a resume."""
+    position (`epoch`, the next one to run) and the running totals. A checkpoint is this whole, and so is a resume.
+
+    The trial is member `member` of its model (a fused group, docs/fusion.md; 0 for a trial alone): its trainable
+    tensors are that slice of the model's stacked parameters, and its optimiser runs over views of those slices
+    (`pairs`: stacked parameter and view, in the optimiser's order). The saved state has a solo trial's shapes.
+    """
 
     model: Any  # the PromptModel whose trainable tensors these are
     optimizer: torch.optim.Optimizer | None = None  # None when nothing trains (epochs 0, zero-shot)
@@ -56,14 +61,26 @@ class TrialState:
     global_step: int = 0
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    member: int = 0  # position on the model's member axis
+    pairs: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def counters(self) -> dict[str, Any]:
         """Everything but the tensors' state: the data position and the running totals."""
         return {k: getattr(self, k) for k in _COUNTERS}
 
+    def stacked(self) -> list[torch.nn.Parameter]:
+        """The model's stacked trainable parameters this member's optimiser steps (a slice of each)."""
+        return [p for p, _ in self.pairs]
+
+    def bind_grads(self) -> None:
+        """Point each view's .grad at this member's slice of its stacked parameter's gradient (None stays None:
+        the optimiser then skips it, as it would a solo trial's parameter that got no gradient)."""
+        for p, v in self.pairs:
+            v.grad = None if p.grad is None else p.grad[self.member]
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "trainable": self.model.trainable_state_dict(),
+            "trainable": self.model.trainable_state_dict(self.member),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
@@ -71,7 +88,7 @@ class TrialState:
         }
 
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
-        self.model.load_trainable_state_dict(saved["trainable"])
+        self.model.load_trainable_state_dict(saved["trainable"], self.member)
         if self.optimizer is not None:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])

@@ -208,6 +208,15 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return bool(t.item() > 0)
 
 
+def any_rank_each(flags: list[bool], env: DistEnv) -> list[bool]:
+    """Per position, True when that flag is true on at least one rank (one collective for a group's members)."""
+    if not env.distributed or not flags:
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         if env.device.type == "cuda":

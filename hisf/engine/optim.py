@@ -1,5 +1,6 @@
 """Optimisers from the presets (hisf/presets.py, docs/method.md: `paper` SGD, `adamw` with parameter groups,
-`hicropl` Adam) and the warm-up + cosine schedule."""
+`hicropl` Adam), the warm-up + cosine schedule, and each member's optimiser over its slices of a model's stacked
+parameters (docs/fusion.md)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def build_optimizer(cfg: TrainConfig, groups: Mapping[str, Sequence[torch.nn.Par
     param_groups = build_param_groups(cfg, groups)
     if not param_groups:
         raise ConfigError("method: has no trainable parameters; nothing for the optimiser to train (use epochs: 0)")
-    sequential = {"foreach": False} if shares_storage([p for g in param_groups for p in g["params"]]) else {}
+    # The multi-tensor (foreach) implementation, on every device: one call per update for all of a trial's tensors
+    # (a fused group steps K optimisers per step, so per-tensor Python loops would grow with K).
+    sequential = {"foreach": not shares_storage([p for g in param_groups for p in g["params"]])}
     preset = PRESETS[cfg.preset]
     if preset.optimizer == "sgd":
         return torch.optim.SGD(param_groups, lr=base_lr(cfg), momentum=cfg.momentum, **sequential)
@@ -100,3 +103,27 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     """Per-epoch schedule: call `.step()` once at the end of each epoch."""
     lambdas = [lambda e, lr=g["lr"]: lr_factor(e, cfg, lr) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def member_views(model, member: int) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.nn.Parameter, torch.Tensor]]]:
+    """Member `member`'s views of the model's stacked trainable parameters, by parameter group (`param_groups()`),
+    and the (stacked, view) pairs. A view (`p.detach()[member]`, requiring grad) has a solo trial's shape and shares
+    the stacked parameter's storage: torch's own optimiser stepping the views is the member's solo optimiser."""
+    views: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+
+    def view(p: torch.nn.Parameter) -> torch.Tensor:
+        if id(p) not in views:
+            views[id(p)] = (p, p.detach()[member].requires_grad_(True))
+        return views[id(p)][1]
+
+    groups = {g: [view(p) for p in ps] for g, ps in model.param_groups().items()}
+    return groups, list(views.values())
+
+
+def member_optimizer(model, member: int, cfg: TrainConfig):
+    """(optimizer, scheduler, pairs in the optimiser's order) of member `member` under its own train config."""
+    groups, pairs = member_views(model, member)
+    optimizer = build_optimizer(cfg, groups)
+    stacked = {id(v): p for p, v in pairs}
+    ordered = [(stacked[id(v)], v) for g in optimizer.param_groups for v in g["params"]]
+    return optimizer, build_scheduler(optimizer, cfg), ordered

@@ -1,4 +1,4 @@
-"""One training step: precision (fp16 + GradScaler, bf16, fp32), the step itself, torch.compile, the NaN guard."""
+"""One training step of a group's members: precision (fp16 + GradScaler, bf16, fp32), the step, torch.compile, the NaN guard."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from hisf.engine.distributed import DistEnv, all_reduce_grads, all_reduce_sum
+
+if TYPE_CHECKING:
+    from hisf.engine.checkpoint import TrialState
 
 log = logging.getLogger("hisf.engine")
 
@@ -42,12 +45,16 @@ class Precision:
     name: str  # what actually runs (fp16 falls back to bf16 on CPU)
     device_type: str
     dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
+    grad_scaling: bool = False  # fp16: each member scales its loss with its own GradScaler
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def new_scaler(self) -> torch.amp.GradScaler | None:
+        """A member's own GradScaler (fp16), so an overflow in one member backs off that member's scale only."""
+        return torch.amp.GradScaler(self.device_type) if self.grad_scaling else None
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:
@@ -56,10 +63,10 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
         warnings.warn("train.precision fp16 needs CUDA; running bf16 autocast on CPU instead", stacklevel=2)
         name = "bf16"
     if name == "fp16":
-        return Precision("fp16", device.type, torch.float16, torch.amp.GradScaler(device.type))
+        return Precision("fp16", device.type, torch.float16, grad_scaling=True)
     if name == "bf16":
-        return Precision("bf16", device.type, torch.bfloat16, None)
-    return Precision("fp32", device.type, None, None)
+        return Precision("bf16", device.type, torch.bfloat16)
+    return Precision("fp32", device.type, None)
 
 
 # --- one training step -------------------------------------------------------------------------------
@@ -67,7 +74,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
 
 @dataclass
 class StepResult:
-    losses: dict[str, float]  # every rank's mean of each loss term
+    losses: dict[str, float]  # every rank's mean of each loss term (this member's)
     finite: bool  # the optimised loss `loss` was finite (on every rank); logged-only terms do not count
     skipped: bool  # no optimiser update happened (non-finite loss, or a non-finite/overflowed gradient)
 
@@ -76,49 +83,63 @@ def train_step(
     model: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
+    members: Sequence["TrialState"],
     precision: Precision,
-    params: Sequence[torch.nn.Parameter],
     env: DistEnv,
-) -> StepResult:
-    """Forward the model's loss terms, backward, average trainable grads over ranks, step unless non-finite.
+) -> list[StepResult]:
+    """One step of the members `members` (their TrialStates, each over its slice of the stacked parameters):
+    one forward of every member's batch (images member-major [K·B, ...], labels [K, B]), one backward of the
+    members' summed (in fp16: each scaled by its own GradScaler) losses, gradients averaged over ranks, then per
+    member: finiteness check, and its optimiser's step unless non-finite. Returns one StepResult per member.
 
-    The three precisions account alike: a step is skipped exactly when no optimiser update happens, which is
-    when the optimised loss or a gradient is non-finite. A non-finite term that is only logged (a zero
-    weight keeps it out of `loss`) neither stops the update nor counts as skipped.
+    The members' parameters are disjoint and no frozen-encoder operation mixes two samples, so member k's
+    gradients are those of its loss alone. The three precisions account alike: a step is skipped exactly when no
+    optimiser update happens, which is when the optimised loss or a gradient is non-finite. A non-finite term
+    that is only logged (a zero weight keeps it out of `loss`) neither stops the update nor counts as skipped.
+    Members of the model left out of `members` (stopped mid-epoch) are computed but never updated.
     """
     names = loss_terms(model)
-    optimizer.zero_grad(set_to_none=True)
+    stacked = members[0].stacked() if members else []
+    for p in stacked:
+        p.grad = None
     with precision.autocast():
         out = model.forward_losses(images, labels)
-    terms = torch.stack([out[k].detach().float() for k in names])
-    loss = out["loss"].float()
-    scaler = precision.scaler
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    all_reduce_grads(list(params), env)
+    index = [m.member for m in members]
+    terms = torch.stack([out[k].detach().float() for k in names])[:, index]  # [T, M]
+    losses = out["loss"].float()
+    total = sum(m.scaler.scale(losses[m.member]) if m.scaler is not None else losses[m.member] for m in members)
+    total.backward()
+    all_reduce_grads(stacked, env)
     if env.distributed:
         terms = all_reduce_sum(terms, env) / env.world_size
-    if scaler is not None:
-        # Unscaled in place now (scaler.step then doesn't again), so the check below is the scaler's found_inf.
-        scaler.unscale_(optimizer)
-    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
-    grads_finite = torch.stack(grads).all() if grads else torch.ones((), dtype=torch.bool, device=terms.device)
-    # The step's one host sync: the logged losses and the NaN guard need the values, and the skip decision
-    # needs the flag; everything before it (forward, backward, grad sync) is queued without waiting.
-    *values, grads_ok = torch.cat([terms, grads_finite.float()[None]]).tolist()
-    losses = dict(zip(names, values))
-    finite = math.isfinite(losses["loss"])
-    update = finite and bool(grads_ok)
-    if scaler is not None:
-        # The scaler sees the all-reduced grads, so every rank skips (and backs off) together. Its step is
-        # called only when we update: with finite grads it would otherwise step on a non-finite loss. update()
-        # still runs every step (unscale_ recorded found_inf, so an overflow backs the scale off).
-        if update:
-            scaler.step(optimizer)
-        scaler.update()
-    elif update:
-        optimizer.step()
-    return StepResult(losses, finite, not update)
+    for m in members:
+        m.bind_grads()
+        if m.scaler is not None:
+            # Unscaled in place now (scaler.step then doesn't again), so the check below is the scaler's found_inf.
+            m.scaler.unscale_(m.optimizer)
+    # Per member: every one of its gradients finite ([K] over the model's member axis).
+    grads = [torch.isfinite(p.grad).flatten(1).all(dim=1) for p in stacked if p.grad is not None]
+    grads_finite = (torch.stack(grads).all(dim=0)[index] if grads else
+                    torch.ones(len(members), dtype=torch.bool, device=terms.device))
+    # The step's one host sync: the logged losses and the NaN guard need the values, and the skip decisions
+    # need the flags; everything before it (forward, backward, grad sync) is queued without waiting.
+    values = torch.cat([terms.flatten(), grads_finite.float()]).tolist()
+    results = []
+    for j, m in enumerate(members):
+        mine = dict(zip(names, values[j::len(members)][:len(names)]))
+        finite = math.isfinite(mine["loss"])
+        update = finite and bool(values[len(names) * len(members) + j])
+        if m.scaler is not None:
+            # The scaler sees the all-reduced grads, so every rank skips (and backs off) together. Its step is
+            # called only when we update: with finite grads it would otherwise step on a non-finite loss.
+            # update() still runs every step (unscale_ recorded found_inf, so an overflow backs the scale off).
+            if update:
+                m.scaler.step(m.optimizer)
+            m.scaler.update()
+        elif update:
+            m.optimizer.step()
+        results.append(StepResult(mine, finite, not update))
+    return results
 
 
 def compile_losses(model: torch.nn.Module, mode: str = "default", backend: str = "inductor") -> None:

@@ -19,6 +19,8 @@ from hisf.safe_load import safe_load
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Keys OpenAI's own checkpoints carry besides the weights (clip.load's JIT archive, its state_dict()).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+# The seed of a backbone built without pretrained weights (tests, the demo).
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass
@@ -86,7 +88,12 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
 
     dtype = _DTYPES[cfg.precision]
     # cast_dtype picks open_clip's float32-internal LayerNorm for half storage, as its own fp16 models do.
-    model = CLIP(**model_cfg, cast_dtype=get_cast_dtype(cfg.precision))
+    # Random weights (`pretrained: null`) come from a fixed seed, not the caller's RNG: the frozen backbone is
+    # the same for every trial of a sweep whatever its seed, as pretrained weights are, so the members of a
+    # fused group (one backbone, several seeds) see what each would see alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = CLIP(**model_cfg, cast_dtype=get_cast_dtype(cfg.precision))
     if state_dict is not None:
         _load_weights(model, state_dict, pretrained)
     model.requires_grad_(False)

@@ -81,27 +81,39 @@ def encode_text(
     return x.float()
 
 
-def encode_image(
-    backbone: Backbone,
-    images: torch.Tensor,
-    prompts: Mapping[int, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Image features [B, embed_dim] in float32 (not normalised).
+def image_stem(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """[B, T, W]: patch embedding, [CLS] and positional embedding (before prompts and ln_pre), in the storage dtype.
 
-    `prompts[l]` [n_ctx, Wv]: at the first prompt layer the tokens are appended after `[CLS] + patches`
-    (at layer 0 after the positional embedding and before `ln_pre`, MaPLe's order); at each later prompt
-    layer the last n_ctx tokens are replaced before block l runs.
+    What precedes the first prompt does not depend on the prompts: members scoring the same images share it.
     """
     visual = backbone.model.visual
-    dtype = backbone.dtype
-    prompts = prompts or {}
     b = images.shape[0]
-    x = visual.conv1(images.to(dtype))
+    x = visual.conv1(images.to(backbone.dtype))
     x = x.reshape(b, x.shape[1], -1).permute(0, 2, 1)
     cls = visual.class_embedding.view(1, 1, -1).expand(b, -1, -1).to(x.dtype)
     x = torch.cat([cls, x], dim=1)
     x = x + visual.positional_embedding.to(x.dtype)
-    x = visual.patch_dropout(x)
+    return visual.patch_dropout(x)
+
+
+def encode_image(
+    backbone: Backbone,
+    images: torch.Tensor,
+    prompts: Mapping[int, torch.Tensor] | None = None,
+    stem: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image features [N, embed_dim] in float32 (not normalised).
+
+    `prompts[l]` [n_ctx, Wv] (or [N, n_ctx, Wv], one per sample): at the first prompt layer the tokens are
+    appended after `[CLS] + patches` (at layer 0 after the positional embedding and before `ln_pre`, MaPLe's
+    order); at each later prompt layer the last n_ctx tokens are replaced before block l runs. `stem` [N, T, W]
+    (`image_stem`, possibly expanded over the members that share the images) replaces computing it from `images`.
+    """
+    visual = backbone.model.visual
+    dtype = backbone.dtype
+    prompts = prompts or {}
+    x = image_stem(backbone, images) if stem is None else stem
+    b = x.shape[0]
     n_prompt = 0
 
     def place(x: torch.Tensor, p: torch.Tensor, n_prev: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from hisf.model.backbone import Backbone
 from hisf.model.encoders import encode_image, encode_text
 from hisf.model.hicropl_modules import HiCroPLPrompts
 from hisf.model.losses import cls_loss
+from hisf.model.members import MemberInit
 from hisf.model.prompt_model import Features, PromptModel, Prompts, prompt_layers, prompt_n_ctx
 from hisf.model.prompts import prefix_text
 
@@ -35,8 +36,9 @@ class HiCroPLModel(PromptModel):
     loss_terms = ("loss", "loss_cls", "loss_distill_text", "loss_distill_image")
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, n_ctx: int, layers: tuple[int, ...], prefix: str,
-                 prompts: HiCroPLPrompts):
-        super().__init__(cfg, backbone, n_ctx, layers, prefix, prompts)
+                 prompts: HiCroPLPrompts, members: Sequence[MethodConfig]):
+        super().__init__(cfg, backbone, n_ctx, layers, prefix, prompts, members=len(members))
+        self.register_buffer("lambda_distill", torch.tensor([m.lambda_distill for m in members]), persistent=False)
         self.cache_text = cfg.mapping != "released"
         self.forward_writes_params = cfg.mapping == "released"
         self.register_buffer("teacher_text", torch.zeros(0, backbone.embed_dim), persistent=False)
@@ -66,17 +68,22 @@ class HiCroPLModel(PromptModel):
 
     @torch.no_grad()
     def image_teacher(self, images: torch.Tensor) -> torch.Tensor:
-        """g_v(x) [B, E] normalised: the backbone's own image encoder, no prompts."""
+        """g_v(x) [N, E] normalised: the backbone's own image encoder, no prompts."""
         return F.normalize(encode_image(self.backbone, images), dim=-1)
+
+    def member_buffers(self) -> dict[str, torch.Tensor]:
+        return {"lambda_distill": self.lambda_distill}
 
     # ----- hooks -----
     def compute_prompts(self) -> Prompts:
         text, vision = self.prompts()
         return Prompts(text, vision)
 
-    def mix_features(self, images: torch.Tensor, feats: Features) -> Features:
-        g_v = self.image_teacher(images)
-        w = self.teacher_text
+    def mix_features(self, images: torch.Tensor, feats: Features, shared: bool = False) -> Features:
+        k, b = feats.image.shape[:2]
+        g_v = self.image_teacher(images)  # once per image: shared images serve every member
+        g_v = g_v.unsqueeze(0).expand(k, -1, -1) if shared else g_v.view(k, b, -1)
+        w = self.teacher_text.unsqueeze(0)  # [1, C, E]: the same descriptions for every member
         image = F.normalize(feats.image + g_v.to(feats.image.dtype), dim=-1)
         text = F.normalize(feats.text + w.to(feats.text.dtype), dim=-1)
         return Features(image, text, feats.prompts, {"teacher_image": g_v, "teacher_text": w})
@@ -84,19 +91,19 @@ class HiCroPLModel(PromptModel):
     def losses(self, logits, labels, feats: Features) -> dict[str, torch.Tensor]:
         l_cls = cls_loss(logits, labels)
         t_text, t_image = feats.extra["teacher_text"], feats.extra["teacher_image"]
-        # 1 - mean cosine to the teachers (both sides already unit vectors: cos = dot product).
-        l_text = 1.0 - (feats.text.float() * t_text.float()).sum(dim=-1).mean()
-        l_image = 1.0 - (feats.image.float() * t_image.float()).sum(dim=-1).mean()
-        loss = l_cls + self.cfg.lambda_distill * (l_text + l_image)
+        # 1 - mean cosine to the teachers (both sides already unit vectors: cos = dot product), per member.
+        l_text = 1.0 - (feats.text.float() * t_text.float()).sum(dim=-1).mean(dim=1)
+        l_image = 1.0 - (feats.image.float() * t_image.float()).sum(dim=-1).mean(dim=1)
+        loss = l_cls + self.lambda_distill * (l_text + l_image)
         return {"loss": loss, "loss_cls": l_cls, "loss_distill_text": l_text, "loss_distill_image": l_image}
 
 
-def build_hicropl(cfg: MethodConfig, backbone: Backbone) -> HiCroPLModel:
+def build_hicropl(cfg: MethodConfig, backbone: Backbone, init: MemberInit, members: Sequence[MethodConfig]) -> HiCroPLModel:
     n_ctx, layers = prompt_n_ctx(cfg, backbone), prompt_layers(cfg, backbone)
     # The released code starts layer 0 from `ctx_init` only when n_ctx <= 4; prefix_text does so exactly
     # when n_ctx fits in ctx_init's tokens ("a photo of a" = 4), else "X X ... X" and N(0, 0.02).
-    prefix, init = prefix_text(backbone, n_ctx, cfg.ctx_init)
-    prompts = HiCroPLPrompts(len(layers), cfg.cross_layer, n_ctx, backbone.text_width, backbone.vision_width, init,
-                             cfg.lkp_heads, cfg.mapper_heads, cfg.mapping,
+    prefix, token_init = prefix_text(backbone, n_ctx, cfg.ctx_init)
+    prompts = HiCroPLPrompts(init, len(layers), cfg.cross_layer, n_ctx, backbone.text_width, backbone.vision_width,
+                             token_init, cfg.lkp_heads, cfg.mapper_heads, cfg.mapping,
                              shared_storage=cfg.released_storage == "shared")
-    return HiCroPLModel(cfg, backbone, n_ctx, layers, prefix, prompts)
+    return HiCroPLModel(cfg, backbone, n_ctx, layers, prefix, prompts, members)

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from hisf.model.members import MemberAttention, MemberInit, MemberLayerNorm, MemberLinear
 from hisf.model.prompts import PromptError
 
 
@@ -23,43 +24,41 @@ class QuickGELU(nn.Module):
 
 
 class AttentionPooling(nn.Module):
-    """LKP: proxy = LN_b(q + MHA(LN_a(q), LN_a(P), LN_a(P))) summarises one layer's prompt P [n, W] into [1, W]."""
+    """LKP: proxy = LN_b(q + MHA(LN_a(q), LN_a(P), LN_a(P))) summarises one layer's prompt P [K, n, W] into [K, 1, W]."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, init: MemberInit, width: int, heads: int):
         super().__init__()
-        self.attn = nn.MultiheadAttention(embed_dim=width, num_heads=heads)
-        self.ln_1 = nn.LayerNorm(width)
-        self.ln_2 = nn.LayerNorm(width)
+        self.attn = MemberAttention(init, width, heads)
+        self.ln_1 = MemberLayerNorm(init, width)
+        self.ln_2 = MemberLayerNorm(init, width)
 
     def forward(self, query: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         kv = self.ln_1(prompt)
-        query = query + self.attn(self.ln_1(query), kv, kv, need_weights=False)[0]
+        query = query + self.attn(self.ln_1(query), kv, kv)
         return self.ln_2(query)
 
 
 class CrossPromptAttention(nn.Module):
     """Mapper M(Q_in, KV_in): q = Lin_q(Q_in), x = q + MHA(LN_1 q, LN_1 Lin_k KV, LN_1 Lin_v KV), x + FFN(LN_2 x)."""
 
-    def __init__(self, width: int, kv_width: int, heads: int):
+    def __init__(self, init: MemberInit, width: int, kv_width: int, heads: int):
         super().__init__()
-        self.attn = nn.MultiheadAttention(embed_dim=width, num_heads=heads)
-        self.linear_q = nn.Linear(width, width)
-        self.linear_k = nn.Linear(kv_width, width)
-        self.linear_v = nn.Linear(kv_width, width)
-        self.ln_1 = nn.LayerNorm(width)
+        self.attn = MemberAttention(init, width, heads)
+        self.linear_q = MemberLinear(init, width, width)
+        self.linear_k = MemberLinear(init, kv_width, width)
+        self.linear_v = MemberLinear(init, kv_width, width)
+        self.ln_1 = MemberLayerNorm(init, width)
         self.ffn = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]))
-        self.ln_2 = nn.LayerNorm(width)
+            ("c_fc", MemberLinear(init, width, width * 4)), ("gelu", QuickGELU()),
+            ("c_proj", MemberLinear(init, width * 4, width))]))
+        self.ln_2 = MemberLayerNorm(init, width)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """q [K, Lq, W], kv [K, Lk, W_kv] -> [K, Lq, W]."""
         q = self.linear_q(q)
         k, v = self.linear_k(kv), self.linear_v(kv)
-        q = q + self.attn(self.ln_1(q), self.ln_1(k), self.ln_1(v), need_weights=False)[0]
+        q = q + self.attn(self.ln_1(q), self.ln_1(k), self.ln_1(v))
         return q + self.ffn(self.ln_2(q))
-
-
-def _normal(shape: tuple[int, ...], std: float = 0.02) -> nn.Parameter:
-    return nn.Parameter(torch.randn(shape) * std)
 
 
 def check_heads(heads: int, widths: dict[str, int], key: str) -> None:
@@ -69,7 +68,8 @@ def check_heads(heads: int, widths: dict[str, int], key: str) -> None:
 
 
 class HiCroPLPrompts(nn.Module):
-    """Text prompts P_t^l, visual prompts P_v^l (l < D), proxies, LKPs and mappers; forward gives the encoders' prompts.
+    """Text prompts P_t^l, visual prompts P_v^l (l < D), proxies, LKPs and mappers, each with the member axis first;
+    forward gives the encoders' prompts.
 
     `mapping="learned"` (the paper): independent per-layer prompts and proxies; the encoders get
     text = raw P_t^l for l < k, M_v→t(...) for l >= k; vision = M_t→v(...) for l < k, raw P_v^l for l >= k;
@@ -90,8 +90,8 @@ class HiCroPLPrompts(nn.Module):
     autocast dtype and is stored in fp32).
     """
 
-    def __init__(self, depth: int, cross_layer: int, n_ctx: int, text_width: int, vision_width: int,
-                 init: torch.Tensor | None, lkp_heads: int = 8, mapper_heads: int = 8, mapping: str = "learned",
+    def __init__(self, init: MemberInit, depth: int, cross_layer: int, n_ctx: int, text_width: int, vision_width: int,
+                 token_init: torch.Tensor | None, lkp_heads: int = 8, mapper_heads: int = 8, mapping: str = "learned",
                  shared_storage: bool = True):
         super().__init__()
         widths = {"text": text_width, "vision": vision_width}
@@ -99,27 +99,28 @@ class HiCroPLPrompts(nn.Module):
         check_heads(mapper_heads, widths, "method.mapper_heads")
         self.depth, self.k, self.n_ctx, self.mapping = depth, cross_layer, n_ctx, mapping
         released = mapping == "released"
-        text = [_normal((n_ctx, text_width)) for _ in range(depth)]
-        if init is not None:
-            text[0] = nn.Parameter(init.detach().clone().float())
+        text = [init.normal((n_ctx, text_width)) for _ in range(depth)]
+        if token_init is not None:
+            text[0] = init.same(token_init)
         self.cross_prompts_text = nn.ParameterList(text)
         k, late = cross_layer, depth - cross_layer
         # Released: one tensor behind all of a list's parameters (the released `nn.Parameter(t) for _ in ...`).
         self.shared_storage = released and shared_storage
         if released:
-            self.cross_prompts_visual = self._aliases(_normal((n_ctx, vision_width)), depth)
-            self.text_proxy_token = self._aliases(_normal((1, text_width), 1.0), k)
-            self.visual_proxy_token = self._aliases(_normal((1, vision_width), 1.0), late)
+            self.cross_prompts_visual = self._aliases(init.normal((n_ctx, vision_width)), depth)
+            self.text_proxy_token = self._aliases(init.normal((1, text_width), 1.0), k)
+            self.visual_proxy_token = self._aliases(init.normal((1, vision_width), 1.0), late)
         else:
-            self.cross_prompts_visual = nn.ParameterList(_normal((n_ctx, vision_width)) for _ in range(depth))
-            self.text_proxy_token = nn.ParameterList(_normal((1, text_width), 1.0) for _ in range(k))
-            self.visual_proxy_token = nn.ParameterList(_normal((1, vision_width), 1.0) for _ in range(late))
+            self.cross_prompts_visual = nn.ParameterList(init.normal((n_ctx, vision_width)) for _ in range(depth))
+            self.text_proxy_token = nn.ParameterList(init.normal((1, text_width), 1.0) for _ in range(k))
+            self.visual_proxy_token = nn.ParameterList(init.normal((1, vision_width), 1.0) for _ in range(late))
         # The released code deep-copies one LKP per layer (identical start); we do the same in both mappings.
-        self.attn_pooling_text_nets = nn.ModuleList(copy.deepcopy(m) for m in [AttentionPooling(text_width, lkp_heads)] * k)
+        self.attn_pooling_text_nets = nn.ModuleList(
+            copy.deepcopy(m) for m in [AttentionPooling(init, text_width, lkp_heads)] * k)
         self.attn_pooling_visual_nets = nn.ModuleList(
-            copy.deepcopy(m) for m in [AttentionPooling(vision_width, lkp_heads)] * late)
-        self.text2visual_net = CrossPromptAttention(vision_width, text_width, mapper_heads)
-        self.visual2text_net = CrossPromptAttention(text_width, vision_width, mapper_heads)
+            copy.deepcopy(m) for m in [AttentionPooling(init, vision_width, lkp_heads)] * late)
+        self.text2visual_net = CrossPromptAttention(init, vision_width, text_width, mapper_heads)
+        self.visual2text_net = CrossPromptAttention(init, text_width, vision_width, mapper_heads)
 
     def _aliases(self, t: torch.Tensor, count: int) -> nn.ParameterList:
         """`count` parameters over `t`: one storage when shared, else equal copies (the released code after .to())."""
@@ -154,20 +155,22 @@ class HiCroPLPrompts(nn.Module):
         return self.cross_prompts_visual[l]
 
     def text_to_vision(self) -> torch.Tensor:
-        """[k, n, Wv]: M_t→v(visual prompts of layers 0..k-1, text proxies of layers 0..k-1)."""
+        """[K, k, n, Wv]: M_t→v(visual prompts of layers 0..k-1, text proxies of layers 0..k-1), per member."""
         k, n = self.k, self.n_ctx
         proxies = torch.cat([self.attn_pooling_text_nets[i](self._text_proxy(i), self.cross_prompts_text[i])
-                             for i in range(k)])  # [k, Wt]
-        queries = torch.cat([self.visual(l) for l in range(k)])  # [k*n, Wv]
-        return self.text2visual_net(queries, proxies).view(k, n, -1)
+                             for i in range(k)], dim=1)  # [K, k, Wt]
+        queries = torch.cat([self.visual(l) for l in range(k)], dim=1)  # [K, k*n, Wv]
+        out = self.text2visual_net(queries, proxies)
+        return out.view(out.shape[0], k, n, -1)
 
     def vision_to_text(self) -> torch.Tensor:
-        """[D-k, n, Wt]: M_v→t(text prompts of layers k..D-1, visual proxies of layers k..D-1)."""
+        """[K, D-k, n, Wt]: M_v→t(text prompts of layers k..D-1, visual proxies of layers k..D-1), per member."""
         k, d, n = self.k, self.depth, self.n_ctx
         proxies = torch.cat([self.attn_pooling_visual_nets[l - k](self._visual_proxy(l - k), self.visual(l))
-                             for l in range(k, d)])  # [D-k, Wv]
-        queries = torch.cat([self.cross_prompts_text[l] for l in range(k, d)])  # [(D-k)*n, Wt]
-        return self.visual2text_net(queries, proxies).view(d - k, n, -1)
+                             for l in range(k, d)], dim=1)  # [K, D-k, Wv]
+        queries = torch.cat([self.cross_prompts_text[l] for l in range(k, d)], dim=1)  # [K, (D-k)*n, Wt]
+        out = self.visual2text_net(queries, proxies)
+        return out.view(out.shape[0], d - k, n, -1)
 
     # ----- the encoders' prompts -----
     def forward(self) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
@@ -178,8 +181,8 @@ class HiCroPLPrompts(nn.Module):
                     {l: self.visual(l) for l in range(self.depth)})
         k, d = self.k, self.depth
         mapped_v, mapped_t = self.text_to_vision(), self.vision_to_text()
-        text = {l: (self.cross_prompts_text[l] if l < k else mapped_t[l - k]) for l in range(d)}
-        vision = {l: (mapped_v[l] if l < k else self.cross_prompts_visual[l]) for l in range(d)}
+        text = {l: (self.cross_prompts_text[l] if l < k else mapped_t[:, l - k]) for l in range(d)}
+        vision = {l: (mapped_v[:, l] if l < k else self.cross_prompts_visual[l]) for l in range(d)}
         return text, vision
 
     # Outside any compiled graph: aot_autograd cannot mutate inputs that share a storage (the aliased visual
@@ -190,10 +193,10 @@ class HiCroPLPrompts(nn.Module):
         """The released code's in-place update: text→vision first, then vision→text from the written values."""
         mapped_v = self.text_to_vision()
         for l in range(self.k):  # with shared storage every layer is one tensor: the last write (layer k-1) stays
-            self.visual(l).copy_(mapped_v[l])
+            self.visual(l).copy_(mapped_v[:, l])
         mapped_t = self.vision_to_text()
         for l in range(self.k, self.depth):
-            self.cross_prompts_text[l].copy_(mapped_t[l - self.k])
+            self.cross_prompts_text[l].copy_(mapped_t[:, l - self.k])
 
     def groups(self) -> dict[str, list[nn.Parameter]]:
         prompts = [*self.cross_prompts_text, *self.cross_prompts_visual, *self.text_proxy_token, *self.visual_proxy_token]

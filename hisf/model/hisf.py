@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ from hisf.model.backbone import Backbone
 from hisf.model.fusion import SemanticFusion
 from hisf.model.label_embeddings import LabelEmbeddings
 from hisf.model.losses import cls_loss, label_embedding_loss, semantic_alignment_loss, total_loss
+from hisf.model.members import MemberInit
 from hisf.model.prompt_model import Features, PromptModel, Prompts, prompt_layers, prompt_n_ctx
 from hisf.model.prompts import MultiModalPrompts, prefix_text
 
@@ -18,16 +21,27 @@ class HisfModel(PromptModel):
     """PromptModel with HISF's label embeddings E (at the class-name positions) and per-layer fusion.
 
     `aux` of its prompts is (P_final by layer, Ē) for L_le. With `sf_zero_init` and W_t = identity an
-    untrained HISF computes exactly MaPLe's logits (docs/method.md).
+    untrained HISF computes exactly MaPLe's logits (docs/method.md). λ1, λ2 are per member ([K] buffers).
     """
 
     loss_terms = ("loss", "loss_cls", "loss_le", "loss_sa")
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone, n_ctx: int, layers: tuple[int, ...], prefix: str,
-                 prompts: MultiModalPrompts, label_embeddings: LabelEmbeddings, fusion: nn.ModuleList | None):
-        super().__init__(cfg, backbone, n_ctx, layers, prefix, prompts)
+                 prompts: MultiModalPrompts, label_embeddings: LabelEmbeddings, fusion: nn.ModuleList | None,
+                 members: Sequence[MethodConfig]):
+        super().__init__(cfg, backbone, n_ctx, layers, prefix, prompts, members=len(members))
         self.label_embeddings = label_embeddings
         self.fusion = fusion
+        self.register_buffer("lambda_le", torch.tensor([m.lambda_le for m in members]), persistent=False)
+        self.register_buffer("lambda_sa", torch.tensor([m.lambda_sa for m in members]), persistent=False)
+        # Members agree on which weights are zero (hisf.model.members.check_members): a zero one adds no term.
+        self.use_le, self.use_sa = cfg.lambda_le != 0, cfg.lambda_sa != 0
+
+    def member_buffers(self) -> dict[str, torch.Tensor]:
+        return {"lambda_le": self.lambda_le, "lambda_sa": self.lambda_sa}
+
+    def on_keep_members(self, index: torch.Tensor) -> None:
+        self.label_embeddings.keep_members(index)
 
     def on_classnames(self, names, dataset) -> None:
         self.label_embeddings.set_classnames(names)
@@ -50,7 +64,7 @@ class HisfModel(PromptModel):
         # le_detach (docs/method.md): L_le moves the prompts toward ē_c, never ē_c toward the prompts.
         l_le = label_embedding_loss(finals, means.detach() if self.cfg.le_detach else means)
         l_sa = semantic_alignment_loss(feats.image, feats.text, labels)
-        loss = total_loss(l_cls, l_le, l_sa, self.cfg.lambda_le, self.cfg.lambda_sa, self.cfg.cls_loss)
+        loss = total_loss(l_cls, l_le, l_sa, self.lambda_le, self.lambda_sa, self.cfg.cls_loss, self.use_le, self.use_sa)
         return {"loss": loss, "loss_cls": l_cls, "loss_le": l_le, "loss_sa": l_sa}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -62,16 +76,22 @@ class HisfModel(PromptModel):
         return groups
 
 
-def build_hisf(cfg: MethodConfig, backbone: Backbone) -> HisfModel:
+def build_hisf(cfg: MethodConfig, backbone: Backbone, init: MemberInit, members: Sequence[MethodConfig]) -> HisfModel:
     n_ctx, layers = prompt_n_ctx(cfg, backbone), prompt_layers(cfg, backbone)
-    prefix, init = prefix_text(backbone, n_ctx, cfg.ctx_init)
-    prompts = MultiModalPrompts(layers, n_ctx, backbone.text_width, backbone.vision_width, init, coupled=cfg.pi)
+    prefix, token_init = prefix_text(backbone, n_ctx, cfg.ctx_init)
+    prompts = MultiModalPrompts(init, layers, n_ctx, backbone.text_width, backbone.vision_width, token_init, coupled=cfg.pi)
     fusion = None
     if cfg.sf:
         count = 1 if cfg.share_fusion else len(layers)
+        # sf_zero_init may differ between members (initialisation only): each member's W_v starts as its own asks.
         fusion = nn.ModuleList(
-            SemanticFusion(backbone.text_width, cfg.fusion_heads, cfg.fusion_bottleneck, zero_values=cfg.sf_zero_init)
+            SemanticFusion(init, backbone.text_width, cfg.fusion_heads, cfg.fusion_bottleneck, zero_values=False)
             for _ in range(count)
         )
-    label_embeddings = LabelEmbeddings(backbone, learnable=cfg.label_embedding == "learnable")
-    return HisfModel(cfg, backbone, n_ctx, layers, prefix, prompts, label_embeddings, fusion)
+        with torch.no_grad():
+            for k, m in enumerate(members):
+                if m.sf_zero_init:
+                    for f in fusion:
+                        f.v.weight[k].zero_()
+    label_embeddings = LabelEmbeddings(backbone, members=init.members, learnable=cfg.label_embedding == "learnable")
+    return HisfModel(cfg, backbone, n_ctx, layers, prefix, prompts, label_embeddings, fusion, members)

@@ -10,6 +10,7 @@ from torch import nn
 
 from hisf.config import ConfigError
 from hisf.model.backbone import Backbone
+from hisf.model.members import MemberInit, MemberLinear
 
 MAPLE_TEMPLATE_END = "."
 
@@ -98,34 +99,24 @@ def check_n_ctx(n_ctx: int, backbone: Backbone) -> None:
         )
 
 
-def _normal(shape: tuple[int, ...]) -> nn.Parameter:
-    return nn.Parameter(torch.randn(shape) * 0.02)
-
-
-def _identity_linear(width: int) -> nn.Linear:
-    lin = nn.Linear(width, width)
-    with torch.no_grad():
-        lin.weight.copy_(torch.eye(width))
-        lin.bias.zero_()
-    return lin
-
-
 class MultiModalPrompts(nn.Module):
-    """Per prompt layer l in J: text prompts P_t^l [n_ctx, Wt] and vision prompts P_v^l [n_ctx, Wv].
+    """Per prompt layer l in J and member k: text prompts P_t^l [K, n_ctx, Wt] and vision prompts P_v^l [K, n_ctx, Wv].
 
     coupled (PI, eq. 2): one shared P_s^l, P_t^l = W_t^l P_s^l, P_v^l = W_v^l P_s^l. `text_map=False` is
     MaPLe (W_t = identity, only W_v learned). coupled=False ("w/o PI"): independent P_t^l and P_v^l (with
     SF on, the fusion acts on P_t^l, the text-width prompt). CoOp: coupled=False, vision=False, J = {0}.
-    Layer 0's text-side prompt starts from `init` (the ctx_init token embeddings), deeper ones N(0, 0.02).
+    Layer 0's text-side prompt starts from `token_init` (the ctx_init token embeddings), deeper ones N(0, 0.02).
+    Every tensor carries the member axis first (hisf/model/members.py).
     """
 
     def __init__(
         self,
+        init: MemberInit,
         layers: Sequence[int],
         n_ctx: int,
         text_width: int,
         vision_width: int,
-        init: torch.Tensor | None,
+        token_init: torch.Tensor | None,
         coupled: bool = True,
         text_map: bool = True,
         vision: bool = True,
@@ -136,20 +127,21 @@ class MultiModalPrompts(nn.Module):
         self.coupled = coupled
         self.shared = nn.ParameterList()
         for l in self.layers:
-            p = _normal((n_ctx, text_width))
-            if l == 0 and init is not None:
-                p = nn.Parameter(init.detach().clone().float())
+            p = init.normal((n_ctx, text_width))
+            if l == 0 and token_init is not None:
+                p = init.same(token_init)
             self.shared.append(p)
         if coupled:
             # W_t^l starts as the identity so HISF starts where MaPLe starts; W_v^l is MaPLe's nn.Linear init.
-            self.text_proj = nn.ModuleList(_identity_linear(text_width) for _ in self.layers) if text_map else None
-            self.vision_proj = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in self.layers)
+            self.text_proj = (nn.ModuleList(MemberLinear(init, text_width, text_width, start="identity") for _ in self.layers)
+                              if text_map else None)
+            self.vision_proj = nn.ModuleList(MemberLinear(init, text_width, vision_width) for _ in self.layers)
             self.vision = None
         else:
             self.text_proj = None
             self.vision_proj = None
             # CoOp (vision=False) has text context only.
-            self.vision = nn.ParameterList(_normal((n_ctx, vision_width)) for _ in self.layers) if vision else None
+            self.vision = nn.ParameterList(init.normal((n_ctx, vision_width)) for _ in self.layers) if vision else None
 
     def forward(
         self, fuse: Callable[[int, torch.Tensor], torch.Tensor] | None = None

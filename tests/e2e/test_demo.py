@@ -48,6 +48,21 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     for r in final + search:
         assert r.data.tags["env.torch"] == torch.__version__ and r.data.tags["env.python"] == sys.version.split()[0]
         assert (r.data.tags["env.precision"], r.data.tags["env.compile"], r.data.tags["env.device"]) == ("fp32", "eager", "cpu")
+    # The demo fuses (resources.fuse: auto): each row's three seeds trained as one group whose run links them, and
+    # the search asked its trials in fused groups too; every member still has its own run.
+    groups = {r.info.run_id: r for r in runs if r.data.tags.get("hisf.kind") == "group"}
+    for r in final:
+        assert r.data.tags["hisf.group"] in groups, r.data.tags["hisf.trial_id"]
+    final_groups = {r.data.tags["hisf.group"] for r in final}
+    assert len(final_groups) == 5
+    for gid in final_groups:
+        g = groups[gid]
+        members = [r for r in final if r.data.tags["hisf.group"] == gid]
+        assert len({r.data.tags["hisf.row"] for r in members}) == 1 and g.data.tags["hisf.group_size"] == "3"
+        assert sorted(g.data.tags["hisf.group.members"].split(",")) == sorted(r.data.tags["hisf.trial_id"] for r in members)
+        assert sorted(g.data.tags["hisf.group.runs"].split(",")) == sorted(r.info.run_id for r in members)
+    assert all(r.data.tags["hisf.group"] in groups for r in search if "hisf.group" in r.data.tags)
+    assert len({r.data.tags.get("hisf.group", r.info.run_id) for r in search}) < len(search)
     (study_name,) = {r.data.tags["optuna.study"] for r in search}
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{wd / 'optuna.db'}")
     assert len(study.trials) == 4

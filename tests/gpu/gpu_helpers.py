@@ -11,7 +11,8 @@ import torch
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig
 from hisf.engine import seed_everything
 from hisf.engine.distributed import DistEnv
-from hisf.engine.optim import build_optimizer
+from hisf.engine.checkpoint import TrialState
+from hisf.engine.optim import member_optimizer
 
 HERE = Path(__file__).resolve().parent
 WORKTREE = HERE.parents[1]
@@ -42,7 +43,8 @@ def classnames(n: int) -> list[str]:
 
 def tiny_setup(method: str, device: torch.device, storage: str = "fp32", n_classes: int = 50, lr: float = 0.05):
     """hisf-tiny (random weights, seeded: the same numbers for every storage precision) with `method` at depth 3
-    on `device`, in training mode, with the paper's SGD; returns (model, optimizer, trainable params)."""
+    on `device`, in training mode, with the paper's SGD (constant lr: no warm-up epoch); returns (model, [its one
+    member's TrialState]), the state's GradScaler unset (a test sets one for fp16)."""
     from hisf.model.backbone import load_backbone
     from hisf.model.methods import build_method
 
@@ -50,9 +52,8 @@ def tiny_setup(method: str, device: torch.device, storage: str = "fp32", n_class
     backbone = load_backbone(BackboneConfig(name="hisf-tiny", pretrained=None, precision=storage))
     backbone.model.to(device)
     model = build_method(MethodConfig(name=method, depth=3), backbone, classnames(n_classes)).to(device).train()
-    opt = build_optimizer(TrainConfig(preset="paper", lr=lr), model.param_groups())
-    params = [p for g in opt.param_groups for p in g["params"]]
-    return model, opt, params
+    opt, sched, pairs = member_optimizer(model, 0, TrainConfig(preset="paper", lr=lr, warmup_epochs=0))
+    return model, [TrialState(model, opt, sched, None, member=0, pairs=pairs)]
 
 
 def tiny_batch(device: torch.device, n_classes: int = 50, batch: int = 8, size: int = 32):

@@ -12,9 +12,9 @@ from hisf.engine import NanGuard, NonFiniteLossError, Precision, compile_losses,
 pytestmark = pytest.mark.gpu
 
 
-def _run(model, opt, params, precision, images, labels, device, steps=3):
+def _run(model, states, precision, images, labels, device, steps=3):
     env = cuda_env(device)
-    return [train_step(model, images, labels, opt, precision, params, env) for _ in range(steps)]
+    return [train_step(model, images, labels, states, precision, env)[0] for _ in range(steps)]
 
 
 @pytest.mark.parametrize("precision,storage,rel", [
@@ -24,19 +24,19 @@ def test_mixed_precision_step_matches_fp32(cuda, deterministic, precision, stora
     """Three SGD steps of hisf under autocast (fp16 with GradScaler, or bf16), backbone stored in fp32 or in
     half: the losses agree with fp32's and every trainable tensor moves the way fp32 moves it."""
     images, labels = tiny_batch(cuda)
-    model, opt, params = tiny_setup("hisf", cuda)
+    model, states = tiny_setup("hisf", cuda)
     before = model.trainable_state_dict()
-    ref = _run(model, opt, params, resolve_precision("fp32", cuda), images, labels, cuda)
+    ref = _run(model, states, resolve_precision("fp32", cuda), images, labels, cuda)
     want = model.trainable_state_dict()
 
-    model, opt, params = tiny_setup("hisf", cuda, storage=storage)
+    model, states = tiny_setup("hisf", cuda, storage=storage)
     prec = resolve_precision(precision, cuda)
-    assert prec.name == precision and (prec.scaler is not None) == (precision == "fp16")
-    if prec.scaler is not None:
+    assert prec.name == precision and prec.grad_scaling == (precision == "fp16")
+    if prec.grad_scaling:
         # The default first scale (2^16) overflows a few steps by design (the scaler then backs off); start
         # where it would settle, so every step counts.
-        prec = Precision(prec.name, prec.device_type, prec.dtype, torch.amp.GradScaler("cuda", init_scale=1024.0))
-    got = _run(model, opt, params, prec, images, labels, cuda)
+        states[0].scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
+    got = _run(model, states, prec, images, labels, cuda)
     assert [r.skipped for r in got] == [False] * 3
     for r, w in zip(got, ref):
         assert r.losses["loss"] == pytest.approx(w.losses["loss"], rel=rel / 5)
@@ -56,19 +56,20 @@ def test_compiled_step_matches_eager_through_an_overflow(cuda, mode):
     for compiled in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        model, opt, params = tiny_setup("hisf", cuda)
+        model, states = tiny_setup("hisf", cuda)
         before = model.trainable_state_dict()
         if compiled:
             compile_losses(model, mode)
-        prec = Precision("fp16", "cuda", torch.float16, torch.amp.GradScaler("cuda", init_scale=1024.0, growth_interval=10_000))
+        prec = Precision("fp16", "cuda", torch.float16, grad_scaling=True)
+        scaler = states[0].scaler = torch.amp.GradScaler("cuda", init_scale=1024.0, growth_interval=10_000)
         results = []
         for step in range(6):
             if step == 3:
-                prec.scaler.update(new_scale=3e38)  # loss (> 3 with 50 classes) x 3e38 overflows float32
-            results.append(train_step(model, images, labels, opt, prec, params, cuda_env(cuda)))
+                scaler.update(new_scale=3e38)  # loss (> 3 with 50 classes) x 3e38 overflows float32
+            results.append(train_step(model, images, labels, states, prec, cuda_env(cuda))[0])
             if step == 3:
-                assert prec.scaler.get_scale() == pytest.approx(1.5e38)  # backed off once: the overflow was seen
-                prec.scaler.update(new_scale=1024.0)
+                assert scaler.get_scale() == pytest.approx(1.5e38)  # backed off once: the overflow was seen
+                scaler.update(new_scale=1024.0)
         runs[compiled] = (results, model.trainable_state_dict())
         if compiled:
             assert counters["frames"]["ok"] > 0 and not counters["graph_break"], (dict(counters["frames"]), dict(counters["graph_break"]))
@@ -85,24 +86,24 @@ def test_compiled_step_matches_eager_through_an_overflow(cuda, mode):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_nonfinite_loss_is_skipped_on_cuda_and_the_guard_stops(cuda, precision):
-    model, opt, params = tiny_setup("hisf", cuda)
+    model, states = tiny_setup("hisf", cuda)
     with torch.no_grad():
         model.param_groups()["prompts"][0].view(-1)[0] = float("nan")
     before = model.trainable_state_dict()
     prec = resolve_precision(precision, cuda)
-    if prec.scaler is not None:
-        prec = Precision(prec.name, prec.device_type, prec.dtype, torch.amp.GradScaler("cuda", init_scale=1024.0))
+    if prec.grad_scaling:
+        states[0].scaler = torch.amp.GradScaler("cuda", init_scale=1024.0)
     images, labels = tiny_batch(cuda)
     guard = NanGuard(3)
     with pytest.raises(NonFiniteLossError, match="non-finite loss for 3 steps in a row"):
         for step in range(1, 4):
-            res = train_step(model, images, labels, opt, prec, params, cuda_env(cuda))
+            (res,) = train_step(model, images, labels, states, prec, cuda_env(cuda))
             assert res.skipped and not res.finite, res
             for k, v in model.trainable_state_dict().items():
                 torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
             guard.update(res.finite, step, res.losses)
-    if prec.scaler is not None:
-        assert prec.scaler.get_scale() == pytest.approx(1024.0 / 8)  # three non-finite steps, three back-offs
+    if states[0].scaler is not None:
+        assert states[0].scaler.get_scale() == pytest.approx(1024.0 / 8)  # three non-finite steps, three back-offs
 
 
 def test_half_precision_evaluation_matches_fp32(cuda, demo_root):
@@ -115,14 +116,14 @@ def test_half_precision_evaluation_matches_fp32(cuda, demo_root):
     sub = open_dataset(demo_root / "demo").select("test", shots=None, seed=1, classes="all")
     logits, models = {}, {}
     for storage in ("fp32", "fp16"):
-        model, _, _ = tiny_setup("hisf", cuda, storage=storage, n_classes=len(sub.classnames))
+        model, _ = tiny_setup("hisf", cuda, storage=storage, n_classes=len(sub.classnames))
         model.set_classnames(sub.classnames)
         model.eval()
         backbone = model.backbone
         loader = make_loader(sub, train=False, batch_size=16, image_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
         prec = resolve_precision(storage, cuda)
         with torch.no_grad(), prec.autocast():
-            logits[storage] = torch.cat([model(x.to(cuda)).float() for x, _ in loader])
+            logits[storage] = torch.cat([model(x.to(cuda))[0].float() for x, _ in loader])  # the one member
         models[storage] = (model, loader, prec)
     l32, l16 = logits["fp32"], logits["fp16"]
     assert l32.shape == (len(sub), len(sub.classnames)) and not torch.equal(l32, l16)
@@ -131,5 +132,5 @@ def test_half_precision_evaluation_matches_fp32(cuda, demo_root):
     top2 = l32.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * (atol + 1e-2 * top2[:, 0].abs())
     assert torch.equal(l16.argmax(-1)[clear], l32.argmax(-1)[clear])
-    acc = {s: accuracy(m, loader, cuda_env(cuda), prec.autocast) for s, (m, loader, prec) in models.items()}
+    acc = {s: accuracy(m, loader, cuda_env(cuda), prec.autocast)[0] for s, (m, loader, prec) in models.items()}
     assert abs(acc["fp16"] - acc["fp32"]) <= 100.0 * int((~clear).sum()) / len(sub)

@@ -31,27 +31,35 @@ def test_learned_prompts_placement_and_shapes(backbone, classes):
     assert (len(pr.attn_pooling_text_nets), len(pr.attn_pooling_visual_nets)) == (K, D - K)
     p = model.compute_prompts()
     assert p.text.keys() == p.vision.keys() == set(range(D))
-    assert all(t.shape == (N, 64) for t in p.text.values()) and all(v.shape == (N, 64) for v in p.vision.values())
+    # One member: every prompt carries the member axis first.
+    assert all(t.shape == (1, N, 64) for t in p.text.values()) and all(v.shape == (1, N, 64) for v in p.vision.values())
     # Raw where the other modality is the source: text below k, vision from k on.
     assert all(p.text[l] is pr.cross_prompts_text[l] for l in range(K))
     assert all(p.vision[l] is pr.cross_prompts_visual[l] for l in range(K, D))
     # Mapped elsewhere, by the two mappers' equations.
     with torch.no_grad():
-        proxies = torch.cat([pr.attn_pooling_text_nets[i](pr.text_proxy_token[i], pr.cross_prompts_text[i]) for i in range(K)])
-        assert proxies.shape == (K, 64)
-        mapped_v = pr.text2visual_net(torch.cat([pr.cross_prompts_visual[l] for l in range(K)]), proxies).view(K, N, 64)
+        proxies = torch.cat([pr.attn_pooling_text_nets[i](pr.text_proxy_token[i], pr.cross_prompts_text[i])
+                             for i in range(K)], dim=1)
+        assert proxies.shape == (1, K, 64)
+        queries = torch.cat([pr.cross_prompts_visual[l] for l in range(K)], dim=1)
+        mapped_v = pr.text2visual_net(queries, proxies).view(1, K, N, 64)
         vproxies = torch.cat([pr.attn_pooling_visual_nets[j](pr.visual_proxy_token[j], pr.cross_prompts_visual[K + j])
-                              for j in range(D - K)])
-        mapped_t = pr.visual2text_net(torch.cat([pr.cross_prompts_text[l] for l in range(K, D)]), vproxies).view(D - K, N, 64)
+                              for j in range(D - K)], dim=1)
+        queries = torch.cat([pr.cross_prompts_text[l] for l in range(K, D)], dim=1)
+        mapped_t = pr.visual2text_net(queries, vproxies).view(1, D - K, N, 64)
         for l in range(K):
-            torch.testing.assert_close(p.vision[l], mapped_v[l], atol=1e-6, rtol=0)
+            torch.testing.assert_close(p.vision[l], mapped_v[:, l], atol=1e-6, rtol=0)
             assert (p.vision[l] - pr.cross_prompts_visual[l]).abs().max() > 1e-2
         for l in range(K, D):
-            torch.testing.assert_close(p.text[l], mapped_t[l - K], atol=1e-6, rtol=0)
-    # LKP by hand: LN_b(q + MHA(LN_a q, LN_a P, LN_a P)).
+            torch.testing.assert_close(p.text[l], mapped_t[:, l - K], atol=1e-6, rtol=0)
+    # LKP by hand: LN_b(q + MHA(LN_a q, LN_a P, LN_a P)), and the attention is torch's MultiheadAttention's.
     lkp, q, prompt = pr.attn_pooling_text_nets[0], pr.text_proxy_token[0], pr.cross_prompts_text[0]
-    a = lkp.attn(lkp.ln_1(q), lkp.ln_1(prompt), lkp.ln_1(prompt))[0]
+    a = lkp.attn(lkp.ln_1(q), lkp.ln_1(prompt), lkp.ln_1(prompt))
     torch.testing.assert_close(lkp(q, prompt), lkp.ln_2(q + a))
+    mha = torch.nn.MultiheadAttention(64, lkp.attn.num_heads)
+    mha.load_state_dict({k: v[0] for k, v in lkp.attn.state_dict().items()})
+    x, kv = lkp.ln_1(q)[0], lkp.ln_1(prompt)[0]
+    torch.testing.assert_close(a[0], mha(x, kv, kv, need_weights=False)[0], atol=1e-6, rtol=0)
 
 
 def test_every_learned_parameter_gets_a_gradient(backbone, classes, images, labels):
@@ -70,7 +78,7 @@ def test_prompts_depend_on_no_image(backbone, classes, images):
     with torch.no_grad():
         batch = model(images)
         for i in range(images.shape[0]):
-            torch.testing.assert_close(model(images[i:i + 1])[0], batch[i], atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(images[i:i + 1])[0, 0], batch[0, i], atol=1e-5, rtol=0)
 
 
 def test_teachers_mixing_and_loss(backbone, classes, images, labels, tmp_path):
@@ -86,11 +94,12 @@ def test_teachers_mixing_and_loss(backbone, classes, images, labels, tmp_path):
         w = torch.stack(w)
         torch.testing.assert_close(model.teacher_text, w, atol=1e-6, rtol=0)
         p = model.compute_prompts()
-        f_t = F.normalize(model._text_features(p), dim=-1)
-        f_v = F.normalize(encode_image(backbone, images, p.vision), dim=-1)
+        f_t = F.normalize(model._text_features(p)[0], dim=-1)
+        f_v = F.normalize(encode_image(backbone, images, {l: v[0] for l, v in p.vision.items()}), dim=-1)
         g_v = F.normalize(encode_image(backbone, images), dim=-1)
         z_v, z_t = F.normalize(f_v + g_v, dim=-1), F.normalize(f_t + w, dim=-1)
         out = model.forward_losses(images, labels)
+    out = {k: v[0] for k, v in out.items()}  # the one member
     torch.testing.assert_close(out["logits"], backbone.logit_scale * z_v @ z_t.t(), atol=1e-4, rtol=0)
     torch.testing.assert_close(out["loss_cls"], F.cross_entropy(out["logits"], labels))
     torch.testing.assert_close(out["loss_distill_text"], 1 - F.cosine_similarity(z_t, w).mean(), atol=1e-6, rtol=0)
@@ -130,7 +139,7 @@ def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbon
         before_text = [t.clone() for t in pr.cross_prompts_text]
         mapped_v = pr.text_to_vision()
     out = model.forward_losses(images, labels)
-    torch.testing.assert_close(pr.cross_prompts_visual[0], mapped_v[K - 1].detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(pr.cross_prompts_visual[0], mapped_v[:, K - 1].detach(), atol=1e-6, rtol=0)
     with torch.no_grad():
         # ... then vision->text from the written visual prompt; early text prompts are untouched.
         tmp = _hicropl(backbone, classes, mapping="released", released_storage="shared")
@@ -141,7 +150,7 @@ def test_released_mapping_writes_back_and_trains_the_stored_prompts_only(backbon
     for l in range(K):
         assert torch.equal(pr.cross_prompts_text[l], before_text[l])
     for l in range(K, D):
-        torch.testing.assert_close(pr.cross_prompts_text[l], mapped_t[l - K], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pr.cross_prompts_text[l], mapped_t[:, l - K], atol=1e-6, rtol=0)
     p = model.compute_prompts()
     assert all(p.vision[l] is pr.cross_prompts_visual[l] for l in range(D))  # each layer's own alias
     assert all(torch.equal(pr.cross_prompts_visual[l], pr.cross_prompts_visual[0]) for l in range(D))

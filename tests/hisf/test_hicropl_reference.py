@@ -94,7 +94,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     x1, x2 = batches()
     model.eval()
     with torch.no_grad():
-        before = model(x1)
+        before = model(x1)[0]
     import_hicropl_prompts(model, path)
     # The text teachers agree (descriptions matched to the class names, mean of normalised sentence features).
     torch.testing.assert_close(model.teacher_text, ref.fixed_embeddings, atol=1e-6, rtol=0)
@@ -102,7 +102,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     ref.eval()
     stored = ref.prompt_learner.cross_prompts_visual[0].detach().clone()
     with torch.no_grad():
-        ours = [model(x1), model(x2)]
+        ours = [model(x1)[0], model(x2)[0]]
         theirs = [ref(x1), ref(x2)]
     assert (before - ours[0]).abs().max() > 1e-3  # the import changed the prompts
     for a, b in zip(ours, theirs):
@@ -111,7 +111,7 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     # Evaluation rewrote the prompts: the stored visual prompt moved, and batch 1 again gives other logits.
     assert (ref.prompt_learner.cross_prompts_visual[0] - stored).abs().max() > 1e-3
     with torch.no_grad():
-        again = model(x1)
+        again = model(x1)[0]
         torch.testing.assert_close(again, ref(x1), atol=1e-5, rtol=0)
     assert (again - ours[0]).abs().max() > 1e-4
 
@@ -123,14 +123,14 @@ def test_logits_and_loss_equal_the_released_code(backbone, classes, descriptions
     want = ref(x2, labels)
     assert tuple(model.loss_terms) == ("loss", "loss_cls", "loss_distill_text", "loss_distill_image")
     for term in model.loss_terms:
-        torch.testing.assert_close(out[term], want[term], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out[term][0], want[term], atol=2e-5, rtol=0)
     assert want["loss_distill_text"] > 1e-2 and want["loss_distill_image"] > 2e-4
     # The comparison sees the text side too: moving a deep text prompt of the reference changes its logits.
     ref.eval()
     model.eval()
     with torch.no_grad():
         ref.prompt_learner.cross_prompts_text[k - 1].add_(torch.randn_like(ref.prompt_learner.cross_prompts_text[k - 1]))
-        assert (ref(x1) - model(x1)).abs().max() > 1e-3
+        assert (ref(x1) - model(x1)[0]).abs().max() > 1e-3
 
 
 def test_novel_classes_after_import_equal_the_released_code_rebuilt_on_them(backbone, classes, novel, descriptions,
@@ -154,7 +154,7 @@ def test_novel_classes_after_import_equal_the_released_code_rebuilt_on_them(back
     ref.eval()
     with torch.no_grad():
         for x in batches():
-            torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+            torch.testing.assert_close(model(x)[0], ref(x), atol=1e-5, rtol=0)
 
 
 def test_fp16_checkpoint_imports_and_matches_within_half_precision(backbone, classes, descriptions, tmp_path):
@@ -171,7 +171,7 @@ def test_fp16_checkpoint_imports_and_matches_within_half_precision(backbone, cla
     ref.eval()
     with torch.no_grad():
         for x in (x1, x2):
-            a, b = model(x), ref(x)
+            a, b = model(x)[0], ref(x)
             assert b.dtype == torch.float16
             torch.testing.assert_close(a, b.float(), atol=3e-2, rtol=0)
 
@@ -270,16 +270,30 @@ def test_released_adam_adds_one_update_per_layer_to_the_shared_visual_prompt(bac
     assert (per_layer - one_param).abs().max() > 5e-4  # 1e-3 here, as large as the step itself
 
 
-def _engine_steps(model, optimizer, xs, labels):
+def _member_state(model, cfg, drop=()):
+    """The one member's TrialState: the preset's optimiser over its views (as the engine builds it), leaving out the
+    stacked parameters in `drop`."""
+    from hisf.engine.checkpoint import TrialState
+    from hisf.engine.optim import build_optimizer, build_scheduler, member_views
+
+    groups, pairs = member_views(model, 0)
+    keep = [(p, v) for p, v in pairs if not any(p is d for d in drop)]
+    views = {id(v) for _, v in keep}
+    opt = build_optimizer(cfg, {g: [v for v in vs if id(v) in views] for g, vs in groups.items()})
+    stacked = {id(v): p for p, v in keep}
+    ordered = [(stacked[id(v)], v) for g in opt.param_groups for v in g["params"]]
+    return TrialState(model, opt, build_scheduler(opt, cfg), member=0, pairs=ordered)
+
+
+def _engine_steps(model, state, xs, labels):
     """Our engine's training step (fp32, one rank) on each batch; the loss terms of each step."""
     from hisf.engine.distributed import DistEnv
     from hisf.engine.step import resolve_precision, train_step
 
     env, precision = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False), resolve_precision("fp32", torch.device("cpu"))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     out = []
     for x in xs:
-        res = train_step(model, x, labels, optimizer, precision, params, env)
+        (res,) = train_step(model, x, labels, [state], precision, env)
         assert not res.skipped
         out.append(res.losses)
     return out
@@ -300,19 +314,20 @@ def _assert_prompts_equal(model, ref, atol):
     pl, pr = ref.prompt_learner, model.prompts
     for name in ("cross_prompts_text", "cross_prompts_visual", "text_proxy_token", "visual_proxy_token"):
         for i, (a, b) in enumerate(zip(getattr(pr, name), getattr(pl, name), strict=True)):
-            torch.testing.assert_close(a.detach(), b.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}.{i}: {m}")
+            torch.testing.assert_close(a.detach()[0], b.detach(), atol=atol, rtol=0, msg=lambda m: f"{name}.{i}: {m}")
 
 
 @pytest.mark.parametrize("steps", [1, 3])
 def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, descriptions, tmp_path, steps):
     """Our `released` model with the `hicropl` preset trains as the released code's Dassl Adam does (D = 3)."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     ref = released_reference(backbone, classes, descriptions)
     model = hicropl(backbone, classes, descriptions)
     import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
-    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
+    # warm-up off: the schedule sets the lr it is built with, and Dassl's optimiser here has none
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0))
+    opt = state.optimizer
     # Every alias is its own optimiser entry, as in Dassl's Adam over model.parameters(); updated one by one.
     # (`ctx` is the same object as `cross_prompts_text.0`: one entry in both.)
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(
@@ -325,7 +340,7 @@ def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, d
     model.train()
     ref.train()
     start = model.prompts.cross_prompts_visual[0].detach().clone()
-    ours, theirs = _engine_steps(model, opt, xs, labels), _reference_steps(ref, ref_opt, xs, labels)
+    ours, theirs = _engine_steps(model, state, xs, labels), _reference_steps(ref, ref_opt, xs, labels)
     for a, b in zip(ours, theirs, strict=True):
         for term in model.loss_terms:
             assert a[term] == pytest.approx(b[term], abs=2e-5), term
@@ -340,20 +355,17 @@ def test_hicropl_preset_steps_equal_the_released_dassl_adam(backbone, classes, d
 def test_one_parameter_for_the_shared_visual_prompt_would_train_otherwise(backbone, classes, descriptions, tmp_path):
     """The test above can fail: Adam over one visual prompt parameter (one update from the summed gradient) differs."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     ref = released_reference(backbone, classes, descriptions)
     model = hicropl(backbone, classes, descriptions)
     import_hicropl_prompts(model, save_dassl_checkpoint(ref, tmp_path))
-    groups = model.param_groups()
-    groups["prompts"] = [p for p in groups["prompts"] if p is not model.prompts.cross_prompts_visual[1]
-                         and p is not model.prompts.cross_prompts_visual[2]]
-    opt = build_optimizer(TrainConfig(preset="hicropl"), groups)
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0),
+                          drop=(model.prompts.cross_prompts_visual[1], model.prompts.cross_prompts_visual[2]))
     x = batches()[0]
     labels = torch.tensor([0, 1, 2, 1])
     model.train()
     ref.train()
-    _engine_steps(model, opt, [x], labels)
+    _engine_steps(model, state, [x], labels)
     _reference_steps(ref, dassl_optimizer(ref), [x], labels)
     diff = (model.prompts.cross_prompts_visual[0] - ref.prompt_learner.cross_prompts_visual[0]).abs().max()
     assert diff > 1e-3
@@ -392,12 +404,11 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
     assert len({p.untyped_storage().data_ptr() for p in model.prompts.cross_prompts_visual}) == DEPTH
     import_hicropl_prompts(model, path)
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
-    opt = build_optimizer(TrainConfig(preset="hicropl"), model.param_groups())
-    assert opt.defaults["foreach"] is None  # nothing aliased: torch's default implementation
+    state = _member_state(model, TrainConfig(preset="hicropl", warmup_epochs=0))
+    assert state.optimizer.defaults["foreach"] is True  # nothing aliased: the multi-tensor implementation
     model.train()
-    ours, theirs = _engine_steps(model, opt, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
+    ours, theirs = _engine_steps(model, state, [x2], labels), _reference_steps(ref, dassl_optimizer(ref), [x2], labels)
     assert ours[0]["loss"] == pytest.approx(theirs[0]["loss"], abs=2e-5)
     _assert_prompts_equal(model, ref, atol=1e-5)
 
@@ -405,21 +416,22 @@ def test_shared_storage_survives_conversion_which_unties_the_released_code(backb
 def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descriptions, tmp_path):
     """A checkpoint (trainable state + optimiser state, as the engine saves them) resumes the released training exactly."""
     from hisf.config import TrainConfig
-    from hisf.engine.optim import build_optimizer
 
     def fresh(seed):
         torch.manual_seed(seed)
         m = hicropl(backbone, classes, descriptions).train()
-        return m, build_optimizer(TrainConfig(preset="hicropl"), m.param_groups())
+        return m, _member_state(m, TrainConfig(preset="hicropl", warmup_epochs=0))
 
     x1, x2 = batches()
     labels = torch.tensor([0, 1, 2, 1])
-    model, opt = fresh(0)
-    _engine_steps(model, opt, [x1], labels)
-    torch.save({"trainable": model.trainable_state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    model, mstate = fresh(0)
+    _engine_steps(model, mstate, [x1], labels)
+    torch.save({"trainable": model.trainable_state_dict(), "optimizer": mstate.optimizer.state_dict()},
+               tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert sum(k.startswith("prompts.cross_prompts_visual.") for k in state["trainable"]) == DEPTH
-    resumed, ropt = fresh(1)
+    resumed, rstate = fresh(1)
+    ropt = rstate.optimizer
     assert not torch.equal(resumed.prompts.cross_prompts_visual[0], model.prompts.cross_prompts_visual[0])
     resumed.load_trainable_state_dict(state["trainable"])
     ropt.load_state_dict(state["optimizer"])
@@ -427,9 +439,9 @@ def test_resume_keeps_the_aliases_and_their_adam_states(backbone, classes, descr
     for plist in (pr.cross_prompts_visual, pr.text_proxy_token, pr.visual_proxy_token):
         assert len({p.untyped_storage().data_ptr() for p in plist}) == 1  # copied into the storage, still shared
     # Each alias got its own moment estimates back (they differ: one per layer's gradient).
-    moments = [ropt.state[p]["exp_avg"] for p in pr.cross_prompts_visual]
-    assert not torch.equal(moments[0], moments[DEPTH - 1])
-    a, b = _engine_steps(model, opt, [x2], labels), _engine_steps(resumed, ropt, [x2], labels)
+    moments = [ropt.state[v]["exp_avg"] for q in pr.cross_prompts_visual for p, v in rstate.pairs if p is q]
+    assert len(moments) == DEPTH and not torch.equal(moments[0], moments[DEPTH - 1])
+    a, b = _engine_steps(model, mstate, [x2], labels), _engine_steps(resumed, rstate, [x2], labels)
     assert a == b
     for (k, p), (_, q) in zip(model.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), k

@@ -39,7 +39,7 @@ def test_untrained_hisf_equals_untrained_maple(backbone, classes, images):
 def _le_only_grad(backbone, classes, images, labels, **kw):
     model = _build(backbone, classes, "hisf", cls_loss=False, lambda_sa=0.0, lambda_le=1.0, **kw)
     out = model.forward_losses(images, labels)
-    assert out["loss"].item() == out["loss_le"].item() > 0
+    assert out["loss"].shape == (1,) and out["loss"].item() == out["loss_le"].item() > 0
     out["loss"].backward()
     prompt_grad = model.prompts.shared[0].grad
     assert prompt_grad is not None and prompt_grad.abs().sum() > 0  # L_le always moves the prompts

@@ -37,9 +37,9 @@ def test_maple_logits_equal_reference(backbone, tiny_ckpt, images, tmp_path, dep
     torch.save(ckpt, path)
 
     model = build_method(MethodConfig(name="maple", depth=depth), backbone, classes)
-    before = model(images)
+    before = model(images)[0]  # the one member's [B, C]
     import_maple_prompts(model, path)
-    ours = model(images)
+    ours = model(images)[0]
 
     clip_sd = torch.load(tiny_ckpt, weights_only=True)
     ref = ReferenceMaPLe(clip_sd, ckpt["state_dict"], classes, backbone.tokenizer, text_heads=4, vision_heads=4)

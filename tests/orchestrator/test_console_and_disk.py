@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.resume import DropFinishedCheckpoints
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.results import FINAL_KEY, STATUS_KEY
+from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
 
 from orch_helpers import mlflow_children, run_cli, write_spec
 
@@ -95,26 +95,34 @@ def test_keep_checkpoints_and_verbose_show_what_the_default_hides(tmp_path, demo
 def test_tune_copy_goes_only_for_trials_on_record(tmp_path):
     fs = pafs.LocalFileSystem()
 
-    def trial(name, last):
+    def trial(name, last, members):
         root = tmp_path / name
         for sub in ("checkpoint_000000", "checkpoint_000001", "other"):
             (root / sub).mkdir(parents=True)
             (root / sub / "f").write_text("x")
-        return SimpleNamespace(path=str(root), storage=SimpleNamespace(storage_filesystem=fs), last_result=last)
+        # What Tune hands the callback: the group's payload as its config, its last report as its result.
+        return SimpleNamespace(path=str(root), storage=SimpleNamespace(storage_filesystem=fs), last_result=last,
+                               config={"group": {"members": [{"trial_id": m} for m in members]}})
+
+    def done(*statuses):
+        return group_result({f"m{i}": {STATUS_KEY: s} for i, s in enumerate(statuses)})
 
     cases = {
-        "finished": {STATUS_KEY: "finished", FINAL_KEY: True},
-        "pruned": {STATUS_KEY: "pruned", FINAL_KEY: True},
-        "failed": {STATUS_KEY: "failed", FINAL_KEY: True},          # a bad config: kept for inspection
-        "interrupted": {STATUS_KEY: "running", FINAL_KEY: False},   # not on record: kept for --resume
-        "empty": {},
+        "finished": (done("finished"), ["m0"]),
+        "pruned": (done("pruned"), ["m0"]),
+        "group_done": (done("finished", "pruned"), ["m0", "m1"]),
+        "failed": (done("failed"), ["m0"]),                           # a bad config: kept for inspection
+        "group_one_failed": (done("finished", "failed"), ["m0", "m1"]),  # the failed member resumes from them
+        "interrupted": ({STATUS_KEY: "running", FINAL_KEY: False}, ["m0"]),  # not on record: kept for --resume
+        "empty": ({}, ["m0"]),
     }
     cb = DropFinishedCheckpoints(tmp_path)
-    for name, last in cases.items():
-        cb.on_trial_complete(0, [], trial(name, last))
+    for name, (last, members) in cases.items():
+        cb.on_trial_complete(0, [], trial(name, last, members))
     left = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in cases}
-    assert left["finished"] == left["pruned"] == ["other"]
-    assert left["failed"] == left["interrupted"] == left["empty"] == ["checkpoint_000000", "checkpoint_000001", "other"]
+    assert left["finished"] == left["pruned"] == left["group_done"] == ["other"]
+    kept = ["checkpoint_000000", "checkpoint_000001", "other"]
+    assert left["failed"] == left["group_one_failed"] == left["interrupted"] == left["empty"] == kept
 
 
 def test_keep_checkpoints_is_validated(tmp_path, demo_root):

@@ -14,7 +14,7 @@ import yaml
 from hisf.config import replace_path
 from orchestrator.paths import DeletionRefused, remove_remote_tree, remove_tree
 from orchestrator.resume import DropFinishedCheckpoints, clear_trial_folder, drop_engine_checkpoint
-from orchestrator.results import FINAL_KEY, STATUS_KEY
+from orchestrator.results import STATUS_KEY, group_result
 from orchestrator.spec import SpecError, load_spec, parse_spec
 from orchestrator.trials import expand_sweep, trials_root
 
@@ -113,7 +113,8 @@ def test_tune_copies_outside_the_ray_storage_folder_are_refused(tmp_path):
     stray = tmp_path / "elsewhere" / "trial"
     (stray / "checkpoint_000000").mkdir(parents=True)
     trial = SimpleNamespace(path=str(stray), storage=SimpleNamespace(storage_filesystem=pafs.LocalFileSystem()),
-                            last_result={STATUS_KEY: "finished", FINAL_KEY: True})
+                            last_result=group_result({"t": {STATUS_KEY: "finished"}}),
+                            config={"group": {"members": [{"trial_id": "t"}]}})
     cb = DropFinishedCheckpoints(tmp_path / "ray_results")
     with pytest.raises(DeletionRefused, match="ray_results"):
         cb.on_trial_complete(0, [], trial)

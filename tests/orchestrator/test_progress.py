@@ -14,14 +14,21 @@ import pytest
 
 from orchestrator import cli
 from orchestrator.progress import StageProgress, ray_output_to_log
-from orchestrator.results import FINAL_KEY, STATUS_KEY
+from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _trial(tid: str, status: str | None = None, **metrics):
-    last = {STATUS_KEY: status, FINAL_KEY: True, **metrics} if status else {}
-    return SimpleNamespace(trial_id=tid, last_result=last)
+    """A Tune trial running a group of one member `tid`, done with `status` when given."""
+    return _group(tid, {tid: {STATUS_KEY: status, **metrics}} if status else {tid: None})
+
+
+def _group(tune_id: str, members: dict):
+    """A Tune trial running a fused group: `members` trial id -> its final record (None: not done yet)."""
+    done = all(r is not None for r in members.values())
+    return SimpleNamespace(trial_id=tune_id, config={"group": {"members": [{"trial_id": t} for t in members]}},
+                           last_result=group_result(members) if done else {})
 
 
 class _Clock:
@@ -50,8 +57,23 @@ def test_progress_line_counts_eta_and_best(monkeypatch):
     assert p.line() == ("[search] 3/10 finished, 1 running, 1 failed, 2 pruned · 1:00 elapsed · ETA 1:20 · "
                         "best val_acc 55.50")
     # A trial whose last report is not final (killed between reports) counts as failed.
-    p.on_trial_complete(0, [], SimpleNamespace(trial_id="t3", last_result={STATUS_KEY: "running", FINAL_KEY: False}))
+    p.on_trial_complete(0, [], SimpleNamespace(trial_id="t3", config={"group": {"members": [{"trial_id": "t3"}]}},
+                                               last_result={STATUS_KEY: "running", FINAL_KEY: False}))
     assert "1/10" not in p.line() and " 2 failed" in p.line() and "0 running" in p.line()
+
+
+def test_progress_counts_the_members_of_fused_groups():
+    out = io.StringIO()
+    p = StageProgress("final", 5, out, metric="val_acc", every=10.0, live=False)
+    p.on_trial_start(0, [], _group("g1", {"a": None, "b": None, "c": None}))
+    p.on_trial_start(0, [], _group("g2", {"d": None, "e": None}))
+    assert p.line().startswith("[final] 0/5 finished, 5 running, 0 failed, 0 pruned")
+    p.on_trial_complete(0, [], _group("g1", {"a": {STATUS_KEY: "finished", "val_acc": 61.0},
+                                             "b": {STATUS_KEY: "pruned", "val_acc": 90.0},
+                                             "c": {STATUS_KEY: "failed"}}))
+    assert p.line().startswith("[final] 1/5 finished, 2 running, 1 failed, 1 pruned") and "best val_acc 61.00" in p.line()
+    p.on_trial_error(0, [], _group("g2", {"d": None, "e": None}))  # a group that errored: each member failed
+    assert p.line().startswith("[final] 1/5 finished, 0 running, 3 failed, 1 pruned")
 
 
 def test_plain_lines_are_rate_limited_and_live_lines_redraw_in_place(monkeypatch):

@@ -8,6 +8,7 @@ import yaml
 from ray.tune.search import Searcher
 
 from orchestrator.context import default_optuna_storage as default_storage
+from orchestrator.results import group_result
 from orchestrator.search import StudySearcher, best_values, open_trial
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.trials import search_groups
@@ -15,11 +16,23 @@ from orchestrator.trials import search_groups
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def spec(n_trials=3, datasets=("demo",)):
+def spec(n_trials=3, datasets=("demo",), fuse=1):
     raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
     raw["search"]["n_trials"] = n_trials
     raw["data"]["datasets"] = list(datasets)
+    raw["resources"]["fuse"] = fuse
     return parse_spec(raw)
+
+
+def one(config):
+    """The payload of the one member of a suggested group (`resources.fuse: 1`)."""
+    (member,) = config["group"]["members"]
+    return member
+
+
+def told(config, **record):
+    """The final result of the Tune trial that ran `config`'s group: every member with `record`."""
+    return group_result({m["trial_id"]: dict(record) for m in config["group"]["members"]})
 
 
 def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
@@ -34,18 +47,18 @@ def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
             break
         configs.append(c)
     assert len(configs) == 6  # 3 per study, 2 studies
-    assert {c["trial"]["study"] for c in configs} == {g.study for g in groups}
+    assert {one(c)["study"] for c in configs} == {g.study for g in groups}
     for c in configs:
-        lam = c["trial"]["config"]["method"]["lambda_le"]
+        lam = one(c)["config"]["method"]["lambda_le"]
         assert 0.0 <= lam <= 2.0 and c["ctx"] == {"k": 1}
     # tell: one value each, one pruned, one failed
     for i, c in enumerate(configs):
         if i == 4:
-            searcher.on_trial_complete(f"tune{i}", {"val_acc": 10.0, "hisf_status": "pruned"})
+            searcher.on_trial_complete(f"tune{i}", told(c, val_acc=10.0, hisf_status="pruned"))
         elif i == 5:
             searcher.on_trial_complete(f"tune{i}", None, error=True)
         else:
-            searcher.on_trial_complete(f"tune{i}", {"val_acc": 10.0 * (i + 1), "hisf_status": "finished"})
+            searcher.on_trial_complete(f"tune{i}", told(c, val_acc=10.0 * (i + 1), hisf_status="finished"))
     storage = optuna.storages.RDBStorage(url)
     states = {}
     for g in groups:
@@ -62,22 +75,53 @@ def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
         assert set(top.params) == {"method.lambda_le", "method.lambda_sa"}
 
 
+def test_a_fused_search_asks_a_group_of_trials_at_once_and_tells_each(tmp_path):
+    """`resources.fuse: 3`, 5 trials per study: groups of 3 then 2 asks of one study (TPE with constant_liar keeps
+    parallel asks apart), each member told its own value, a group that errored failing each of its members."""
+    s = spec(n_trials=5, datasets=("demo", "demo2"), fuse=3)
+    url = default_storage(tmp_path)
+    groups = search_groups(s, "tagG")
+    searcher = StudySearcher(s, groups, url, str(tmp_path), ctx={})
+    suggested = []
+    while (c := searcher.suggest(f"tune{len(suggested)}")) != Searcher.FINISHED:
+        suggested.append(c)
+    sizes = [len(c["group"]["members"]) for c in suggested]
+    assert sorted(sizes) == [2, 2, 3, 3]
+    for c in suggested:
+        assert len({m["study"] for m in c["group"]["members"]}) == 1  # a group never mixes studies
+        lams = [m["config"]["method"]["lambda_le"] for m in c["group"]["members"]]
+        assert len(set(lams)) == len(lams)  # distinct points
+    for i, c in enumerate(suggested):
+        if i == 0:
+            searcher.on_trial_complete("tune0", None, error=True)
+        else:
+            searcher.on_trial_complete(f"tune{i}", group_result(
+                {m["trial_id"]: {"hisf_status": "finished", "val_acc": float(m["optuna_number"])}
+                 for m in c["group"]["members"]}))
+    storage = optuna.storages.RDBStorage(url)
+    states = [t.state.name for g in groups for t in optuna.load_study(study_name=g.study, storage=storage).trials]
+    assert states.count("FAIL") == sizes[0] and states.count("COMPLETE") == 10 - sizes[0]
+    for g in groups:
+        for t in optuna.load_study(study_name=g.study, storage=storage).trials:
+            assert t.state.name == "FAIL" or t.value == float(t.number)  # each member's own value
+
+
 def test_resume_reissues_orphaned_running_trials(tmp_path):
     s = spec(n_trials=3)
     url = default_storage(tmp_path)
     groups = search_groups(s, "tagB")
     first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
     a, b = first.suggest("t0"), first.suggest("t1")
-    first.on_trial_complete("t0", {"val_acc": 50.0, "hisf_status": "finished"})
+    first.on_trial_complete("t0", told(a, val_acc=50.0, hisf_status="finished"))
     # the driver dies here: trial b stays RUNNING in the study
     again = StudySearcher(s, groups, url, str(tmp_path), ctx={})
-    assert [t.trial_id for t in again.pending] == [b["trial"]["trial_id"]]
+    assert [t.trial_id for t in again.pending] == [one(b)["trial_id"]]
     c = again.suggest("r0")
-    assert c["trial"]["trial_id"] == b["trial"]["trial_id"]
-    assert c["trial"]["config"] == b["trial"]["config"]  # same values, same output folder (checkpoint resumes)
-    assert c["trial"]["optuna_number"] == 1
+    assert one(c)["trial_id"] == one(b)["trial_id"]
+    assert one(c)["config"] == one(b)["config"]  # same values, same output folder (checkpoint resumes)
+    assert one(c)["optuna_number"] == 1
     d = again.suggest("r1")
-    assert d["trial"]["optuna_number"] == 2
+    assert one(d)["optuna_number"] == 2
     assert again.suggest("r2") == Searcher.FINISHED  # 3 trials in all, the finished one not rerun
 
 
@@ -109,7 +153,7 @@ def test_resume_tells_trials_whose_run_finished(tmp_path):
     groups = search_groups(s, "tagC")
     first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
     a = first.suggest("t0")
-    tracker, parent, ctx, _ = _recorded_launch(tmp_path, s, a["trial"])
+    tracker, parent, ctx, _ = _recorded_launch(tmp_path, s, one(a))
     again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, runs=LaunchRuns.read(tracker, parent, ctx))
     assert again.pending == [] and again.told_from_record == 1
     st = optuna.load_study(study_name=groups[0].study, storage=optuna.storages.RDBStorage(url))
@@ -126,12 +170,12 @@ def test_resume_reruns_an_orphan_whose_run_is_another_trial(tmp_path):
     groups = search_groups(s, "tagF")
     first = StudySearcher(s, groups, url, str(tmp_path), ctx={})
     a = first.suggest("t0")
-    folder = Path(a["trial"]["config"]["output_dir"])
+    folder = Path(one(a)["config"]["output_dir"])
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "checkpoint" / "state.pt").write_bytes(b"old code's epoch")
-    tracker, parent, ctx, old = _recorded_launch(tmp_path, s, a["trial"], {"code_fingerprint": "0" * 16})
+    tracker, parent, ctx, old = _recorded_launch(tmp_path, s, one(a), {"code_fingerprint": "0" * 16})
     again = StudySearcher(s, groups, url, str(tmp_path), ctx={}, runs=LaunchRuns.read(tracker, parent, ctx))
-    assert [t.trial_id for t in again.pending] == [a["trial"]["trial_id"]] and again.told_from_record == 0
+    assert [t.trial_id for t in again.pending] == [one(a)["trial_id"]] and again.told_from_record == 0
     (decision,) = again.rerun
     assert [p for p, _ in decision.reasons] == ["code"]
     assert not folder.exists()
@@ -148,16 +192,16 @@ def test_worker_side_pruning_against_the_median(tmp_path):
     # a previous completed trial with a good curve; startup_trials=2 in the demo spec, so two are needed
     for i in range(2):
         c = searcher.suggest(f"g{i}")
-        t = open_trial(url, g.study, c["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+        t = open_trial(url, g.study, one(c)["optuna_trial_id"], "median", s.search.startup_trials)
         for epoch in range(2):
             t.report(80.0 + epoch, epoch)
-        searcher.on_trial_complete(f"g{i}", {"val_acc": 81.0})
+        searcher.on_trial_complete(f"g{i}", told(c, val_acc=81.0, hisf_status="finished"))
     c = searcher.suggest("bad")
-    t = open_trial(url, g.study, c["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+    t = open_trial(url, g.study, one(c)["optuna_trial_id"], "median", s.search.startup_trials)
     t.report(20.0, 0)
     assert t.should_prune()
     c2 = searcher.suggest("good")
-    t2 = open_trial(url, g.study, c2["trial"]["optuna_trial_id"], "median", s.search.startup_trials)
+    t2 = open_trial(url, g.study, one(c2)["optuna_trial_id"], "median", s.search.startup_trials)
     t2.report(95.0, 0)
     assert not t2.should_prune()
 
@@ -179,10 +223,10 @@ def test_a_new_trial_clears_a_stale_folder_but_an_orphan_keeps_its_checkpoint(tm
     (stale / "state.pt").write_bytes(b"old search")
     first = StudySearcher(s, [g], url, str(tmp_path), ctx={})
     a = first.suggest("t0")
-    assert a["trial"]["config"]["output_dir"] == str(stale.parent)
+    assert one(a)["config"]["output_dir"] == str(stale.parent)
     assert not stale.exists()
     stale.mkdir(parents=True)
     (stale / "state.pt").write_bytes(b"this trial's own epoch")
     again = StudySearcher(s, [g], url, str(tmp_path), ctx={})
-    assert again.suggest("r0")["trial"]["trial_id"] == "search-hisf-demo-t0"
+    assert one(again.suggest("r0"))["trial_id"] == "search-hisf-demo-t0"
     assert (stale / "state.pt").read_bytes() == b"this trial's own epoch"

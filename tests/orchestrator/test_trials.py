@@ -9,7 +9,8 @@ import yaml
 from orchestrator.context import Options
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
-from orchestrator.trials import estimate_hours, expand_final, expand_sweep, search_groups, search_trial, trial_resources
+from orchestrator.estimate import estimate_hours
+from orchestrator.trials import expand_final, expand_sweep, search_groups, search_trial, trial_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,8 @@ TIMING_KEYS = ("train_seconds", "eval_seconds")
 
 
 class TinyPromptModel(torch.nn.Module):
-    """A frozen linear "encoder" with prompt/projection/fusion/label parameters: the PromptModel interface at toy size.
+    """A frozen linear "encoder" with prompt/projection/fusion/label parameters: the PromptModel interface at toy size,
+    member axis included (`members` stacked trials; member k is what `TinyPromptModel(seed=seed + k)` holds alone).
 
     Loss terms mirror eq. 12's shape: cross-entropy over cosine logits, a label-embedding distance and a
     per-sample alignment term, so the engine's step, precision and sync logic can be tested alone.
@@ -23,50 +24,90 @@ class TinyPromptModel(torch.nn.Module):
 
     loss_terms = ("loss", "loss_cls", "loss_le", "loss_sa")
 
-    def __init__(self, in_dim: int = 12, width: int = 8, n_classes: int = 3, seed: int = 0):
+    def __init__(self, in_dim: int = 12, width: int = 8, n_classes: int = 3, seed: int = 0, members: int = 1):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
+        self.members = members
         self.encoder = torch.nn.Linear(in_dim, width)
         for p in self.encoder.parameters():
             p.requires_grad_(False)
-        self.prompt = torch.nn.Parameter(torch.randn(2, width, generator=g) * 0.1)
-        self.proj = torch.nn.Linear(width, width)
-        self.fusion = torch.nn.Linear(width, width)
-        self.labels = torch.nn.Parameter(torch.randn(n_classes, width, generator=g))
+        drawn = [self._draw(in_dim, width, n_classes, seed + k) for k in range(members)]
         with torch.no_grad():
-            for p in (*self.encoder.parameters(), *self.proj.parameters(), *self.fusion.parameters()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            self.encoder.weight.copy_(drawn[0]["encoder.weight"])
+            self.encoder.bias.copy_(drawn[0]["encoder.bias"])
+        for name in ("prompt", "proj_weight", "proj_bias", "fusion_weight", "fusion_bias", "labels"):
+            self.register_parameter(name, torch.nn.Parameter(torch.stack([d[name] for d in drawn])))
 
-    def _features(self, images):
-        x = self.encoder(images.flatten(1)) + self.proj(self.prompt).mean(0)
-        t = self.labels + self.fusion(self.prompt.mean(0, keepdim=True))
-        return F.normalize(x, dim=-1), F.normalize(t, dim=-1)
+    @staticmethod
+    def _draw(in_dim, width, n_classes, seed):
+        g = torch.Generator().manual_seed(seed)
+        out = {"prompt": torch.randn(2, width, generator=g) * 0.1, "labels": torch.randn(n_classes, width, generator=g)}
+        for name, shape in (("encoder.weight", (width, in_dim)), ("encoder.bias", (width,)),
+                            ("proj_weight", (width, width)), ("proj_bias", (width,)),
+                            ("fusion_weight", (width, width)), ("fusion_bias", (width,))):
+            out[name] = torch.randn(shape, generator=g) * 0.3
+        return out
 
-    def forward(self, images):
-        z_v, z_t = self._features(images)
-        return 10.0 * z_v @ z_t.t()
+    def _features(self, images, shared=False):
+        k = self.members
+        x = self.encoder(images.flatten(1))  # [N, W]
+        x = x.unsqueeze(0).expand(k, -1, -1) if shared else x.view(k, -1, x.shape[-1])
+        proj = torch.baddbmm(self.proj_bias[:, None], self.prompt, self.proj_weight.transpose(1, 2)).mean(1)  # [K, W]
+        fused = torch.baddbmm(self.fusion_bias[:, None], self.prompt.mean(1, keepdim=True),
+                              self.fusion_weight.transpose(1, 2))  # [K, 1, W]
+        z_v = F.normalize(x + proj[:, None], dim=-1)
+        z_t = F.normalize(self.labels + fused, dim=-1)
+        return z_v, z_t
+
+    def forward(self, images, shared=False):
+        z_v, z_t = self._features(images, shared)
+        return 10.0 * z_v @ z_t.transpose(1, 2)
 
     def forward_losses(self, images, labels):
         z_v, z_t = self._features(images)
-        logits = 10.0 * z_v @ z_t.t()
-        loss_cls = F.cross_entropy(logits.float(), labels)
-        loss_le = (self.prompt.mean(0) - self.labels.mean(0)).float().norm()
-        loss_sa = (1 - (z_v * z_t[labels]).sum(-1)).float().mean()
+        labels = labels.view(self.members, -1)
+        logits = 10.0 * z_v @ z_t.transpose(1, 2)
+        k, b, c = logits.shape
+        loss_cls = F.cross_entropy(logits.float().reshape(k * b, c), labels.reshape(-1), reduction="none").view(k, b).mean(1)
+        loss_le = (self.prompt.mean(1) - self.labels.mean(1)).float().norm(dim=-1)
+        own = torch.gather(z_t, 1, labels.unsqueeze(-1).expand(-1, -1, z_t.shape[-1]))
+        loss_sa = (1 - (z_v * own).sum(-1)).float().mean(1)
         loss = loss_cls + 0.5 * loss_le + 0.5 * loss_sa
         return {"loss": loss, "loss_cls": loss_cls, "loss_le": loss_le, "loss_sa": loss_sa, "logits": logits}
 
+    def member_parameters(self):
+        return [(k, p) for k, p in self.named_parameters() if not k.startswith("encoder.")]
+
     def param_groups(self):
-        return {"prompts": [self.prompt], "projections": list(self.proj.parameters()),
-                "fusion": list(self.fusion.parameters()), "label_embeddings": [self.labels]}
+        return {"prompts": [self.prompt], "projections": [self.proj_weight, self.proj_bias],
+                "fusion": [self.fusion_weight, self.fusion_bias], "label_embeddings": [self.labels]}
 
-    def trainable_state_dict(self):
-        return {k: v.detach().clone() for k, v in self.named_parameters() if v.requires_grad}
+    def num_trainable(self):
+        return sum(p.numel() // self.members for _, p in self.member_parameters())
 
-    def load_trainable_state_dict(self, sd):
-        own = dict(self.named_parameters())
+    def trainable_state_dict(self, member: int = 0):
+        return {k: v[member].detach().clone() for k, v in self.member_parameters()}
+
+    def load_trainable_state_dict(self, sd, member: int = 0):
+        own = dict(self.member_parameters())
         with torch.no_grad():
             for k, v in sd.items():
-                own[k].copy_(v)
+                own[k][member].copy_(v)
+
+
+def member_states(model, precision=None, **train):
+    """Each member's TrialState: torch's optimiser (the `paper` preset, lr 0.1 and no warm-up epoch unless `train` says
+    otherwise: the schedule sets the lr when it is built) over its views, and in fp16 its own GradScaler."""
+    from hisf.config import TrainConfig
+    from hisf.engine.checkpoint import TrialState
+    from hisf.engine.optim import member_optimizer
+
+    cfg = TrainConfig(**{"preset": "paper", "precision": "fp32", "lr": 0.1, "warmup_epochs": 0, **train})
+    states = []
+    for k in range(model.members):
+        optimizer, scheduler, pairs = member_optimizer(model, k, cfg)
+        scaler = precision.new_scaler() if precision is not None else None
+        states.append(TrialState(model, optimizer, scheduler, scaler, member=k, pairs=pairs))
+    return states
 
 
 def subprocess_env() -> dict[str, str]:

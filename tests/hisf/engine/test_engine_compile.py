@@ -126,7 +126,7 @@ def test_a_reduce_overhead_trial_logs_once_when_cuda_graphs_are_off(demo_root, t
     warning on its `cudagraphs` logger and count the skip."""
     import logging
 
-    from hisf.engine import trial
+    from hisf.engine import build
 
     def stand_in_compile(model, mode):
         forward, calls = model.forward_losses, []
@@ -141,7 +141,7 @@ def test_a_reduce_overhead_trial_logs_once_when_cuda_graphs_are_off(demo_root, t
 
         model.forward_losses = compiled
 
-    monkeypatch.setattr(trial, "compile_losses", stand_in_compile)
+    monkeypatch.setattr(build, "compile_losses", stand_in_compile)
     cfg = tiny_trial(demo_root, tmp_path, train={"epochs": 2, "compile": True, "compile_mode": "reduce-overhead",
                                                  "deterministic": True})
     with caplog.at_level(logging.WARNING, logger="hisf.engine"):

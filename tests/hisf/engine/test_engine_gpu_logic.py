@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine_helpers import TinyPromptModel
+from engine_helpers import TinyPromptModel, member_states
 from hisf.config import TrainConfig
 from hisf.engine import Precision, deterministic_mode, resolve_precision, train_step
 from hisf.engine import checkpoint as ckpt
@@ -134,12 +134,15 @@ def _precisions():
     return {"fp32": resolve_precision("fp32", torch.device("cpu")),
             "bf16": resolve_precision("bf16", torch.device("cpu")),
             # fp16's scaler logic on the CPU (CPU autocast left out; what differs is the scaler path)
-            "fp16": Precision("fp16", "cpu", None, torch.amp.GradScaler("cpu", init_scale=1024.0))}
+            "fp16": Precision("fp16", "cpu", None, grad_scaling=True)}
 
 
-def _opt(model):
-    opt = build_optimizer(TrainConfig(preset="paper", precision="fp32", lr=0.1), model.param_groups())
-    return opt, [p for g in opt.param_groups for p in g["params"]]
+def _states(model, prec):
+    """The one member's state; fp16's GradScaler starts at 1024 (the default 65536 would overflow at once)."""
+    states = member_states(model, prec)
+    if prec.grad_scaling:
+        states[0].scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    return states
 
 
 def test_a_nonfinite_logged_only_term_steps_in_every_precision(tiny_batch):
@@ -147,9 +150,9 @@ def test_a_nonfinite_logged_only_term_steps_in_every_precision(tiny_batch):
     after = {}
     for name, prec in _precisions().items():
         model = _LoggedNaN()
-        opt, params = _opt(model)
+        states = _states(model, prec)
         before = model.trainable_state_dict()
-        res = train_step(model, images, labels, opt, prec, params, CPU1)
+        (res,) = train_step(model, images, labels, states, prec, CPU1)
         assert math.isnan(res.losses["loss_sa"]) and math.isfinite(res.losses["loss"]), name
         assert (res.finite, res.skipped) == (True, False), name
         after[name] = model.trainable_state_dict()
@@ -163,17 +166,17 @@ def test_a_nonfinite_loss_with_finite_grads_never_steps(tiny_batch):
     images, labels = tiny_batch
     for name, prec in _precisions().items():
         model = _LoggedNaN(nan_loss=True)
-        opt, params = _opt(model)
+        states = _states(model, prec)
         before = model.trainable_state_dict()
-        res = train_step(model, images, labels, opt, prec, params, CPU1)
+        (res,) = train_step(model, images, labels, states, prec, CPU1)
         assert (res.finite, res.skipped) == (False, True), name
         for k, v in model.trainable_state_dict().items():
             assert torch.equal(v, before[k]), (name, k)
-        if prec.scaler is not None:
-            assert prec.scaler.get_scale() == 1024.0  # the grads were finite: no back-off
+        if states[0].scaler is not None:
+            assert states[0].scaler.get_scale() == 1024.0  # the grads were finite: no back-off
         # The scaler's per-step state was reset, so the next (finite) step runs and updates.
         model.nan_loss = False
-        res = train_step(model, images, labels, opt, prec, params, CPU1)
+        (res,) = train_step(model, images, labels, states, prec, CPU1)
         assert not res.skipped, name
         assert any(not torch.equal(model.trainable_state_dict()[k], before[k]) for k in before), name
 
@@ -270,13 +273,13 @@ def test_an_fp16_backbone_under_the_cpus_bf16_fallback_is_stored_in_bf16(demo_ro
 
     from engine_helpers import tiny_trial
     from hisf.engine import run_trial
-    from hisf.engine.trial import _backbone_storage
+    from hisf.engine.build import _backbone_storage
 
     cfg = tiny_trial(demo_root, tmp_path, backbone={"precision": "fp16"}, train={"epochs": 1, "precision": "fp16"})
     with pytest.warns(UserWarning, match="fp16 needs CUDA"):
         cpu = resolve_precision("fp16", torch.device("cpu"))
     assert _backbone_storage(cfg, cpu).precision == "bf16"
-    assert _backbone_storage(cfg, Precision("fp16", "cuda", torch.float16, None)) is cfg.backbone
+    assert _backbone_storage(cfg, Precision("fp16", "cuda", torch.float16, grad_scaling=True)) is cfg.backbone
     with caplog.at_level(logging.WARNING, logger="hisf.engine"), pytest.warns(UserWarning, match="fp16 needs CUDA"):
         result = run_trial(cfg)
     assert math.isfinite(result["train/loss"])

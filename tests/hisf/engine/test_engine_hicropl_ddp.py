@@ -43,7 +43,9 @@ def test_hicropl_two_gloo_ranks_equal_one_rank_with_twice_the_batch(demo_root, t
     two_result = _final(tmp_path / "two")
     assert set(two_result) == set(one) and set(TERMS) <= set(one)
     for key in TERMS:
-        assert two_result[key] == pytest.approx(one[key], rel=1e-5), key
+        # abs: a distillation term is 1 - (a cosine near 1), so float32's rounding of the cosine (~6e-8 near 1)
+        # is all that can differ, whatever the term's own size.
+        assert two_result[key] == pytest.approx(one[key], rel=1e-5, abs=2e-7), key
     assert one["train/loss_distill_text"] > 0 and one["train/loss_distill_image"] > 0
     if mapping == "learned":
         for key in ("val_acc", "base_acc", "novel_acc", "hm", "lr", "skipped_steps", "trainable_params"):

@@ -13,8 +13,10 @@ RANK_SCRIPT = """
 import json, sys
 import torch
 import torch.distributed as dist
-from hisf.config import BackboneConfig, MethodConfig
+from hisf.config import BackboneConfig, MethodConfig, TrainConfig
 from hisf.engine import resolve_precision, train_step
+from hisf.engine.checkpoint import TrialState
+from hisf.engine.optim import member_optimizer
 from hisf.engine.distributed import broadcast_params, init_from_env, shutdown
 from hisf.model.backbone import load_backbone
 from hisf.model.methods import build_method
@@ -27,7 +29,8 @@ torch.manual_seed(10 + env.rank)  # different prompt-side starting values on pur
 cfg = MethodConfig(name="hicropl", depth=3, cross_layer=1, n_ctx=4, mapping="released")
 model = build_method(cfg, backbone, ["cat", "dog", "sea lion"]).train()
 params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.Adam(params, lr=0.01, eps=1e-3)
+opt, sched, pairs = member_optimizer(model, 0, TrainConfig(preset="hicropl", lr=0.01, weight_decay=0.0, warmup_epochs=0))
+state = TrialState(model, opt, sched, None, member=0, pairs=pairs)  # the one member's Adam over its views
 broadcast_params(params, env)
 
 def spread():
@@ -44,7 +47,7 @@ g = torch.Generator().manual_seed(100 + env.rank)  # each rank its own batch
 for step in range(3):
     before = visual()
     images, labels = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 3, (2,), generator=g)
-    train_step(model, images, labels, opt, resolve_precision("fp32", env.device), params, env)
+    train_step(model, images, labels, [state], resolve_precision("fp32", env.device), env)
     out["steps"].append(spread())
     out["moved"].append((visual() - before).abs().max().item())
 model.eval()

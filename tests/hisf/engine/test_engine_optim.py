@@ -51,8 +51,12 @@ def test_hicropl_preset_is_the_released_adam(tiny_model):
 
 
 def test_adamw_groups_prompt_lr_and_decay_only_on_projection_matrices(tiny_model):
+    """Over a member's views (a solo trial's shapes: a bias is 1-D there, whatever the member axis adds)."""
+    from hisf.engine.optim import member_views
+
     cfg = TrainConfig(preset="adamw", lr=2e-3, weight_decay=0.05, prompt_lr_mult=10.0)
-    opt = build_optimizer(cfg, tiny_model.param_groups())
+    views, _ = member_views(tiny_model, 0)
+    opt = build_optimizer(cfg, views)
     assert isinstance(opt, torch.optim.AdamW)
     groups = {g["name"]: g for g in opt.param_groups}
     assert groups["prompts"]["lr"] == pytest.approx(2e-2)
@@ -62,8 +66,9 @@ def test_adamw_groups_prompt_lr_and_decay_only_on_projection_matrices(tiny_model
     decayed = [n for n, g in groups.items() if g["weight_decay"] > 0]
     assert decayed == ["projection_weights"]
     assert groups["projection_weights"]["weight_decay"] == pytest.approx(0.05)
-    assert [p is tiny_model.proj.weight for p in groups["projection_weights"]["params"]] == [True]
-    assert groups["projection_biases"]["params"][0] is tiny_model.proj.bias
+    (weight,), (bias,) = groups["projection_weights"]["params"], groups["projection_biases"]["params"]
+    assert weight.data_ptr() == tiny_model.proj_weight.data_ptr() and weight.shape == tiny_model.proj_weight.shape[1:]
+    assert bias.data_ptr() == tiny_model.proj_bias.data_ptr() and bias.ndim == 1
 
 
 def test_frozen_and_duplicate_params_are_dropped(tiny_model):

@@ -10,27 +10,29 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from engine_helpers import TinyPromptModel, free_port
+from engine_helpers import TinyPromptModel, free_port, member_states
 from hisf.config import TrainConfig
 from hisf.engine.distributed import DistEnv, barrier, init_from_env, shutdown
 from hisf.engine import NanGuard, NonFiniteLossError, resolve_precision, train_step
-from hisf.engine.optim import build_optimizer
 
 CPU1 = DistEnv(0, 1, 0, torch.device("cpu"), owns_group=False)
 
 
 def _setup(model, **train):
-    cfg = TrainConfig(preset="paper", precision="fp32", lr=0.1, **train)
-    opt = build_optimizer(cfg, model.param_groups())
-    params = [p for g in opt.param_groups for p in g["params"]]
-    return opt, params
+    return member_states(model, **train)
+
+
+def _step(model, images, labels, states, precision, env=CPU1):
+    """One step of a one-member model: its StepResult."""
+    (res,) = train_step(model, images, labels, states, precision, env)
+    return res
 
 
 def test_fp32_step_equals_hand_written_sgd(tiny_model, tiny_batch):
     images, labels = tiny_batch
     ref = copy.deepcopy(tiny_model)
-    opt, params = _setup(tiny_model)
-    res = train_step(tiny_model, images, labels, opt, resolve_precision("fp32", torch.device("cpu")), params, CPU1)
+    states = _setup(tiny_model)
+    res = _step(tiny_model, images, labels, states, resolve_precision("fp32", torch.device("cpu")))
 
     out = ref.forward_losses(images, labels)
     out["loss"].backward()
@@ -52,8 +54,8 @@ def test_bf16_autocast_step_close_to_fp32(tiny_batch):
     losses = {}
     for name in ("fp32", "bf16"):
         model = TinyPromptModel()
-        opt, params = _setup(model)
-        losses[name] = train_step(model, images, labels, opt, resolve_precision(name, torch.device("cpu")), params, CPU1)
+        states = _setup(model)
+        losses[name] = _step(model, images, labels, states, resolve_precision(name, torch.device("cpu")))
     assert losses["bf16"].losses["loss"] == pytest.approx(losses["fp32"].losses["loss"], rel=3e-2)
     assert losses["bf16"].losses["loss"] != losses["fp32"].losses["loss"]
 
@@ -61,17 +63,17 @@ def test_bf16_autocast_step_close_to_fp32(tiny_batch):
 def test_fp16_on_cpu_falls_back_to_bf16_with_warning():
     with pytest.warns(UserWarning, match="fp16 needs CUDA; running bf16"):
         p = resolve_precision("fp16", torch.device("cpu"))
-    assert (p.name, p.dtype, p.scaler) == ("bf16", torch.bfloat16, None)
+    assert (p.name, p.dtype, p.grad_scaling, p.new_scaler()) == ("bf16", torch.bfloat16, False, None)
 
 
 def test_nonfinite_loss_skips_the_update(tiny_batch):
     images, labels = tiny_batch
     model = TinyPromptModel()
-    opt, params = _setup(model)
+    states = _setup(model)
     with torch.no_grad():
-        model.labels[0, 0] = float("nan")
+        model.labels[0, 0, 0] = float("nan")
     before = model.trainable_state_dict()
-    res = train_step(model, images, labels, opt, resolve_precision("fp32", torch.device("cpu")), params, CPU1)
+    res = _step(model, images, labels, states, resolve_precision("fp32", torch.device("cpu")))
     assert res.skipped and not res.finite and math.isnan(res.losses["loss"])
     for k, v in model.trainable_state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True)
@@ -92,12 +94,12 @@ def _rank_steps(rank, world, port, images, labels, steps, out):
     torch.set_num_threads(1)
     env = init_from_env("cpu")
     model = TinyPromptModel()
-    opt, params = _setup(model)
+    states = _setup(model)
     b = images.shape[0] // world
     losses = []
     for _ in range(steps):
-        res = train_step(model, images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b], opt,
-                         resolve_precision("fp32", env.device), params, env)
+        res = _step(model, images[rank * b:(rank + 1) * b], labels[rank * b:(rank + 1) * b], states,
+                    resolve_precision("fp32", env.device), env)
         losses.append(res.losses["loss"])
     # numpy copies: tensors would travel as shared-memory handles that die with this process.
     out.put((rank, losses, {k: v.numpy() for k, v in model.trainable_state_dict().items()}))
@@ -124,9 +126,9 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch(tiny_batch):
         assert p.exitcode == 0
 
     model = TinyPromptModel()
-    opt, params = _setup(model)
-    ref_losses = [train_step(model, images, labels, opt, resolve_precision("fp32", torch.device("cpu")), params,
-                             CPU1).losses["loss"] for _ in range(3)]
+    states = _setup(model)
+    ref_losses = [_step(model, images, labels, states, resolve_precision("fp32", torch.device("cpu"))).losses["loss"]
+                  for _ in range(3)]
     for rank in (0, 1):
         losses, sd = results[rank]
         assert losses == pytest.approx(ref_losses, rel=1e-5)
@@ -142,20 +144,21 @@ def test_grad_scaler_overflow_is_a_counted_skipped_step(tiny_batch):
 
     images, labels = tiny_batch
     model = TinyPromptModel()
-    opt, params = _setup(model)
+    states = _setup(model)
     before = model.trainable_state_dict()
-    prec = Precision("fp16", "cpu", None, torch.amp.GradScaler("cpu", init_scale=3e38))
-    res = train_step(model, images, labels, opt, prec, params, CPU1)
+    prec = Precision("fp16", "cpu", None, grad_scaling=True)
+    states[0].scaler = torch.amp.GradScaler("cpu", init_scale=3e38)
+    res = _step(model, images, labels, states, prec)
     assert res.skipped and res.finite
-    assert prec.scaler.get_scale() == pytest.approx(1.5e38)
+    assert states[0].scaler.get_scale() == pytest.approx(1.5e38)
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, before[k]), k
     # A sane scale steps exactly like fp32 (the scaler unscales before SGD).
-    prec = Precision("fp16", "cpu", None, torch.amp.GradScaler("cpu", init_scale=1024.0))
-    res = train_step(model, images, labels, opt, prec, params, CPU1)
+    states[0].scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    res = _step(model, images, labels, states, prec)
     ref = TinyPromptModel()
-    ref_opt, ref_params = _setup(ref)
-    train_step(ref, images, labels, ref_opt, resolve_precision("fp32", torch.device("cpu")), ref_params, CPU1)
+    ref_states = _setup(ref)
+    _step(ref, images, labels, ref_states, resolve_precision("fp32", torch.device("cpu")))
     assert not res.skipped
     for k, v in ref.trainable_state_dict().items():
         torch.testing.assert_close(model.trainable_state_dict()[k], v, rtol=1e-6, atol=1e-7)
