@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from hisf.engine.atomic import atomic_write_text
-from hisf.engine.class_results import EVAL_DIR, write_class_results
+from hisf.class_results import EVAL_DIR, write_class_results
 from hisf.engine.distributed import DistEnv, barrier
 from hisf.engine.evaluation import SplitScores, protocol_metrics, score, score_protocol
 from hisf.engine.export import PROMPTS_FILE, export_prompts

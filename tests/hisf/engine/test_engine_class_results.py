@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from engine_helpers import TinyPromptModel
-from hisf.engine.class_results import class_results, read_class_results, worst_classes, write_class_results
-from hisf.engine.confusion_plot import LABELLED_CLASSES
+from hisf.class_results import class_results, read_class_results, worst_classes, write_class_results
+from hisf.confusion_plot import LABELLED_CLASSES
 from hisf.engine.distributed import DistEnv
 from hisf.engine.evaluation import accuracy, confusion_counts, count_correct, score
 

@@ -1,4 +1,4 @@
-"""The confusion-matrix heatmap of one split's per-class results (hisf.engine.class_results), as a PNG: every class
+"""The confusion-matrix heatmap of one split's per-class results (hisf.class_results), as a PNG: every class
 named up to LABELLED_CLASSES classes, beyond that the whole matrix with its worst classes named and charted."""
 
 from __future__ import annotations
@@ -7,18 +7,18 @@ import io
 from pathlib import Path
 from typing import Any
 
-from hisf.engine.atomic import atomic_write_bytes
-from hisf.engine.class_results import worst_classes
-
 LABELLED_CLASSES = 100  # up to this many classes, every row and column carries its class name
 WORST_MARKED = 5  # worst classes whose row names are marked in red on a labelled matrix
 WORST_CHARTED = 25  # beyond LABELLED_CLASSES: the worst classes named on the matrix and charted beside it
 COLOURS = "Blues"
 
 
-def plot_confusion(record: dict[str, Any], path: str | Path) -> Path:
-    """Draw the record's matrix, each row as the percentage of its class's images given each prediction."""
+def plot_confusion(record: dict[str, Any], path: str | Path, ranking: list[int]) -> Path:
+    """Draw the record's matrix, each row as the percentage of its class's images given each prediction; `ranking`:
+    class indices from the worst per-class accuracy up (hisf.class_results.worst_classes)."""
     import numpy as np
+
+    from hisf.engine.atomic import atomic_write_bytes
 
     names = record["classnames"]
     conf = np.asarray(record["confusion"], dtype=np.float64).reshape(len(names), len(names))
@@ -27,7 +27,8 @@ def plot_confusion(record: dict[str, Any], path: str | Path) -> Path:
     acc = record["accuracy"]
     title = (f"{record.get('dataset') or 'dataset'} · {record['split']}: top-1 "
              f"{'n/a' if acc is None else f'{acc:.2f}%'} of {record['total']} images, {len(names)} classes")
-    fig = _labelled(record, rates) if len(names) <= LABELLED_CLASSES else _large(record, rates)
+    fig = (_labelled(record, rates, ranking[:WORST_MARKED]) if len(names) <= LABELLED_CLASSES
+           else _large(record, rates, ranking[:WORST_CHARTED]))
     fig.suptitle(title, fontsize=11)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -35,7 +36,7 @@ def plot_confusion(record: dict[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-def _labelled(record: dict[str, Any], rates):
+def _labelled(record: dict[str, Any], rates, worst: list[int]):
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in a trial's process
 
     names, per_class = record["classnames"], record["per_class_accuracy"]
@@ -53,7 +54,7 @@ def _labelled(record: dict[str, Any], rates):
     marked = c > 2 * WORST_MARKED
     if marked:
         labels = ax.get_yticklabels()
-        for i in worst_classes(record, WORST_MARKED):
+        for i in worst:
             labels[i].set_color("crimson")
             labels[i].set_fontweight("bold")
     if c <= 20:
@@ -69,11 +70,10 @@ def _labelled(record: dict[str, Any], rates):
     return fig
 
 
-def _large(record: dict[str, Any], rates):
+def _large(record: dict[str, Any], rates, worst: list[int]):
     from matplotlib.figure import Figure
 
     names, per_class, conf = record["classnames"], record["per_class_accuracy"], record["confusion"]
-    worst = worst_classes(record, WORST_CHARTED)
     fig = Figure(figsize=(17, 9.5), dpi=100, layout="constrained")
     ax, bars = fig.subplots(1, 2, width_ratios=[1.15, 1])
     image = ax.imshow(rates, cmap=COLOURS, vmin=0, vmax=100, interpolation="antialiased", aspect="auto")

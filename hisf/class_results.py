@@ -1,13 +1,13 @@
-"""Per-class results of one evaluated split: accuracy per class and the confusion matrix, as a member's artifacts
-`eval/<split>.json` and `eval/<split>.png` (docs/interfaces.md), built from the split's confusion count."""
+"""Per-class results of one evaluated split: accuracy per class and the confusion matrix, as a trial's artifacts
+`eval/<split>.json` and `eval/<split>.png` (docs/interfaces.md), built from the split's confusion count.
+
+Imports no torch at module level: reports read the records with it (written by the engine and `hisf-bench eval`)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any, Sequence
-
-from hisf.engine.atomic import atomic_write_text
 
 EVAL_DIR = "eval"
 FORMAT_VERSION = 1
@@ -55,13 +55,14 @@ def worst_classes(record: dict[str, Any], n: int) -> list[int]:
 def write_class_results(out_dir: str | Path, confusion: Any, classnames: Sequence[str], metric: str,
                         dataset: str = "", figure: bool = True) -> dict[str, Any]:
     """Write `out_dir/eval/<split>.json` (and its heatmap `.png` unless `figure` is False); returns the record."""
-    from hisf.engine.confusion_plot import plot_confusion
+    from hisf.confusion_plot import plot_confusion
+    from hisf.engine.atomic import atomic_write_text
 
     record = class_results(confusion, classnames, metric, dataset)
     path = Path(out_dir) / EVAL_DIR / f"{record['split']}.json"
     atomic_write_text(json.dumps(record, separators=(",", ":"), allow_nan=False), path)
     if figure:
-        plot_confusion(record, path.with_suffix(".png"))
+        plot_confusion(record, path.with_suffix(".png"), worst_classes(record, len(record["classnames"])))
     return record
 
 
