@@ -175,6 +175,15 @@ def test_eval_logs_a_linked_run_with_the_numbers_of_a_direct_count(trained, tmp_
             assert got[key] == own[key], key
         assert {a.path for a in client.list_artifacts(res.run_id, "eval")} == {"eval/base.json", "eval/base.png"}
         assert (tmp_path / "kept" / "eval" / "base.png").is_file()
+    # A copy of the folder that no tracked run knows: logged to the store's hisf-bench-eval experiment, by folder.
+    import shutil
+
+    copy = shutil.copytree(trained["out"], tmp_path / "copy")
+    res = evaluate(load_trial(copy, trained["uri"]), classes="base", tracking_uri=trained["uri"])
+    run = client.get_run(res.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "hisf-bench-eval"
+    assert run.data.tags["hisf.source_dir"] == str(copy.resolve()) and "hisf.source_run" not in run.data.tags
+    assert run.data.metrics["base_acc"] == trained["metrics"]["base_acc"]
     # Every class of the test split, with its own metric name.
     everything = evaluate(load_trial(trained["out"], trained["uri"]), log=False)
     assert everything.run_id is None and everything.record["metric"] == "acc" and everything.record["total"] == 30
