@@ -46,7 +46,7 @@ def _experiment(client, tracking_uri: str) -> str:
 def log_evaluation(trial: Any, result: Any, eval_dir: Path, data_root: str, ui_url: str | None = None,
                    tracking_uri: str | None = None, workdir: str | Path = "hisf-bench") -> None:
     """Log `result` (orchestrator.predict.Evaluation) of `trial` (LoadedTrial); sets its run id, experiment and link."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from orchestrator.context import default_tracking_uri

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,8 +104,8 @@ def find_run(run_id: str, tracking_uri: str):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.report.runs import check_tracking_uri
     from orchestrator.report.plan import ReportError
+    from orchestrator.report.runs import check_tracking_uri
 
     try:
         check_tracking_uri(tracking_uri)
@@ -153,8 +154,6 @@ def _build(prompts: Path, config: Path, source: str, device: str | None, run: An
                          seeds=[cfg.seed]).to(dev)
     model.load_trainable_state_dict(payload["trainable"])
     model.eval()
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 on a CPU runs bf16, as the trial did there
         precision = resolve_precision(cfg.train.precision, dev)
