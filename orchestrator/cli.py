@@ -8,7 +8,7 @@ import sys
 from orchestrator.context import DEFAULT_WORKDIR
 
 STAGE_COMMANDS = ("sweep", "search", "final", "run", "status")
-USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,stores,data,train} ..."
+USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,predict,eval,stores,data,train} ..."
 HELP = f"""{USAGE}
 
 Benchmark prompt-learning methods (HISF and its baselines) on a frozen CLIP: an experiment spec
@@ -21,6 +21,8 @@ commands:
   final SPEC      every row with the final seeds; searched rows take their study's best values
   status SPEC     each stage's progress, from MLflow and the Optuna studies
   report SPEC     tables, plots and study reports from the finished runs
+  predict RUN_OR_DIR IMAGES...   top-k classes of image files by a finished trial's prompts
+  eval RUN_OR_DIR --dataset KEY  accuracy, per-class accuracy, confusion matrix on a built dataset, to MLflow
   stores serve    PostgreSQL and an `mlflow server` for a cluster (`stores serve --root DIR`): prints the flags
   data ...        build datasets into shards (`hisf-bench data build`), describe them (`data info`), demo data
   train ...       train one trial config without Ray (`python -m hisf.train`, also under torchrun)
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.report import main as report_main
 
         return report_main(argv[1:]) or 0
+    if argv[:1] in (["predict"], ["eval"]):
+        from orchestrator.predict_cli import eval_main, predict_main
+
+        return (predict_main if argv[0] == "predict" else eval_main)(argv[1:])
     if argv[:1] == ["stores"]:
         from orchestrator.stores_cli import main as stores_main
 

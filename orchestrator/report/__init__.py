@@ -9,9 +9,10 @@ from pathlib import Path
 from orchestrator.context import DEFAULT_WORKDIR, default_optuna_storage, default_tracking_uri
 
 from .build import DEFAULT_UI_URL, Report, build_report
+from .frame import results_frame
 from .plan import ReportError, ReportPlan, load_plan, plan_from_dict
 
-__all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_plan", "plan_from_dict"]
+__all__ = ["main", "build_report", "Report", "ReportPlan", "ReportError", "load_plan", "plan_from_dict", "results_frame"]
 
 
 def main(argv: list[str]) -> int:
@@ -26,6 +27,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/reports/<spec name>)")
     parser.add_argument("--ui-url", default=DEFAULT_UI_URL, help=f"MLflow UI address for links (default {DEFAULT_UI_URL})")
     args = parser.parse_args(argv)
+    import os
+
+    # The worst-classes section downloads each run's eval/ records: no progress bar per file on the console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         plan = load_plan(args.spec)
         out = Path(args.out) if args.out else Path(args.workdir) / "reports" / plan.name

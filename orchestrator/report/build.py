@@ -7,6 +7,7 @@ from pathlib import Path
 
 from orchestrator.context import default_optuna_storage, default_tracking_uri
 
+from .classes import read_worst_classes, write_worst_csv
 from .environments import EnvironmentSummary, summarise_environments
 from .export import write_tables
 from .figures import bar_charts, depth_curve
@@ -41,9 +42,13 @@ def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, s
     chosen = table_runs(plan, tracked, launch)
     table = build_table(plan, chosen, pending_runs(plan, tracked, launch), tracked.experiment_id, launch,
                         tuple(launches[1:]))
+    table.worst_classes = read_worst_classes(plan, chosen, tracking_uri)
     environments = summarise_environments(chosen.values())
     out = Path(out)
     tables = write_tables(table, out, environments)
+    worst_csv = write_worst_csv(table.worst_classes, out / "worst_classes.csv")
+    if worst_csv is not None:
+        tables["worst classes (csv)"] = worst_csv
     figures = bar_charts(table, out / "figures")
     curve = depth_curve(plan, table, out / "figures")
     if curve is not None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
+from .classes import worst_html
 from .environments import SHOWN, EnvironmentSummary
 from .export import header
 from .studies import StudyReport
@@ -59,6 +60,7 @@ def table_html(table: Table, links: RunLinks) -> str:
                 vals = "".join(f"<td class=\"delta\">{d:+.2f}</td>" if d is not None else "<td></td>" for d in deltas)
                 body.append(f"<tr><th>{html.escape(ref_row)} − paper</th>{vals}</tr>")
         parts.append(f"<table><tr><th>Method</th>{head}</tr>{''.join(body)}</table>")
+        parts.append(worst_html(table.worst_classes.get(sec.title)))
     return "\n".join(parts)
 
 
@@ -134,7 +136,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th:first-child{{
 td.missing{{background:#fde2e2}} td.partial{{background:#fff4d6}} td.ref{{color:#555}} td.delta{{color:#225}}
 .note{{color:#a60}} figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:580px}}
 .mixed{{background:#fde2e2;padding:6px 10px;border-left:4px solid #a00}} tr.differs th,tr.differs td{{background:#fff4d6}}
-table.env td{{text-align:left}}
+table.env td{{text-align:left}} details.worst td.cls{{text-align:left}} details.worst summary{{color:#444}}
 code{{background:#f4f4f4;padding:1px 4px}}
 </style></head>
 <body>

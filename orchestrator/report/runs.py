@@ -74,8 +74,9 @@ def check_tracking_uri(uri: str) -> None:
             raise ReportError(f"--tracking-uri {uri}: no MLflow store at {db} (run the spec first, or pass its store)")
 
 
-def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
-    """Every child trial run of the spec's experiment, all stages, newest first."""
+def read_runs(plan: ReportPlan, tracking_uri: str, all_stages: bool = False) -> TrackedRuns:
+    """Every child trial run of the spec's experiment, all stages, newest first; `launches` holds the table stages'
+    parent runs (every stage's with `all_stages`)."""
     check_tracking_uri(tracking_uri)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
@@ -106,7 +107,7 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
         studies = tuple(searches[0].data.tags["optuna.studies"].split(","))
     launches = {r.info.run_id: Launch(r.info.run_id, r.data.tags.get("hisf.stage", ""), r.info.start_time or 0,
                                       r.data.tags.get("hisf.spec_hash", ""))
-                for r in stages if r.data.tags.get("hisf.stage") in TABLE_STAGES}
+                for r in stages if all_stages or r.data.tags.get("hisf.stage") in TABLE_STAGES}
     runs = []
     for r in found:
         tags = dict(r.data.tags)

@@ -64,6 +64,8 @@ class Table:
     launch: Launch | None = None  # the one launch every cell's runs come from
     other_launches: tuple[Launch, ...] = ()  # table-stage launches not used (older, or of the other stage)
     spec_hash: str = ""  # the spec's hash now
+    # Per-dataset section title -> each row's worst classes per split (orchestrator/report/classes.py).
+    worst_classes: dict = field(default_factory=dict)
 
     def source(self) -> str:
         """Where the numbers come from: the launch (MLflow parent run), when it started, its spec hash."""

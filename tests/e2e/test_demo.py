@@ -98,3 +98,21 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     md = (tmp_path / "report" / "table_base2new.md").read_text()
     assert "mixes runs from" not in md + rep.stdout  # one environment: no warning
     assert "| HISF |" in md and "| HiCroPL |" in md and "| HiCroPL (paper) | 85.89 | 77.99 | 81.75 |" in md
+    # Per-class results: every final run's eval/ artifacts, and the demo section's worst classes in the report.
+    for r in final:
+        assert {"eval/base.json", "eval/novel.json", "eval/val.json"} <= {
+            a.path for a in client.list_artifacts(r.info.run_id, "eval")}
+    assert "Worst classes (the 5 lowest per-class test accuracies" in md and "| HiCroPL | novel |" in md
+
+    # The README's walk-through of using what was trained: predict from a trial folder, eval from a run id.
+    folder = wd / "runs" / "demo" / "final-hisf-demo-s1"
+    image = wd / "data" / "_raw" / "demo" / "images" / "red_circle" / "red_circle_0000.png"
+    pred = subprocess.run([sys.executable, "-m", "orchestrator.cli", "predict", str(folder), str(image), "--dataset",
+                           "demo", "--top-k", "3"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert "top 3 of 6 classes (dataset demo)" in pred.stdout and re.search(r"^  3\. \w+ \w+ +\d+\.\d\d%$", pred.stdout, re.M)
+    hisf1 = next(r for r in final if r.data.tags["hisf.row"] == "HISF" and r.data.tags["hisf.seed"] == "1")
+    ev = subprocess.run([sys.executable, "-m", "orchestrator.cli", "eval", hisf1.info.run_id, "--dataset", "demo",
+                         "--classes", "novel"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"top-1 {hisf1.data.metrics['novel_acc']:.2f}%" in ev.stdout and "MLflow run " in ev.stdout

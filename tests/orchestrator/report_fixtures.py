@@ -44,17 +44,17 @@ def known_metrics(rng: np.random.Generator, protocol: str, targets=()) -> dict[s
 
 
 def write_store(tmp_path: Path, spec: dict, skip=(), running=(), failed=(), variants=None, stage="final",
-                seed_rng=0, extra_tags=None):
+                seed_rng=0, extra_tags=None, artifacts: Path | None = None):
     """Write one finished child run per (row, variant, dataset, seed), minus `skip`; returns (uri, runs).
 
     `skip`/`running`/`failed` hold (row, dataset, seed) keys: no run, a run left RUNNING without metrics,
     a run marked hisf.status=failed. `runs` maps each key (row, variant values, dataset, seed) to its
     run id and metrics, the reference the tests compare the report against. `extra_tags(row, dataset, seed)`
-    gives more tags for a run (e.g. its `env.*` environment record).
+    gives more tags for a run (e.g. its `env.*` environment record); `artifacts`: the experiment's artifact folder.
     """
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment(spec["name"])
+    exp = client.create_experiment(spec["name"], artifact_location=artifacts.as_uri() if artifacts else None)
     parent = client.create_run(exp, tags={"hisf.stage": stage, "hisf.kind": "stage",
                                           "hisf.spec": spec["name"]}).info.run_id
     rng = np.random.default_rng(seed_rng)

@@ -47,6 +47,11 @@ def test_two_worker_trial_equals_one_process_with_double_batch(tmp_path, demo_ro
     assert run.data.metrics["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-4)
     for k in ("base_acc", "novel_acc", "val_acc"):
         assert run.data.metrics[k] == pytest.approx(ref[k], abs=1e-6), k
+    # Per-class counts summed over the two ranks once (rank 0 logged them): each image counted once, as one rank does.
+    for split in ("val", "base", "novel"):
+        got = json.loads(Path(client.download_artifacts(run.info.run_id, f"eval/{split}.json",
+                                                        str(tmp_path / "dl"))).read_text())
+        assert got["confusion"] == json.loads((tmp_path / "single" / "eval" / f"{split}.json").read_text())["confusion"]
 
     # Every rank reports each epoch to Ray Train; rank 0's numbers reach the Tune trial, one row per epoch.
     from ray.tune import ExperimentAnalysis, ResultGrid

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -49,6 +50,20 @@ def test_report_of_a_real_demo_sweep(demo_sweep, tmp_path):
     uri = f"sqlite:///{wd / 'mlflow.db'}"
     exp_id, runs = _final_runs(uri)
     assert len(runs) == 6  # 3 rows x 2 seeds, all finished
+    # Per-class results and confusion matrices of every evaluated split are in each run (the search's: validation).
+    client = MlflowClient(uri)
+    per_class = {}
+    for r in runs:
+        arts = {a.path for a in client.list_artifacts(r.info.run_id, "eval")}
+        assert arts == {f"eval/{s}.{e}" for s in ("val", "base", "novel") for e in ("json", "png")}
+        for split in ("base", "novel", "val"):
+            rec = json.loads(Path(client.download_artifacts(r.info.run_id, f"eval/{split}.json",
+                                                            str(tmp_path / "dl" / r.info.run_id))).read_text())
+            assert rec["accuracy"] == r.data.metrics[f"{split}_acc"]  # the trace over the total: the metric exactly
+            per_class[(r.info.run_id, split)] = dict(zip(rec["classnames"], rec["per_class_accuracy"]))
+    search = [r for r in client.search_runs([exp_id], "tags.`hisf.stage` = 'search'") if "hisf.trial_id" in r.data.tags]
+    assert search and all({a.path for a in client.list_artifacts(r.info.run_id, "eval")} ==
+                          {"eval/val.json", "eval/val.png"} for r in search)  # no test split in a search
     # One more finished run disappears (deleted in MLflow): MaPLe is then left with seed 1 only.
     maple2 = next(r for r in runs if r.data.tags["hisf.row"] == "MaPLe" and r.data.tags["hisf.seed"] == "2")
     MlflowClient(uri).delete_run(maple2.info.run_id)
@@ -78,6 +93,14 @@ def test_report_of_a_real_demo_sweep(demo_sweep, tmp_path):
         assert ours.loc[(row, "hm")]["missing_seeds"] == ("2,3" if row == "MaPLe" else "3")
     md = (tmp_path / "rep" / "table_base2new.md").read_text()
     assert md.count("(n=2/3)") == 2 * 3 * 2 and md.count("(n=1/3)") == 3 * 2  # demo + Average sections
+    # The demo section's worst classes: each seed's value is its run's own per-class accuracy.
+    assert "Worst classes (the 5 lowest per-class test accuracies" in md
+    worst = pd.read_csv(tmp_path / "rep" / "worst_classes.csv")
+    by_seed = {(r.data.tags["hisf.row"], int(r.data.tags["hisf.seed"])): r.info.run_id for r in runs}
+    assert set(worst.row) == {"CLIP", "MaPLe", "HISF"} and set(worst.split) == {"base", "novel"}
+    for rec in worst.to_dict("records"):
+        assert rec["accuracy"] == pytest.approx(per_class[(by_seed[(rec["row"], rec["seed"])], rec["split"])][rec["class"]])
+    assert len(worst[(worst.row == "MaPLe") & (worst.split == "base")]) == 3  # 3 base classes, seed 1 alone
     # Reference rows and ours − paper on the Average section.
     avg = df[df.section == "Average"].set_index(["row", "column"])
     assert avg.loc[("HISF − paper", "hm")]["mean"] == pytest.approx(avg.loc[("HISF", "hm")]["mean"] - 80.75)
@@ -100,3 +123,45 @@ def test_report_of_a_real_demo_sweep(demo_sweep, tmp_path):
                      tmp_path / "profile")
     assert proc.returncode == 0 and not console_errors(proc.stderr)
     assert png_colours(shot) > 200
+
+
+def test_predict_eval_and_results_frame_on_a_real_demo_sweep(demo_sweep, tmp_path):
+    """The README's walk-through on a real sweep: predict and eval from a final run (by run id and by its trial folder),
+    eval's run linked to it with the run's own per-class numbers, and the sweep as a DataFrame."""
+    from PIL import Image
+
+    from orchestrator.report import results_frame
+
+    wd = demo_sweep / "hisf-bench"
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    exp_id, runs = _final_runs(uri)
+    hisf = next(r for r in runs if r.data.tags["hisf.row"] == "HISF" and r.data.tags["hisf.seed"] == "1")
+    folder = wd / "runs" / "rdemo" / hisf.data.tags["hisf.trial_id"]
+    image = tmp_path / "shape.png"
+    Image.new("RGB", (50, 40), (220, 30, 30)).save(image)
+    answers = []
+    for source in (hisf.info.run_id, folder):
+        out = run_cli(["predict", source, image, "--workdir", wd, "--top-k", "2", "--json"], cwd=demo_sweep)
+        assert out.returncode == 0, out.stderr[-3000:]
+        answers.append(json.loads(out.stdout)["predictions"])
+    assert answers[0] == answers[1] and len(answers[0][0]["top_k"]) == 2
+    assert answers[0][0]["top_k"][0]["probability"] >= answers[0][0]["top_k"][1]["probability"]
+
+    out = run_cli(["eval", hisf.info.run_id, "--workdir", wd, "--classes", "novel"], cwd=demo_sweep)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"top-1 {hisf.data.metrics['novel_acc']:.2f}%" in out.stdout
+    new_id = out.stdout.split("MLflow run ")[1].split(":")[0]
+    client = MlflowClient(uri)
+    ev = client.get_run(new_id)
+    assert ev.info.experiment_id == exp_id and ev.data.tags["hisf.source_run"] == hisf.info.run_id
+    assert ev.data.metrics["novel_acc"] == hisf.data.metrics["novel_acc"]
+    mine, theirs = (json.loads(Path(client.download_artifacts(rid, "eval/novel.json", str(tmp_path / rid))).read_text())
+                    for rid in (new_id, hisf.info.run_id))
+    assert mine["confusion"] == theirs["confusion"] and mine["per_class_accuracy"] == theirs["per_class_accuracy"]
+
+    df = results_frame(demo_sweep / "ran.yaml", workdir=wd)
+    final = df[df.stage == "final"].set_index("run_id")
+    assert set(final.index) == {r.info.run_id for r in runs}  # eval's run is no trial run
+    assert final.loc[hisf.info.run_id, "metrics.novel_acc"] == hisf.data.metrics["novel_acc"]
+    assert final.loc[hisf.info.run_id, "params.method.name"] == "hisf" and final.loc[hisf.info.run_id, "seed"] == 1
+    assert set(df.stage) == {"search", "final"} and len(df[df.stage == "search"]) == 3

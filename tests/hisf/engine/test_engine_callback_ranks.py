@@ -62,7 +62,7 @@ def test_all_ranks_callback_runs_on_every_rank_default_on_rank0(demo_root, tmp_p
     assert len(expected) == 2
     # Both ranks saw the same epochs with the same (all-reduced) numbers as the engine's metrics.json.
     assert r0["every"][:2] == expected and r1["every"][:2] == expected
-    assert r0["every"][2] == ["end", history["final"]["base_acc"], ["config", "metrics", "prompts"]]
+    assert r0["every"][2] == ["end", history["final"]["base_acc"], ["config", "eval", "metrics", "prompts"]]
     assert r1["every"][2] == ["end", history["final"]["base_acc"], []]  # artifacts live on rank 0
     # The default stays rank 0 only.
     assert r0["main"] == r0["every"] and r1["main"] == []

@@ -72,7 +72,11 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
     metrics, artifacts = rec.end
     assert metrics == result
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final"] == result
-    assert set(artifacts) == {"prompts", "config", "metrics"}
+    assert set(artifacts) == {"prompts", "config", "metrics", "eval"}
+    eval_dir = tmp_path / "run" / "eval"
+    assert artifacts["eval"] == str(eval_dir)
+    assert sorted(p.name for p in eval_dir.iterdir()) == ["base.json", "base.png", "novel.json", "novel.png",
+                                                          "val.json", "val.png"]
 
     # The exported prompts alone reproduce the base and novel accuracies on a freshly built model.
     ds = open_dataset(demo_root / "demo")
@@ -89,6 +93,23 @@ def test_base2new_trial_end_to_end(demo_root, tmp_path):
         loader = make_loader(test, train=False, batch_size=16, image_size=backbone.image_size, mean=backbone.mean,
                              std=backbone.std)
         assert accuracy(model, loader, CPU1) == [pytest.approx(result[key], abs=1e-9)]  # its one member
+        # Per-class accuracy and the confusion matrix equal a hand count of the model's own logits.
+        labels, preds = [], []
+        with torch.no_grad():
+            for images, y in loader:
+                preds += model.eval()(images, shared=True)[0].argmax(-1).tolist()
+                labels += y.tolist()
+        rec = json.loads((eval_dir / f"{key.split('_')[0]}.json").read_text())
+        c = len(test.classnames)
+        matrix = [[sum(1 for t, p in zip(labels, preds) if (t, p) == (i, j)) for j in range(c)] for i in range(c)]
+        assert rec["classnames"] == list(test.classnames) and rec["confusion"] == matrix
+        assert rec["support"] == [labels.count(i) for i in range(c)] == [6] * c
+        assert rec["per_class_accuracy"] == [pytest.approx(100 * matrix[i][i] / 6) for i in range(c)]
+        assert rec["accuracy"] == result[key]  # the trace over the total: the run's metric exactly
+        assert rec["correct"] == sum(t == p for t, p in zip(labels, preds)) and rec["total"] == len(labels)
+    val = json.loads((eval_dir / "val.json").read_text())
+    assert val["metric"] == "val_acc" and val["accuracy"] == result["val_acc"]
+    assert val["classnames"] == list(ds.select("train", 4, 1, "base").classnames) and val["total"] == 3 * 4
 
 
 def test_same_config_twice_gives_identical_metrics(demo_root, tmp_path):

@@ -66,6 +66,11 @@ def assert_same_trial(fused_result, fused_out, solo_result, solo_out, exact_metr
             assert a[k] == b[k], k
         else:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    # Per-class results and confusion matrices of every split: the same counts.
+    files = sorted(p.name for p in (solo_out / "eval").glob("*.json"))
+    assert files and files == sorted(p.name for p in (fused_out / "eval").glob("*.json"))
+    for name in files:
+        assert json.loads((fused_out / "eval" / name).read_text()) == json.loads((solo_out / "eval" / name).read_text())
     pa, pb = (torch.load(o / "prompts.pt", weights_only=True) for o in (fused_out, solo_out))
     assert pa["trainable"].keys() == pb["trainable"].keys() and pa["method"] == pb["method"]
     for k in pa["trainable"]:
@@ -210,4 +215,7 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch_per_member(demo_root
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=2e-7), key
         for key in ("val_acc", "base_acc", "novel_acc", "hm"):
             assert two[key] == pytest.approx(one[key], abs=1e-9), key
+        for split in ("val", "base", "novel"):  # counts summed over the ranks once: each image counted once
+            a, b = (json.loads((tmp_path / f"{o}{k}" / "eval" / f"{split}.json").read_text()) for o in ("two", "one"))
+            assert a["confusion"] == b["confusion"] and a["total"] == b["total"] > 0, split
         assert math.isfinite(two["train/loss"])
