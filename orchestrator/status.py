@@ -102,6 +102,24 @@ def _print_groups(spec: ExperimentSpec, trials: list, studies: list, out) -> lis
         else:
             print(f"alone   {g.members[0].trial_id}: {alone.get(g.members[0].trial_id, '')}, est. peak {peak:.2f} GiB",
                   file=out)
+    r = spec.resources
+    if r.gpus_per_trial > 0 and r.fuse != "auto":  # a fixed size the memory estimate does not hold: split
+        from hisf.engine.group import fusion_key
+        from orchestrator.groups import GIB, MEMORY_SHARE, memory_fit
+
+        seen = set()
+        for g in groups:
+            cfg = g.members[0].config
+            key = fusion_key(cfg)
+            fit = memory_fit(spec, cfg, classes(cfg))
+            if key in seen or fit >= int(r.fuse):
+                continue
+            seen.add(key)
+            need = estimate_peak_bytes(cfg, int(r.fuse), classes(cfg)) / GIB
+            share = MEMORY_SHARE * r.gpu_memory_gib * r.gpus_per_trial
+            print(f"split   {g.members[0].trial_id} and its kind: {r.fuse} members would need est. {need:.1f} GiB of "
+                  f"the {share:.1f} GiB share (resources.gpu_memory_gib x gpus_per_trial x {MEMORY_SHARE}); "
+                  f"groups of at most {fit}", file=out)
     for s in studies:
         k = min(spec.search.n_trials, group_size(spec, s.config, classes(s.config)))
         print(f"search  {s.study}: asks {k} trial(s) at a time, trained as one fused group" if k > 1 else
