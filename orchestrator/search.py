@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import optuna
 from ray.tune.search import Searcher
 
-from orchestrator.results import STATUS_KEY
+from orchestrator.results import ERROR_KEY, STATUS_KEY
 from orchestrator.resume import LaunchRuns, clear_trial_folder, result_record
 from orchestrator.spec import ExperimentSpec, ParamRange, SearchSpec, SpecError
 from orchestrator.trials import SearchGroup, Trial, search_trial, trials_root
@@ -91,7 +91,9 @@ class StudySearcher(Searcher):
 
     def __init__(self, spec: ExperimentSpec, groups: list[SearchGroup], url: str, workdir: str, ctx: dict,
                  runs: LaunchRuns | None = None):
-        super().__init__(metric=spec.search.metric, mode="max")
+        # No metric for Tune: the searcher tells Optuna itself, and a failed trial's final result has no
+        # `val_acc`, which Tune's strict metric check would turn into an error that ends the whole stage.
+        super().__init__(metric=None, mode=None)
         self.spec, self.groups, self.url, self.workdir, self.ctx = spec, groups, url, workdir, ctx
         self.dists = distributions(spec.search.params)
         self.studies = {g.study: open_study(url, g.study, spec.search) for g in groups}
@@ -120,6 +122,9 @@ class StudySearcher(Searcher):
     def _tell_from_record(self, study: str, number: int, result: Mapping[str, Any] | None) -> None:
         s = self.studies[study]
         if not result or result.get(STATUS_KEY) == "failed":
+            reason = (result or {}).get(ERROR_KEY) or "the trial ended without a final result (see its MLflow run)"
+            trial_id = s.get_trials(deepcopy=False)[number]._trial_id
+            optuna.trial.Trial(s, trial_id).set_user_attr("fail_reason", str(reason)[:2000])
             s.tell(number, state=optuna.trial.TrialState.FAIL)
         elif result.get(STATUS_KEY) == "pruned":
             s.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -146,7 +151,7 @@ class StudySearcher(Searcher):
         if tune_trial_id not in self.live:
             return
         study, number = self.live.pop(tune_trial_id)
-        if error or not result or self.spec.search.metric not in result:
-            self._tell_from_record(study, number, None)
+        if error or not result or (self.spec.search.metric not in result and result.get(STATUS_KEY) != "pruned"):
+            self._tell_from_record(study, number, {**(result or {}), STATUS_KEY: "failed"})
         else:
             self._tell_from_record(study, number, {**result, STATUS_KEY: result.get(STATUS_KEY, "finished")})
