@@ -72,7 +72,8 @@ def _fileno(stream: Any) -> int | None:
 
 class StageProgress(Callback):
     """A Tune callback that keeps one progress line per stage: finished / running / failed / pruned of N,
-    elapsed time, ETA, and (search) the best validation value so far.
+    the retries of errored trials (when there were any), elapsed time, ETA, and (search) the best validation
+    value so far.
 
     On a terminal the line is redrawn in place (`\\r`) at most once a second; otherwise (CI logs, pipes) a
     plain line is printed when something changed and `every` seconds passed, and at least every 5 × `every`.
@@ -86,6 +87,7 @@ class StageProgress(Callback):
         self.prior = dict(prior or {})
         self.counts = {s: 0 for s in STATUSES if s != "running"}
         self.running: set[str] = set()
+        self.retries = 0
         self.every = every
         self.live = bool(live if live is not None else getattr(console, "isatty", lambda: False)())
         self.started = time.monotonic()
@@ -116,6 +118,12 @@ class StageProgress(Callback):
         self._done(trial, "failed")
         self.draw()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The trial errored (a killed worker, a lost node) and Tune starts it again (resources.max_failures).
+        self.retries += 1
+        self._changed = True
+        self.draw()
+
     def on_step_end(self, iteration, trials, **info):
         self.draw()
 
@@ -141,7 +149,9 @@ class StageProgress(Callback):
         else:
             eta = "?"
         text = (f"[{self.stage}] {done['finished']}/{self.total} finished, {len(self.running)} running, "
-                f"{done['failed']} failed, {done['pruned']} pruned · {_clock(elapsed)} elapsed · ETA {eta}")
+                f"{done['failed']} failed, {done['pruned']} pruned"
+                f"{f', {self.retries} retr' + ('y' if self.retries == 1 else 'ies') if self.retries else ''}"
+                f" · {_clock(elapsed)} elapsed · ETA {eta}")
         if self.metric:
             text += f" · best {self.metric} " + ("-" if self.best is None else f"{self.best:.2f}")
         return text

@@ -49,6 +49,11 @@ def test_progress_line_counts_eta_and_best(monkeypatch):
     # 3 done in 60 s in this run, 10 - 3 prior - 3 = 4 left: 80 s
     assert p.line() == ("[search] 3/10 finished, 1 running, 1 failed, 2 pruned · 1:00 elapsed · ETA 1:20 · "
                         "best val_acc 55.50")
+    # A worker that died and is retried (max_failures) is counted as a retry, not as a finished or failed trial.
+    p.on_trial_recover(0, [], _trial("t3"))
+    assert p.line().startswith("[search] 3/10 finished, 1 running, 1 failed, 2 pruned, 1 retry · 1:00 elapsed")
+    p.on_trial_recover(0, [], _trial("t3"))
+    assert ", 2 retries · " in p.line()
     # A trial whose last report is not final (killed between reports) counts as failed.
     p.on_trial_complete(0, [], SimpleNamespace(trial_id="t3", last_result={STATUS_KEY: "running", FINAL_KEY: False}))
     assert "1/10" not in p.line() and " 2 failed" in p.line() and "0 running" in p.line()
