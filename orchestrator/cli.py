@@ -148,13 +148,23 @@ def stage_main(command: str, argv: list[str]) -> int:
             rc = print_dry_run(command, spec, opts)
             preflight.check(spec, needs_test=command != "search", dry_run=True, out=opts.out)
             return rc
-        return _run(command, spec, opts)
+        return _run(command, spec, opts, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(command: str, spec, opts) -> int:
+def _run(command: str, spec, opts, argv: list[str]) -> int:
+    import shlex
+
+    from orchestrator.workdir_lock import launch_lock
+
+    # One launch of a spec per workdir: a second one stops here, naming the holder.
+    with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out):
+        return _run_stages(command, spec, opts)
+
+
+def _run_stages(command: str, spec, opts) -> int:
     from orchestrator import runner
     from orchestrator.results import STATUS_KEY
     from orchestrator.status import print_where
