@@ -27,7 +27,8 @@ def worker_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def ray_session(spec: ExperimentSpec, opts: Options):
-    """Connect to `--address`, or start a small local Ray on 127.0.0.1 and stop it afterwards."""
+    """Connect to `--address`, or start a small local Ray on 127.0.0.1 only (orchestrator/local_ray.py) and stop
+    it afterwards (or, should this process be killed, its watchdog does)."""
     import ray
 
     # num_to_keep=1 forces a state snapshot per checkpoint; that is intended, the warning about it is noise.
@@ -38,19 +39,16 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     env = worker_env()
     if opts.address:
         ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        r = spec.resources
-        # A DDP trial also holds a sliver of a CPU while its workers run (trials.trial_resources).
-        waiting = 0.01 * r.max_concurrent_trials if r.workers_per_trial > 1 else 0.0
-        need = max(1, math.ceil(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials + waiting))
-        # Ray resolves a loopback node address to the machine's own IP on purpose; the dashboard stays off.
-        ray.init(num_cpus=opts.num_cpus or need, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True, configure_logging=False)
-    try:
         yield
-    finally:
-        if not opts.address:
-            ray.shutdown()
+        return
+    from orchestrator.local_ray import local_ray
+
+    r = spec.resources
+    # A DDP trial also holds a sliver of a CPU while its workers run (trials.trial_resources).
+    waiting = 0.01 * r.max_concurrent_trials if r.workers_per_trial > 1 else 0.0
+    need = max(1, math.ceil(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials + waiting))
+    with local_ray(opts.num_cpus or need, env, Path(opts.workdir) / "logs" / "ray-watchdog.log"):
+        yield
 
 
 def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space: dict | None = None,
