@@ -232,3 +232,133 @@ def alive_nodes() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+# ---- stores and the workdir: reachable, with their drivers, writable (seconds, before any MLflow run) ---------
+
+# SQLAlchemy driver modules -> what to install for them.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "pg8000": "pg8000", "pyodbc": "pyodbc", "oracledb": "oracledb"}
+STORE_TIMEOUT_S = 5
+
+
+def check_stores(opts: Any, needs_optuna: bool, dry_run: bool = False, writes: bool = True) -> None:
+    """The workdir can be written (`writes`: the command writes there), `--tracking-uri` answers (an MLflow
+    server, or a database whose driver is installed) and, when the command reads studies, so does
+    `--optuna-storage`; one PreflightError naming each flag and its fix.
+
+    `dry_run`: nothing is created (a folder is judged by its nearest existing ancestor). A SQLite store is
+    judged by its folder, a server database by a `SELECT 1`."""
+    problems = [p for p in (_workdir_problem(opts.workdir, dry_run) if writes else None,
+                            _tracking_problem(opts.tracking_uri, dry_run),
+                            _database_problem("--optuna-storage", opts.optuna_storage, dry_run) if needs_optuna else None)
+                if p]
+    if problems:
+        raise PreflightError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} with the stores or the "
+                             "workdir before anything ran:\n  - " + "\n  - ".join(problems))
+
+
+def _os_reason(e: OSError) -> str:
+    import errno
+
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else str(e)
+
+
+def _folder_problem(flag: str, folder: Path, dry_run: bool) -> str | None:
+    """`folder` (made when missing) takes a new file; a dry run only asks its nearest existing ancestor."""
+    import os
+    import tempfile
+
+    if dry_run:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+            return None
+        why = "not a folder" if probe.exists() and not probe.is_dir() else "not writable"
+        return f"{flag} {folder}: {probe} is {why}; pass a folder you can write to"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hisf-bench-write-test-"):
+            pass
+    except OSError as e:
+        return f"{flag} {folder}: cannot write there: {_os_reason(e)}; pass a folder you can write to"
+    return None
+
+
+def _workdir_problem(workdir: str, dry_run: bool) -> str | None:
+    return _folder_problem("--workdir", Path(workdir), dry_run)
+
+
+def _tracking_problem(uri: str, dry_run: bool) -> str | None:
+    if uri.startswith(("http://", "https://")):
+        return _http_problem(uri)
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):] if uri.startswith("file:") else uri)
+        return _folder_problem("--tracking-uri", path, dry_run)
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc", "uc"):
+        return None  # MLflow's own clients; they answer with their own errors
+    return _database_problem("--tracking-uri", uri, dry_run)
+
+
+def _http_problem(uri: str) -> str | None:
+    """Something answers HTTP at the tracking server (any status counts: only a dead address is refused)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return (f"--tracking-uri {uri}: no MLflow server answers there within {STORE_TIMEOUT_S} s ({reason}); "
+                "start one (`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) "
+                "or pass the URL of a running one (leave the flag out for the workdir's SQLite store)")
+    return None
+
+
+def _database_problem(flag: str, url: str | None, dry_run: bool) -> str | None:
+    """A SQLAlchemy URL: parsed, its driver importable, and (server databases) a connection within seconds."""
+    import sqlalchemy as sa
+
+    if not url:
+        return None
+    shown = _redacted(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return (f"{flag} {shown}: not a database URL; expected a SQLAlchemy URL such as sqlite:////abs/path.db, "
+                "postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB")
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            return f"{flag} {shown}: an in-memory SQLite database keeps nothing; give a file (sqlite:////abs/path.db)"
+        return _folder_problem(flag, Path(parsed.database).expanduser().resolve().parent, dry_run)
+    connect_args = {"connect_timeout": STORE_TIMEOUT_S} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.NullPool)
+    except sa.exc.NoSuchModuleError:
+        return (f"{flag} {shown}: SQLAlchemy knows no database {parsed.drivername!r}; expected sqlite, postgresql, "
+                "mysql, mssql or oracle (optionally with a driver, e.g. postgresql+psycopg)")
+    except ImportError as e:
+        module = getattr(e, "name", None) or str(e)
+        package = DRIVER_PACKAGES.get(module, module)
+        return (f"{flag} {shown}: the database driver {module!r} is not installed; `pip install {package}`, or name "
+                f"an installed driver in the URL ({parsed.get_backend_name()}+DRIVER://...)")
+    try:
+        with engine.connect() as con:
+            con.execute(sa.text("SELECT 1"))
+    except ImportError as e:
+        return f"{flag} {shown}: a database driver is missing: {e}"
+    except Exception as e:  # sqlalchemy.exc.OperationalError and the like: name the first line
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        return f"{flag} {shown}: cannot connect within {STORE_TIMEOUT_S} s: {first}; check the host, port, database and credentials"
+    finally:
+        engine.dispose()
+    return None
+
+
+def _redacted(url: str) -> str:
+    from orchestrator.context import redact
+
+    return redact(url)
