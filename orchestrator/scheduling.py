@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 from pathlib import Path
 
 from orchestrator.context import Options
@@ -74,6 +76,46 @@ def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space:
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0, callbacks=callbacks)
     return tune.Tuner(tune.with_resources(tune_trainable, trial_resources(spec)), param_space=param_space,
                       tune_config=tune_config, run_config=run_config)
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) ended a stage's Tuner early: Tune stopped its trials and saved its state."""
+
+
+def fit(stage_tuner):
+    """`stage_tuner.fit()`, where a first Ctrl-C asks Tune to stop (its trials stopped, its state saved) and then
+    raises Interrupted, and a second one stops at once (KeyboardInterrupt).
+
+    Tune's own SIGINT handler would end the run just as quietly, returning a result grid in which every trial
+    it cut short reads as failed; ours asks Tune through its other stop signal (its SIGUSR1 handler) and
+    remembers that the stage was interrupted."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return stage_tuner.fit()
+    state = {"interrupted": False}
+
+    def on_sigint(signum, frame):
+        if state["interrupted"]:
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+        tune_stop = signal.getsignal(signal.SIGUSR1)  # installed by Tune while it runs
+        if not callable(tune_stop):
+            raise KeyboardInterrupt
+        tune_stop(signum, frame)
+
+    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    saved_handler = signal.signal(signal.SIGINT, on_sigint)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        grid = stage_tuner.fit()
+    finally:
+        signal.signal(signal.SIGINT, saved_handler)
+        if saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+    if state["interrupted"]:
+        raise Interrupted()
+    return grid
 
 
 def collect(grid) -> dict[str, dict]:

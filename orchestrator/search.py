@@ -64,6 +64,10 @@ def open_trial(url: str, study_name: str, optuna_trial_id: int, pruner: str, sta
     return optuna.trial.Trial(study, optuna_trial_id)
 
 
+class NoCompletedTrial(SpecError):
+    """A study the final stage takes best values from has no completed trial."""
+
+
 def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, Any]]:
     """(row, dataset, point) -> the best trial's params, for the final stage."""
     out = {}
@@ -74,7 +78,8 @@ def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, An
             raise SpecError(f"search study {g.study!r} not found in {url}; run `hisf-bench search` first") from None
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not done:
-            raise SpecError(f"search study {g.study!r} has no completed trial; rerun `hisf-bench search --resume`")
+            raise NoCompletedTrial(f"search study {g.study!r} has no completed trial (its trials failed or never ran; "
+                                   "`hisf-bench status SPEC` lists them)")
         out[(g.row, g.dataset, g.point)] = dict(study.best_trial.params)
     return out
 
