@@ -168,9 +168,19 @@ def _run(command: str, spec, opts, argv: list[str]) -> int:
 
     # The command that continues this one: the same command and flags, with --resume.
     resume = shlex.join(["hisf-bench", command, *argv, *([] if "--resume" in argv else ["--resume"])])
-    # One launch of a spec per workdir: a second one stops here, naming the holder.
-    with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out):
-        return _run_stages(command, spec, opts, resume)
+    try:
+        # One launch of a spec per workdir: a second one stops here, naming the holder.
+        with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out):
+            return _run_stages(command, spec, opts, resume)
+    except Exception as e:
+        from orchestrator.disk import disk_full
+
+        # A full disk fails everything after it alike: one line, not the tracebacks of every layer.
+        full = disk_full(e, opts.tracking_uri)
+        if full is None:
+            raise
+        print(f"error: {full}; what finished is kept: free space there, then continue with: {resume}", file=sys.stderr)
+        return 1
 
 
 def _run_stages(command: str, spec, opts, resume: str) -> int:

@@ -51,43 +51,47 @@ class _Stage:
 @contextlib.contextmanager
 def closing_stage(stage: str, tracker, parent: str, started: float):
     """A stage's parent run never stays RUNNING: an interruption (Ctrl-C) marks it and the trials it cut short
-    KILLED and raises StageInterrupted with the counts; any other exception closes it FAILED with the reason."""
+    KILLED and raises StageInterrupted with the counts; any other exception (a full disk, a store that fails)
+    closes it FAILED with the reason, the trials it cut short KILLED."""
     info = _Stage()
     try:
         yield info
     except (Interrupted, KeyboardInterrupt):
-        counts = _settle_interrupted(tracker, parent, info.total)
+        counts = _settle(tracker, parent, info.total, "KILLED", "interrupted (Ctrl-C)")
         raise StageInterrupted(stage, parent, counts, time.perf_counter() - started) from None
     except BaseException as e:
-        with contextlib.suppress(Exception):  # the store itself may be what failed (a full disk)
-            tracker.set_tags(parent, {"hisf.error": f"{type(e).__name__}: {e}"[:4000]})
-        with contextlib.suppress(Exception):
-            tracker.end_stage(parent, "FAILED")
+        _settle(tracker, parent, info.total, "FAILED", f"{type(e).__name__}: {e}")
         raise
 
 
-def _settle_interrupted(tracker, parent: str, total: int) -> dict[str, int]:
-    """Count the launch's trials by their newest run; the runs still RUNNING were cut short: marked KILLED."""
-    newest: dict[str, object] = {}
-    for r in sorted(tracker.children(parent), key=lambda r: r.info.start_time or 0):
-        if STALE_TAG not in r.data.tags and "hisf.trial_id" in r.data.tags:
-            newest[r.data.tags["hisf.trial_id"]] = r
+def _settle(tracker, parent: str, total: int, status: str, reason: str) -> dict[str, int]:
+    """Count the launch's trials by their newest run; runs still RUNNING were cut short: marked KILLED (and
+    `hisf.status` interrupted, which `--resume` continues). The parent run ends with `status` and `reason`.
+    The store may be what failed (a full disk): what cannot be written is left."""
     counts = {"finished": 0, "failed": 0, "cut short": 0}
+    try:
+        newest: dict[str, object] = {}
+        for r in sorted(tracker.children(parent), key=lambda r: r.info.start_time or 0):
+            if STALE_TAG not in r.data.tags and "hisf.trial_id" in r.data.tags:
+                newest[r.data.tags["hisf.trial_id"]] = r
+    except Exception:
+        newest = {}
     for r in newest.values():
-        status = r.data.tags.get("hisf.status")
-        if status in DONE:
+        s = r.data.tags.get("hisf.status")
+        if s in DONE:
             counts["finished"] += 1
-        elif status == "failed" and r.info.status != "RUNNING":
-            counts["failed"] += 1
         elif r.info.status == "RUNNING":
             counts["cut short"] += 1
             with contextlib.suppress(Exception):
                 tracker.set_tags(r.info.run_id, {"hisf.status": "interrupted"})
                 tracker.end_stage(r.info.run_id, "KILLED")
+        elif s == "failed":
+            counts["failed"] += 1
     counts["never started"] = max(0, total - sum(counts.values()))
     with contextlib.suppress(Exception):
-        tracker.set_tags(parent, {"hisf.error": "interrupted (Ctrl-C)"})
-        tracker.end_stage(parent, "KILLED")
+        tracker.set_tags(parent, {"hisf.error": reason[:4000]})
+    with contextlib.suppress(Exception):
+        tracker.end_stage(parent, status)
     return counts
 
 

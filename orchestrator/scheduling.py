@@ -8,9 +8,12 @@ import math
 import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator.context import Options
+from orchestrator.disk import DiskFull, StopOnDiskFull
 from orchestrator.results import ERROR_KEY, STATUS_KEY, final_status
 from orchestrator.spec import ExperimentSpec
 from orchestrator.trials import trial_resources
@@ -71,11 +74,23 @@ def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space:
         tune_config.search_alg = searcher
         tune_config.num_samples = -1
     callbacks = [progress] + ([] if spec.resources.keep_checkpoints else [DropFinishedCheckpoints(storage)])
+    disk = StopOnDiskFull()
     run_config = tune.RunConfig(
         name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0, callbacks=callbacks)
-    return tune.Tuner(tune.with_resources(tune_trainable, trial_resources(spec)), param_space=param_space,
-                      tune_config=tune_config, run_config=run_config)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1), verbose=0, callbacks=callbacks, stop=disk)
+    return StageTuner(tune.Tuner(tune.with_resources(tune_trainable, trial_resources(spec)), param_space=param_space,
+                                 tune_config=tune_config, run_config=run_config), disk)
+
+
+@dataclass
+class StageTuner:
+    """A stage's Tuner and the stopper that ends it on a full disk (`fit` raises DiskFull then)."""
+
+    tuner: Any
+    disk: StopOnDiskFull
+
+    def fit(self):
+        return self.tuner.fit()
 
 
 class Interrupted(Exception):
@@ -115,6 +130,8 @@ def fit(stage_tuner):
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
     if state["interrupted"]:
         raise Interrupted()
+    if getattr(stage_tuner, "disk", None) is not None and stage_tuner.disk.message:
+        raise DiskFull(stage_tuner.disk.message)
     return grid
 
 

@@ -9,12 +9,14 @@ same way on every retry. The last report follows the result protocol (orchestrat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
 from pathlib import Path
 
 from orchestrator.context import RunContext
+from orchestrator.disk import DISK_FULL_KEY, disk_full
 from orchestrator.results import ERROR_KEY, FINAL_KEY, STATUS_KEY, numbers
 from orchestrator.resume import drop_engine_checkpoint, drop_ray_checkpoints, restore_tune_checkpoint
 from orchestrator.trial_callback import TrialBridge, open_trial_run, write_pid
@@ -60,6 +62,12 @@ def tune_trainable(config: dict) -> None:
         tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: message})
         return
     except Exception as e:
+        full = disk_full(e, ctx.tracking_uri)
+        if full:  # fails every retry alike: reported (not raised, so not retried) and the stage stops
+            with contextlib.suppress(Exception):  # the store may sit on the full disk too
+                run.fail(full)
+            tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: full, DISK_FULL_KEY: full})
+            return
         run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
         raise
     # The engine's own time excludes what our callback spent tracking and reporting inside it.
