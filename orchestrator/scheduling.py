@@ -15,7 +15,7 @@ from typing import Any
 from orchestrator.context import Options
 from orchestrator.disk import DiskFull, StopOnDiskFull
 from orchestrator.results import ERROR_KEY, STATUS_KEY, final_status
-from orchestrator.spec import ExperimentSpec
+from orchestrator.spec import ExperimentSpec, SpecError
 from orchestrator.trials import trial_resources
 
 
@@ -43,7 +43,7 @@ def ray_session(spec: ExperimentSpec, opts: Options):
         return
     env = worker_env()
     if opts.address:
-        ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        connect(opts, env)
         yield
         return
     from orchestrator.local_ray import local_ray
@@ -54,6 +54,50 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     need = max(1, math.ceil(r.cpus_per_trial * r.workers_per_trial * r.max_concurrent_trials + waiting))
     with local_ray(opts.num_cpus or need, env, Path(opts.workdir) / "logs" / "ray-watchdog.log"):
         yield
+
+
+class ClusterError(SpecError):
+    """The cluster at `--address` cannot be used; the message names the fix."""
+
+
+def connect(opts: Options, env: dict[str, str]) -> None:
+    """Connect to the cluster at `--address`, Ray's own output (its retries print a line a second) to
+    `<workdir>/logs/ray-connect.log`; a refused token or no cluster there is one ClusterError naming the fix."""
+    import ray
+
+    from orchestrator.progress import ray_output_to_log
+
+    log = Path(opts.workdir) / "logs" / "ray-connect.log"
+    try:
+        with ray_output_to_log(opts.out, log, opts.verbose):
+            ray.init(address=opts.address, runtime_env={"env_vars": env}, log_to_driver=True)
+    except Exception as e:
+        text = _chain_text(e)
+        where = f"--address {opts.address}"
+        if "InvalidAuthToken" in text or "AuthenticationError" in text:
+            mode = os.environ.get("RAY_AUTH_MODE", "")
+            if mode != "token":
+                raise ClusterError(
+                    f"{where}: the cluster uses token authentication and this driver sent no token (RAY_AUTH_MODE is "
+                    f"{mode or 'unset'}): `export RAY_AUTH_MODE=token` with the cluster's token in ~/.ray/auth_token "
+                    "or in the file RAY_AUTH_TOKEN_PATH names (on the head node: `ray get-auth-token`), then run "
+                    f"again (Ray's output: {log})") from None
+            raise ClusterError(
+                f"{where}: the cluster refused this driver's token ({os.environ.get('RAY_AUTH_TOKEN_PATH') or '~/.ray/auth_token'}):"
+                f" copy the head node's token there (`ray get-auth-token` on the head node) (Ray's output: {log})") from None
+        if isinstance(e, (ConnectionError, RuntimeError)) and ("GCS" in text or "connect" in text.lower()):
+            raise ClusterError(f"{where}: no Ray cluster answers there ({text.strip().splitlines()[-1][:300]}); start "
+                               f"one (`ray start --head`) or pass its address (Ray's output: {log})") from None
+        raise
+
+
+def _chain_text(e: BaseException) -> str:
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
 
 
 def tuner(spec: ExperimentSpec, opts: Options, name: str, progress, param_space: dict | None = None,
