@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -43,6 +44,6 @@ def main(argv: list[str]) -> int:
     if report.environments.mixed:
         print(f"  warning: {report.environments.note()}")
     print(f"  open it:         xdg-open {report.index.resolve()}  (or file://{report.index.resolve()})")
-    print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}  ->  {args.ui_url}")
+    print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1  ->  {args.ui_url}")
     print(f"  Optuna dashboard: optuna-dashboard {storage}  (pip install optuna-dashboard)")
     return 0

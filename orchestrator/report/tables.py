@@ -174,7 +174,7 @@ def _derived(parts: list[Cell], combine: Callable[[list[float]], float], expecte
     values = {s: combine([p.values[s] for p in parts]) for s in sorted(common)}
     # The mean combines the parts' own means so that every finished run counts even when seeds differ.
     mean = None if missing or not parts else combine([p.mean for p in parts])
-    ids = tuple(i for p in parts for i in p.run_ids)
+    ids = tuple(dict.fromkeys(i for p in parts for i in p.run_ids))  # HM's parts are the same runs
     pending = tuple(s for p in parts for s in p.pending)
     partial = sum(1 for p in parts if p.status != "complete")
     launches = tuple(sorted({ln for p in parts for ln in p.launches}))

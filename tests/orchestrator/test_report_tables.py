@@ -86,6 +86,21 @@ def test_average_row_follows_table1_and_reference_deltas(tmp_path):
     assert f"| HISF (paper) | 85.39 | 76.12 | 80.75 |" in md
     d = avg.loc[("HISF − paper", "hm")]["mean"]
     assert f"{d:+.2f}" in md
+    # The average's HM combines the same runs as its base and novel cells: each run is linked once.
+    import html as html_lib
+    import json
+    import re
+    from urllib.parse import unquote
+
+    compare = [unquote(html_lib.unescape(h)) for h in re.findall(r'href="([^"]+)"', report.index.read_text())
+               if "#/compare-runs?" in h]
+    assert compare
+    for link in compare:
+        ids = json.loads(link.split("runs=", 1)[1].split("&", 1)[0])
+        assert len(ids) == len(set(ids)), link
+        assert link.endswith("&workflowType=machine_learning")
+    hm_ids = avg.loc[("HISF", "hm")]["run_ids"].split(",")
+    assert len(hm_ids) == len(set(hm_ids)) == len(PAPER_DATASETS) * 3
 
 
 @pytest.mark.parametrize("change, why", [
