@@ -189,42 +189,56 @@ def _sqlite_or_file(url: str) -> bool:
 
 def storage_problems(spec: ExperimentSpec, opts: Any) -> list[str]:
     """What only the driver's machine can see, for a run on a multi-node cluster."""
-    problems = []
+    return [problem for _, problem in _storage_findings(spec, opts)]
+
+
+def _storage_findings(spec: ExperimentSpec, opts: Any) -> list[tuple[str, str]]:
+    """(what, the problem and the flag that fixes it) for each store or folder that looks local."""
+    found = []
     if _sqlite_or_file(opts.tracking_uri):
-        problems.append(f"tracking store {opts.tracking_uri!r} is a file on this machine: pass "
-                        "`--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches)")
+        found.append(("the SQLite tracking store", f"tracking store {opts.tracking_uri!r} is a file on this machine: "
+                      "pass `--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches)"))
     if spec.search is not None and _sqlite_or_file(opts.optuna_storage):
-        problems.append(f"Optuna storage {opts.optuna_storage!r} is a file on this machine: pass "
-                        "`--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches")
+        found.append(("the SQLite Optuna storage", f"Optuna storage {opts.optuna_storage!r} is a file on this "
+                      "machine: pass `--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches"))
     if _local(opts.workdir):
-        problems.append(f"--workdir {opts.workdir} is on a local file system ({_fs_type(Path(opts.workdir)) or 'unknown'}): "
-                        "pass `--workdir /shared/...` on storage every node mounts")
+        found.append((f"--workdir {opts.workdir}", f"--workdir {opts.workdir} is on a local file system "
+                      f"({_fs_type(Path(opts.workdir)) or 'unknown'}): pass `--workdir /shared/...` on storage every "
+                      "node mounts"))
     root = Path(spec.data.root)
     if _local(root):
-        problems.append(f"data.root {spec.data.root!r} ({root.resolve()}) is on a local file system: put the built "
-                        "datasets on storage every node mounts and give that path as data.root")
+        found.append((f"data.root {root.resolve()}", f"data.root {spec.data.root!r} ({root.resolve()}) is on a local "
+                      "file system: put the built datasets on storage every node mounts and give that path as data.root"))
     caches = {cfg.cache_dir for cfg in backbone_configs(spec) if cfg.pretrained and cfg.cache_dir}
     for cache in sorted(caches):
         if _local(cache):
-            problems.append(f"--weights-cache {cache} is on a local file system: workers on other nodes would not "
-                            "find the weights fetched here; pass a folder on shared storage")
-    return problems
+            found.append((f"--weights-cache {cache}", f"--weights-cache {cache} is on a local file system: workers on "
+                          "other nodes would not find the weights fetched here; pass a folder on shared storage"))
+    return found
+
+
+# Notes already printed by this process: `run` checks the cluster before each of its stages.
+_NOTED: set[str] = set()
 
 
 def check_cluster(spec: ExperimentSpec, opts: Any, alive_nodes: int, out: TextIO | None = None) -> None:
     """Refuse a multi-node cluster with stores or folders on this machine only, unless `--shared-storage`."""
     if alive_nodes <= 1:
         return
-    problems = storage_problems(spec, opts)
-    if not problems:
+    found = _storage_findings(spec, opts)
+    if not found:
         return
     if getattr(opts, "shared_storage", False):
-        print(f"preflight: {alive_nodes} Ray nodes; --shared-storage given, so these are taken as seen by every "
-              "node: " + "; ".join(problems), file=out or sys.stdout)
+        # The user said so already: one short line naming what is taken as shared, once per command.
+        note = (f"preflight: {alive_nodes} Ray nodes; as --shared-storage says, every node sees "
+                + ", ".join(what for what, _ in found))
+        if note not in _NOTED:
+            _NOTED.add(note)
+            print(note, file=out or sys.stdout)
         return
     raise PreflightError(
         f"{spec.path}: the Ray cluster has {alive_nodes} nodes, but trials on other nodes would write to or read "
-        "from places only this machine sees:\n  - " + "\n  - ".join(problems) +
+        "from places only this machine sees:\n  - " + "\n  - ".join(p for _, p in found) +
         "\nPass the flags above, or `--shared-storage` if these paths are on storage every node mounts.")
 
 
