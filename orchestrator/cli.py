@@ -82,13 +82,15 @@ def _parser(command: str) -> argparse.ArgumentParser:
         "status": "Show each stage's progress from the tracker and the Optuna studies.",
     }[command])
     p.add_argument("spec", help="experiment spec (experiments/*.yaml)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--optuna-storage", default=None,
                    help="Optuna RDB storage URL, any SQLAlchemy URL (default: sqlite:///<workdir>/optuna.db)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
+    if command == "status":  # reads the stores only: the flags of a launch do nothing here
+        return p
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest run of the stage: a finished trial is reused when it is the same trial "
                         "(config, spec, data build, code), unfinished ones continue, others rerun fresh")
@@ -116,14 +118,15 @@ def stage_main(command: str, argv: list[str]) -> int:
         spec = load_spec(args.spec)
         from orchestrator.preflight import with_weights_cache
 
-        spec = with_weights_cache(spec, args.weights_cache)
+        spec = with_weights_cache(spec, getattr(args, "weights_cache", None))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = Options(workdir=args.workdir, address=args.address, tracking_uri=args.tracking_uri,
-                   optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run,
-                   num_cpus=args.num_cpus, shared_storage=args.shared_storage, verbose=args.verbose).resolved()
-    if not args.verbose:
+    launch = {k: getattr(args, k) for k in ("address", "resume", "dry_run", "num_cpus", "shared_storage", "verbose")
+              if hasattr(args, k)}  # (`status` has none of these)
+    opts = Options(workdir=args.workdir, tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
+                   **launch).resolved()
+    if not opts.verbose:
         import logging
         import os
 

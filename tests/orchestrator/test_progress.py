@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -132,3 +133,24 @@ def test_cli_without_arguments_lists_every_command_and_prints_its_version(capsys
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
     assert "--verbose" in capsys.readouterr().out
+
+
+def test_status_offers_only_its_own_flags_and_report_names_the_optuna_flag_as_run_does(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["status", "-h"])
+    help_text = capsys.readouterr().out
+    flags = set(re.findall(r"(--[a-z-]+)", help_text))
+    assert flags == {"--help", "--tracking-uri", "--optuna-storage", "--workdir"}, flags
+    with pytest.raises(SystemExit):
+        cli.main(["report", "-h"])
+    report_help = capsys.readouterr().out
+    assert "--optuna-storage URL" in report_help and "--storage" not in report_help
+    # The earlier name still works, hidden: both reach the same setting.
+    from orchestrator.report import main as report_main
+
+    for flag in ("--storage", "--optuna-storage"):
+        code = report_main([str(ROOT / "experiments" / "demo.yaml"), "--workdir", str(tmp_path), flag,
+                            f"sqlite:///{tmp_path}/none.db"])
+        assert code == 2  # no runs there yet, said plainly
+        err = capsys.readouterr().err
+        assert "hisf-bench report:" in err and "unrecognized arguments" not in err
