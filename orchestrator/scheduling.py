@@ -44,7 +44,12 @@ def ray_session(spec: ExperimentSpec, opts: Options):
     env = worker_env()
     if opts.address:
         connect(opts, env)
-        yield
+        try:
+            yield
+        finally:
+            # Disconnect (the cluster runs on): a driver left connected prints the workers' last, deduplicated
+            # log lines ("Checkpoint successfully created ... [repeated 15x]") over the console when it exits.
+            ray.shutdown()
         return
     from orchestrator.local_ray import local_ray
 

@@ -72,6 +72,11 @@ def test_sweep_spreads_over_two_nodes(tmp_path, demo_root, two_node_cluster):
     # Both nodes are this machine, so every path is in fact seen by both: declared with --shared-storage.
     out = run_cli(["sweep", spec, "--address", two_node_cluster, "--shared-storage"], cwd=tmp_path, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The console: the note on --shared-storage once, and none of Ray's worker lines (not even after the summary).
+    console = out.stdout + out.stderr
+    assert console.count("as --shared-storage says, every node sees") == 1, console[-3000:]
+    for chatter in ("Checkpoint successfully created", "repeated", "(tune_trainable pid="):
+        assert chatter not in console, (chatter, console[-3000:])
     runs = mlflow_children(f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}", "cluster")
     assert len(runs) == 4 and all(r.data.tags["hisf.status"] == "finished" for r in runs)
     nodes = {r.data.tags["hisf.node"] for r in runs}
