@@ -8,6 +8,7 @@ tag is the search stage's MLflow parent run (so a fresh `search` never mixes wit
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import optuna
@@ -52,9 +53,15 @@ def distributions(params: tuple[ParamRange, ...]) -> dict[str, optuna.distributi
 
 
 def open_study(url: str, name: str, spec: SearchSpec) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=storage(url), direction="maximize",
-                               sampler=make_sampler(spec), pruner=make_pruner(spec.pruner, spec.startup_trials),
-                               load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage(url), direction="maximize",
+                                sampler=make_sampler(spec), pruner=make_pruner(spec.pruner, spec.startup_trials),
+                                load_if_exists=True)
+    if study.metric_names != [spec.metric]:
+        # The objective's name, so the dashboard and reports say `val_acc`, not "Objective 0".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+    return study
 
 
 def open_trial(url: str, study_name: str, optuna_trial_id: int, pruner: str, startup_trials: int) -> optuna.Trial:

@@ -19,7 +19,7 @@ from orchestrator.context import RunContext
 from orchestrator.disk import DISK_FULL_KEY, disk_full
 from orchestrator.results import ERROR_KEY, FINAL_KEY, STATUS_KEY, numbers
 from orchestrator.resume import drop_engine_checkpoint, drop_ray_checkpoints, restore_tune_checkpoint
-from orchestrator.trial_callback import TrialBridge, open_trial_run, write_pid
+from orchestrator.trial_callback import TrialBridge, open_trial_run, remove_pid, write_pid
 from orchestrator.trials import Trial
 
 
@@ -59,6 +59,7 @@ def tune_trainable(config: dict) -> None:
         # raising) ends the Tune trial without the max_failures retries.
         message = f"bad trial config (not retried): {e}"
         run.fail(message)
+        remove_pid(trial)
         tune.report({STATUS_KEY: "failed", FINAL_KEY: True, ERROR_KEY: message})
         return
     except Exception as e:
@@ -81,6 +82,7 @@ def tune_trainable(config: dict) -> None:
     overhead = time.perf_counter() - started - engine_seconds
     run.log_metrics({"orchestration_seconds": overhead, "engine_seconds": engine_seconds}, step=0)
     run.finish(status)
+    remove_pid(trial)
     if not ctx.keep_checkpoints:
         # On record as finished: its checkpoints only served resuming it (Tune's copy goes on the driver).
         drop_engine_checkpoint(trial.config.output_dir)

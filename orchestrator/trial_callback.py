@@ -55,6 +55,11 @@ def write_pid(trial: Trial, name: str = "worker.pid") -> None:
     (Path(trial.config.output_dir) / name).write_text(str(os.getpid()))
 
 
+def remove_pid(trial: Trial, name: str = "worker.pid") -> None:
+    """The trial ended by itself (on record): no process runs it any more."""
+    (Path(trial.config.output_dir) / name).unlink(missing_ok=True)
+
+
 class TrialBridge:
     """The engine callback that forwards epochs to MLflow (and Tune) and asks Optuna whether to prune."""
 
