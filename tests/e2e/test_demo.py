@@ -32,8 +32,13 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     assert last and int(last[-1][0]) + int(last[-1][1]) == 4, out.stdout[-3000:]  # median pruning may stop some
     assert re.search(r"^\[final\] 15/15 finished, 0 running, 0 failed, 0 pruned · ", out.stdout, re.M), out.stdout[-3000:]
     for chatter in ("Configuration for experiment", "TensorBoard", "Checkpoint successfully created",
-                    "RAY_DEDUP_LOGS", "Token authentication", "(tune_trainable pid="):
+                    "RAY_DEDUP_LOGS", "Token authentication", "(tune_trainable pid=", "repeated",
+                    "build it with", "hisf-bench data build"):  # (the run builds the demo data itself)
         assert chatter not in out.stdout + out.stderr, chatter
+    # Nothing after the summary but the "Where things are" lines.
+    tail = out.stdout.split("Where things are:", 1)[1]
+    assert all(ln.startswith("  ") for ln in tail.strip("\n").splitlines()), tail
+    assert not (wd / "runs" / "demo" / "final-hisf-demo-s1" / "worker.pid").exists()
     client = MlflowClient(f"sqlite:///{wd / 'mlflow.db'}")
     exp = client.get_experiment_by_name("demo")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
