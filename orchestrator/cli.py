@@ -166,15 +166,21 @@ def stage_main(command: str, argv: list[str]) -> int:
 
 def _run(command: str, spec, opts, argv: list[str]) -> int:
     import shlex
+    from pathlib import Path
 
     from orchestrator.workdir_lock import launch_lock
 
     # The command that continues this one: the same command and flags, with --resume.
     resume = shlex.join(["hisf-bench", command, *argv, *([] if "--resume" in argv else ["--resume"])])
+    fresh = not Path(opts.workdir).exists()
     try:
         # One launch of a spec per workdir: a second one stops here, naming the holder.
-        with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out):
-            return _run_stages(command, spec, opts, resume)
+        with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out) as lock:
+            try:
+                return _run_stages(command, spec, opts, resume)
+            finally:
+                if fresh:
+                    _drop_unused_workdir(Path(opts.workdir), lock)
     except Exception as e:
         from orchestrator.disk import disk_full
 
@@ -184,6 +190,20 @@ def _run(command: str, spec, opts, argv: list[str]) -> int:
             raise
         print(f"error: {full}; what finished is kept: free space there, then continue with: {resume}", file=sys.stderr)
         return 1
+
+
+def _drop_unused_workdir(workdir, lock) -> None:
+    """A launch that made the workdir and stopped before writing anything but its lock (a bad spec, data not
+    built) leaves no workdir behind: the lock file, then the empty folders (rmdir removes only empty ones)."""
+    import contextlib
+    import os
+
+    if sorted(p.name for p in workdir.iterdir()) != ["locks"] or os.listdir(lock.parent) != [lock.name]:
+        return
+    with contextlib.suppress(OSError):
+        lock.unlink()
+        os.rmdir(lock.parent)
+        os.rmdir(workdir)
 
 
 def _run_stages(command: str, spec, opts, resume: str) -> int:

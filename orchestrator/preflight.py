@@ -279,21 +279,22 @@ def _os_reason(e: OSError) -> str:
 
 
 def _folder_problem(flag: str, folder: Path, dry_run: bool) -> str | None:
-    """`folder` (made when missing) takes a new file; a dry run only asks its nearest existing ancestor."""
+    """`folder`, or the nearest of its parents that exists, takes a new entry; nothing is left behind (a bad
+    spec found later must not have made a workdir). A dry run only asks the permissions."""
     import os
     import tempfile
 
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{flag} {folder}: {probe} is not a folder; pass a folder you can write to"
     if dry_run:
-        probe = folder
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        if os.access(probe, os.W_OK | os.X_OK):
             return None
-        why = "not a folder" if probe.exists() and not probe.is_dir() else "not writable"
-        return f"{flag} {folder}: {probe} is {why}; pass a folder you can write to"
+        return f"{flag} {folder}: {probe} is not writable; pass a folder you can write to"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hisf-bench-write-test-"):
+        with tempfile.TemporaryDirectory(dir=probe, prefix=".hisf-bench-write-test-"):
             pass
     except OSError as e:
         return f"{flag} {folder}: cannot write there: {_os_reason(e)}; pass a folder you can write to"
