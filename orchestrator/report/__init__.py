@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,8 +23,9 @@ def main(argv: list[str]) -> int:
                         help="the run commands' --workdir, where the default stores are (default: ./hisf-bench)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
-    parser.add_argument("--storage", "--optuna-storage", dest="storage", default=None,
-                        help="Optuna storage URL (default: sqlite:///<workdir>/optuna.db)")
+    parser.add_argument("--optuna-storage", dest="storage", default=None, metavar="URL",
+                        help="Optuna storage URL, as `run` takes it (default: sqlite:///<workdir>/optuna.db)")
+    parser.add_argument("--storage", dest="storage", help=argparse.SUPPRESS)  # the flag's earlier name
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/reports/<spec name>)")
     parser.add_argument("--ui-url", default=DEFAULT_UI_URL, help=f"MLflow UI address for links (default {DEFAULT_UI_URL})")
     args = parser.parse_args(argv)
@@ -48,6 +50,6 @@ def main(argv: list[str]) -> int:
     if report.environments.mixed:
         print(f"  warning: {report.environments.note()}")
     print(f"  open it:         xdg-open {report.index.resolve()}  (or file://{report.index.resolve()})")
-    print(f"  MLflow UI:       mlflow ui --backend-store-uri {tracking_uri}  ->  {args.ui_url}")
-    print(f"  Optuna dashboard: optuna-dashboard {storage}  (pip install optuna-dashboard)")
+    print(f"  MLflow UI:       mlflow ui --backend-store-uri {shlex.quote(tracking_uri)} --host 127.0.0.1  ->  {args.ui_url}")
+    print(f"  Optuna dashboard: optuna-dashboard {shlex.quote(storage)}  (pip install optuna-dashboard)")
     return 0

@@ -14,22 +14,28 @@ from .studies import StudyReport
 from .tables import Cell, Table, format_cell
 
 
+# MLflow 3's UI opens what its global "GenAI / Model training" switch says unless a link names the workflow.
+WORKFLOW = "workflowType=machine_learning"
+
+
 class RunLinks:
-    """URLs into the MLflow UI for one experiment (`<ui>/#/experiments/<id>/runs/<run_id>`)."""
+    """URLs into the MLflow UI for one experiment (`<ui>/#/experiments/<id>/runs/<run_id>`), in its model
+    training view."""
 
     def __init__(self, ui_url: str, experiment_id: str):
         self.ui = ui_url.rstrip("/")
         self.experiment_id = experiment_id
 
     def run(self, run_id: str) -> str:
-        return f"{self.ui}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.ui}/#/experiments/{self.experiment_id}/runs/{run_id}?{WORKFLOW}"
 
     def cell(self, run_ids: tuple[str, ...]) -> str:
+        run_ids = tuple(dict.fromkeys(run_ids))  # a derived cell (an average's HM) reads the same run twice
         if len(run_ids) == 1:
             return self.run(run_ids[0])
         runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
         experiments = quote(json.dumps([self.experiment_id], separators=(",", ":")))
-        return f"{self.ui}/#/compare-runs?runs={runs}&experiments={experiments}"
+        return f"{self.ui}/#/compare-runs?runs={runs}&experiments={experiments}&{WORKFLOW}"
 
 
 def _cell_html(cell: Cell, links: RunLinks) -> str:
@@ -156,7 +162,7 @@ code{{background:#f4f4f4;padding:1px 4px}}
 <h2>Optuna studies</h2>
 {studies_html}
 <h2>Open the trackers</h2>
-<p>MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(tracking_uri)}</code>, then open
+<p>MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(tracking_uri)} --host 127.0.0.1</code>, then open
 <a href="{html.escape(links.ui)}">{html.escape(links.ui)}</a> (group runs by <code>hisf.dataset</code>,
 <code>hisf.row</code>, <code>hisf.stage</code>).
 Optuna dashboard: <code>optuna-dashboard {html.escape(storage)}</code> (<code>pip install optuna-dashboard</code>).</p>

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hisf.config import ConfigError, MethodConfig, TrialConfig
 from hisf.model.facts import METHODS, PARAM_GROUPS
@@ -64,3 +65,55 @@ def test_dry_run_settings_show_the_methods_declared_keys():
         shown = [part.split(" ")[0] for part in line.split(", ")] if line else []
         assert shown[:len(facts.settings)] == list(facts.settings), name
         assert ("preset" in shown) == facts.trains, name
+
+
+# A valid other value for every method key, for a tiny backbone (3 layers, widths 64); the base config is
+# depth 2, cross layer 1 (what every method can build on it).
+OTHER = {"n_ctx": 3, "depth": 1, "layers": (0, 1), "ctx_init": "a picture of", "pi": False, "sf": False,
+         "label_embedding": "frozen", "share_fusion": True, "fusion_heads": 4, "fusion_bottleneck": 32,
+         "lambda_le": 0.25, "lambda_sa": 0.25, "cls_loss": False, "sf_zero_init": False, "le_detach": False,
+         "cross_layer": 2, "lkp_heads": 4, "mapper_heads": 4, "lambda_distill": 3.0, "mapping": "released"}
+# Never set alone: `released_storage` is refused unless `mapping: released`; `descriptions` names files.
+NOT_ALONE = {"name", "released_storage", "descriptions"}
+
+
+def _numbers(name, backbone, classes, images, labels, **changes):
+    from hisf.model.methods import build_method
+
+    torch.manual_seed(0)
+    model = build_method(MethodConfig(**{"name": name, "depth": 2, "cross_layer": 1, **changes}), backbone, classes)
+    model.train()
+    losses = model.forward_losses(images, labels)
+    state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    return state, {k: v.detach() for k, v in losses.items()}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_keys_a_method_does_not_declare_do_not_change_its_numbers(name, backbone, classes, images, labels):
+    """What the tracker leaves out of a run's params (facts.reads) must not change the method's parameters,
+    logits or losses; a key that did would be a difference the MLflow compare view hides."""
+    import dataclasses
+
+    keys = {f.name for f in dataclasses.fields(MethodConfig)} - NOT_ALONE - set(METHODS[name].reads)
+    assert keys <= set(OTHER), keys - set(OTHER)
+    base_state, base_losses = _numbers(name, backbone, classes, images, labels)
+    for key in sorted(keys):
+        state, losses = _numbers(name, backbone, classes, images, labels, **{key: OTHER[key]})
+        assert state.keys() == base_state.keys(), key
+        assert all(torch.equal(state[k], base_state[k]) for k in state), key
+        assert losses.keys() == base_losses.keys(), key
+        assert all(torch.equal(losses[k], base_losses[k]) for k in losses), key
+
+
+# (A zero-initialised fusion value projection hides the head count at initialisation: start it non-zero.)
+@pytest.mark.parametrize("name, key, base", [
+    ("coop", "n_ctx", {}), ("maple", "depth", {}), ("hisf", "lambda_le", {}), ("hisf", "fusion_heads", {"sf_zero_init": False}),
+    ("hicropl", "lkp_heads", {}), ("hicropl", "lambda_distill", {})])
+def test_declared_keys_do_change_them(name, key, base, backbone, classes, images, labels):
+    assert key in METHODS[name].reads
+    base_state, base_losses = _numbers(name, backbone, classes, images, labels, **base)
+    state, losses = _numbers(name, backbone, classes, images, labels, **{**base, key: OTHER[key]})
+    differs = state.keys() != base_state.keys() or any(
+        not torch.equal(state[k], base_state[k]) for k in state) or any(
+        not torch.equal(losses[k], base_losses[k]) for k in losses if k in base_losses and losses[k].shape == base_losses[k].shape)
+    assert differs, (name, key)

@@ -230,3 +230,56 @@ def search_spec(n_trials: int = 4) -> dict:
     return {"sampler": "tpe", "n_trials": n_trials, "startup_trials": 2, "seed": 1, "metric": "val_acc",
             "pruner": "median", "params": {"method.lambda_le": {"low": 0.0, "high": 2.0},
                                            "method.lambda_sa": {"low": 0.0, "high": 2.0}}}
+
+
+def listening_sockets(pids) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket (IPv4 and IPv6) held by one of `pids`, from /proc."""
+    import socket
+
+    wanted, inodes = set(pids), {}
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = f[1].split(":")
+            raw = bytes.fromhex(addr)
+            # /proc prints each 32-bit word of the address in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            inodes[f[9]] = (socket.inet_ntop(family, raw), int(port, 16))
+    out = []
+    for pid in wanted:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                out.append((pid, *inodes[target[8:-1]]))
+    return sorted(set(out))
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

@@ -55,6 +55,7 @@ def test_sweep_console_progress_log_and_no_checkpoints_left(tmp_path, demo_root)
     for trial in ("sweep-coop-demo-s1", "sweep-hisf-demo-s1"):
         for name in ("prompts.pt", "config.yaml", "metrics.json"):
             assert (wd / "runs" / "quiet" / trial / name).is_file(), (trial, name)
+        assert not (wd / "runs" / "quiet" / trial / "worker.pid").exists()  # no process runs a finished trial
 
     # MLflow: the experiment opens as model training; rows name the method, dataset, seed and grid point.
     uri = f"sqlite:///{wd / 'mlflow.db'}"

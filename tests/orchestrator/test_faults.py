@@ -33,6 +33,9 @@ def test_killed_worker_retries_from_checkpoint_with_same_metrics(tmp_path, demo_
         "the trial's second epoch checkpoint", pid_file, state, ready_timeout=180, run_timeout=240)
     assert code == 0, out[-4000:]
     assert 2 <= killed_at < epochs
+    # The console's progress line counts the retry (Tune's on_trial_recover).
+    progress = [ln for ln in out.splitlines() if ln.startswith("[sweep] ") and " finished, " in ln]
+    assert progress and progress[-1].startswith("[sweep] 1/1 finished, 0 running, 0 failed, 0 pruned, 1 retry · "), out[-3000:]
 
     uri = f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}"
     (run,) = mlflow_children(uri, "kill")  # the retry continued the same run

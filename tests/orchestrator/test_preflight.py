@@ -1,6 +1,7 @@
 """Pre-flight on the driver: data, shots and backbone weights checked before Ray starts, and by `--dry-run`;
 multi-node clusters refused when stores or folders are on this machine only."""
 
+import io
 import json
 import re
 import time
@@ -185,7 +186,16 @@ def test_cluster_storage_checks_name_the_flags(tmp_path, demo_root, monkeypatch)
     for flag in ("`--tracking-uri http://HOST:5000`", "`--optuna-storage postgresql://USER@HOST/DB`",
                  "`--workdir /shared/...`", "data.root", "`--shared-storage`"):
         assert flag in msg, flag
-    preflight.check_cluster(searched, opts(tmp_path, shared_storage=True), alive_nodes=2)  # declared shared
+    # Declared shared: one short note naming what is taken as shared (not the advice to pass the flag the user
+    # passed), printed once however many stages check the cluster.
+    monkeypatch.setattr(preflight, "_NOTED", set())
+    out = io.StringIO()
+    for _ in range(2):
+        preflight.check_cluster(searched, opts(tmp_path, shared_storage=True), alive_nodes=2, out=out)
+    (note,) = out.getvalue().splitlines()
+    assert note.startswith("preflight: 2 Ray nodes; as --shared-storage says, every node sees the SQLite tracking "
+                           "store, the SQLite Optuna storage, --workdir "), note
+    assert "pass" not in note and len(note) < 300, note
 
     # Servers for the stores and folders on a network file system: nothing left to refuse.
     monkeypatch.setattr(preflight, "_fs_type", lambda path: "nfs4")

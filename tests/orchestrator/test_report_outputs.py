@@ -96,11 +96,14 @@ def test_index_cells_link_to_their_mlflow_runs(depth_report):
     # the HISF depth=1 oxford_pets HM cell: the two finished seeds' runs
     want = [runs[("HISF", (("method.depth", "1"),), "oxford_pets", s)][0] for s in (1, 2)]
     compact = json.dumps(want, separators=(",", ":"))
-    expected = f'http://127.0.0.1:5999/#/compare-runs?runs={compact}&experiments=["{exp}"]'
+    expected = f'http://127.0.0.1:5999/#/compare-runs?runs={compact}&experiments=["{exp}"]&workflowType=machine_learning'
     assert expected in compare
     single = f"http://127.0.0.1:5999/#/experiments/{exp}/runs/"
+    assert "mlflow ui --backend-store-uri" in index and "--host 127.0.0.1</code>" in index
     study_hrefs = re.findall(r"href='([^']+)'", report.studies[0].html.read_text())
-    assert sum(h.startswith(single) for h in study_hrefs) == 8  # each study trial links to its search run
+    singles = [h for h in study_hrefs if h.startswith(single)]
+    assert len(singles) == 8  # each study trial links to its search run, in the model training view
+    assert all(h.endswith("?workflowType=machine_learning") for h in singles)
     for name in ("table_ablation_depth.md", "table_ablation_depth.csv", "table_ablation_depth.parquet",
                  "figures/depth_curve.png", "studies/study_depth_HISF_caltech101.html"):
         assert f'"{name}"' in index and (report.out / name).is_file()

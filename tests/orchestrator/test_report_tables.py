@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.report import build_report, plan_from_dict
+from orchestrator.report.plan import PAPER_DATASETS
 from orchestrator.report.reference import BASE2NEW_AVERAGE, CROSS_DATASET_HISF_SOURCE, CROSS_DATASET_HISF_TARGETS
 from orchestrator.report.tables import format_cell
 
@@ -54,7 +55,7 @@ def test_base2new_table_is_mean_and_sample_std_of_the_runs(tmp_path):
 
 
 def test_average_row_follows_table1_and_reference_deltas(tmp_path):
-    spec = spec_dict()
+    spec = spec_dict(datasets=PAPER_DATASETS)  # the paper's rows average Table 1's 11 datasets
     uri, exp, runs = write_store(tmp_path, spec, seed_rng=3)
     report = build_report(plan_from_dict(spec), tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
     df = pd.read_csv(report.tables["csv"])
@@ -62,7 +63,7 @@ def test_average_row_follows_table1_and_reference_deltas(tmp_path):
     for row in ("CLIP", "MaPLe", "HISF"):
         per_seed = {}
         for metric in ("base_acc", "novel_acc"):
-            per_ds = [_values(runs, row, d, metric) for d in ("caltech101", "oxford_pets")]
+            per_ds = [_values(runs, row, d, metric) for d in PAPER_DATASETS]
             per_seed[metric] = {s: statistics.fmean(v[s] for v in per_ds) for s in (1, 2, 3)}
             assert avg.loc[(row, metric)]["mean"] == pytest.approx(statistics.fmean(per_seed[metric].values()))
             assert avg.loc[(row, metric)]["std"] == pytest.approx(statistics.stdev(per_seed[metric].values()))
@@ -85,6 +86,53 @@ def test_average_row_follows_table1_and_reference_deltas(tmp_path):
     assert f"| HISF (paper) | 85.39 | 76.12 | 80.75 |" in md
     d = avg.loc[("HISF − paper", "hm")]["mean"]
     assert f"{d:+.2f}" in md
+    # The average's HM combines the same runs as its base and novel cells: each run is linked once.
+    import html as html_lib
+    import json
+    import re
+    from urllib.parse import unquote
+
+    compare = [unquote(html_lib.unescape(h)) for h in re.findall(r'href="([^"]+)"', report.index.read_text())
+               if "#/compare-runs?" in h]
+    assert compare
+    for link in compare:
+        ids = json.loads(link.split("runs=", 1)[1].split("&", 1)[0])
+        assert len(ids) == len(set(ids)), link
+        assert link.endswith("&workflowType=machine_learning")
+    hm_ids = avg.loc[("HISF", "hm")]["run_ids"].split(",")
+    assert len(hm_ids) == len(set(hm_ids)) == len(PAPER_DATASETS) * 3
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"datasets": ("caltech101", "shapes")}, "its average is over 2 dataset(s) (shapes not among them), the paper's "
+                                             "over the 11 of Table 1"),
+    ({"shots": 4}, "it trains with 4 shots, the paper with 16"),
+    ({"backbone": {"name": "ViT-B-16", "pretrained": None}}, "its backbone is ViT-B-16 (random weights), the "
+                                                             "paper's ViT-B-16 with its pretrained weights"),
+])
+def test_numbers_unlike_the_papers_get_no_paper_rows_and_say_why(tmp_path, change, why):
+    spec = spec_dict(datasets=change.get("datasets", PAPER_DATASETS))
+    spec["data"]["shots"] = change.get("shots", 16)
+    if "backbone" in change:
+        spec["base"] = {"backbone": change["backbone"]}
+    uri, exp, runs = write_store(tmp_path, spec)
+    report = build_report(plan_from_dict(spec), tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
+    df = pd.read_csv(report.tables["csv"])
+    assert set(df.kind) == {"ours"}  # no paper rows, no deltas
+    md = report.tables["md"].read_text()
+    assert "(paper)" not in md and "− paper |" not in md
+    assert f"No paper rows beside this table: {why}, so its numbers are not comparable to the published ones." in md
+    assert why in report.index.read_text().replace("&#x27;", "'")
+
+
+def test_a_row_without_published_numbers_says_so(tmp_path):
+    spec = spec_dict(datasets=PAPER_DATASETS, rows=[{"name": "CoOp", "method": {"name": "coop"}},
+                                                    {"name": "HISF", "method": {"name": "hisf"}}])
+    uri, exp, runs = write_store(tmp_path, spec)
+    report = build_report(plan_from_dict(spec), tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
+    md = report.tables["md"].read_text()
+    assert "No published number on file for CoOp (docs/protocols.md lists none), so it has no paper row." in md
+    assert "| HISF − paper |" in md and "| CoOp − paper |" not in md
 
 
 def test_missing_dataset_makes_the_average_missing(tmp_path):

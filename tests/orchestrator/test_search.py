@@ -64,6 +64,11 @@ def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
     for g in groups:
         st = optuna.load_study(study_name=g.study, storage=storage)
         states[g.dataset] = sorted(t.state.name for t in st.trials)
+        assert st.metric_names == ["val_acc"]  # the dashboard names the objective
+        # A trial told as failed keeps why (an error with no final result: Ray's, see its run).
+        for t in st.trials:
+            if t.state.name == "FAIL":
+                assert t.user_attrs["fail_reason"] == "the trial ended without a final result (see its MLflow run)"
     assert sum(len(v) for v in states.values()) == 6
     assert sorted(sum(states.values(), [])).count("COMPLETE") == 4
     best = best_values(url, groups)
