@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_spec(path: Path, demo_root: Path, rows, search=None, seeds=(1,), epochs=2, shots=4,
-               max_concurrent=2, max_failures=2, name="t") -> Path:
+               max_concurrent=2, max_failures=2, name="t", fuse=1) -> Path:
     spec = {
         "name": name, "protocol": "base2new",
         "data": {"root": str(demo_root), "datasets": ["demo"], "shots": shots},
@@ -26,7 +26,8 @@ def write_spec(path: Path, demo_root: Path, rows, search=None, seeds=(1,), epoch
                            "eval_batch_size": 64, "log_every": 0}},
         "rows": rows,
         "final": {"seeds": list(seeds)},
-        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": max_concurrent, "max_failures": max_failures},
+        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": max_concurrent, "max_failures": max_failures,
+                      "fuse": fuse},
     }
     if search:
         spec["search"] = search

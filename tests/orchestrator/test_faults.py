@@ -56,6 +56,39 @@ def test_killed_worker_retries_from_checkpoint_with_same_metrics(tmp_path, demo_
         assert run.data.metrics[k] == pytest.approx(ref[k], abs=1e-9), k
 
 
+def test_killed_fused_group_retries_every_member_from_the_group_checkpoint(tmp_path, demo_root):
+    """Two seeds fused in one Tune trial (fuse: 2): its worker killed mid-run, Tune retries the group from its
+    checkpoint, and each member ends as its own run did alone, unkilled and unfused."""
+    epochs = 24
+    spec_path = write_spec(tmp_path / "g.yaml", demo_root, name="fkill", epochs=epochs, shots=8, max_concurrent=1,
+                           seeds=(1, 2), fuse=2, rows=[{"name": "HISF", "method": {"name": "hisf", "depth": 2}}])
+    trials = expand_sweep(load_spec(spec_path), tmp_path / "hisf-bench")
+    assert len(trials) == 2
+    states = [Path(t.config.output_dir) / "checkpoint" / "state.pt" for t in trials]
+    pid_file = Path(trials[0].config.output_dir) / "worker.pid"
+    code, out, killed_at = sweep_and_kill(
+        spec_path, tmp_path, lambda: pid_file.is_file() and all(s.is_file() and checkpoint_epoch(s) >= 2
+                                                                for s in states),
+        "both members' second epoch checkpoints", pid_file, states[0], ready_timeout=180, run_timeout=240)
+    assert code == 0, out[-4000:]
+    assert 2 <= killed_at < epochs
+    assert "running 2 in 1 fused group(s)" in out, out[-3000:]
+
+    uri = f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}"
+    runs = {r.data.tags["hisf.trial_id"]: r for r in mlflow_children(uri, "fkill")}
+    assert sorted(runs) == sorted(t.trial_id for t in trials)  # one run per member, continued by the retry
+    client = MlflowClient(uri)
+    for t in trials:
+        run = runs[t.trial_id]
+        assert run.data.tags["hisf.status"] == "finished" and run.data.tags["hisf.attempts"] == "2"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert sorted(set(steps)) == list(range(epochs))
+        assert all(steps.count(e) == 1 for e in range(killed_at - 1))  # resumed, not restarted
+        ref = run_trial(replace_path(t.config, "output_dir", str(tmp_path / "alone" / t.trial_id)))
+        for k in ("base_acc", "novel_acc", "hm", "val_acc", "train/loss", "train/loss_le", "train/loss_sa"):
+            assert run.data.metrics[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), (t.trial_id, k)  # fused == alone
+
+
 def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, demo_root):
     spec_path = write_spec(tmp_path / "d.yaml", demo_root, name="driver", epochs=3, seeds=(1, 2), max_concurrent=1,
                            rows=[{"name": "CoOp", "method": {"name": "coop"}},
