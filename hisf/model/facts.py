@@ -26,7 +26,7 @@ class MethodFacts:
     trains: bool = True  # False: nothing to train (the line leaves out preset and batch)
     presets: tuple[str, ...] = tuple(PRESETS)  # `train.preset` values the method accepts
     # The `method.*` keys its builder and loss read (besides `name`); the others do not change its numbers, so
-    # a tracker need not log them (tests/hisf/test_method_facts.py checks each against the builder).
+    # a tracker need not log them (tests/hisf/model/test_method_facts.py checks each against the builder).
     reads: tuple[str, ...] = ()
 
 

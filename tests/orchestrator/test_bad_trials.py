@@ -7,7 +7,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import (ROOT, cli_env, free_port, mlflow_children, mlflow_server_at, run_cli, stop_group, wait_for,
-                          write_spec)
+from tests.orchestrator.helpers import (
+    ROOT,
+    cli_env,
+    free_port,
+    mlflow_children,
+    mlflow_server_at,
+    run_cli,
+    stop_group,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent

@@ -12,11 +12,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
 from orchestrator.resume import DropFinishedCheckpoints
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
-
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(400)
 

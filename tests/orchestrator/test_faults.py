@@ -1,8 +1,8 @@
 """Fault tolerance with real processes: a killed trial worker retries from its checkpoint; a killed driver resumes."""
 
 import contextlib
-import sqlite3
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +14,17 @@ from hisf.config import replace_path
 from hisf.engine import run_trial
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
-
-from orch_helpers import (checkpoint_epoch, cli_env, descendants, kill_pids, mlflow_children, run_cli,
-                          sweep_and_kill, wait_for, write_spec)
+from tests.orchestrator.helpers import (
+    checkpoint_epoch,
+    cli_env,
+    descendants,
+    kill_pids,
+    mlflow_children,
+    run_cli,
+    sweep_and_kill,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -5,7 +5,6 @@ estimate itself, the payload a Tune trial carries, and what the dry run prints a
 import io
 import json
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,18 +13,26 @@ from hisf.config import replace_path
 from hisf.engine.group import check_group, fusion_key
 from orchestrator.context import Options
 from orchestrator.estimate import estimate_hours
-from orchestrator.groups import (CPU_AUTO, CPU_SEQUENCES, MAX_AUTO, MEMORY_SHARE, TrialGroup, estimate_peak_bytes,
-                                 group_size, plan_groups)
+from orchestrator.groups import (
+    CPU_AUTO,
+    CPU_SEQUENCES,
+    MAX_AUTO,
+    MEMORY_SHARE,
+    TrialGroup,
+    estimate_peak_bytes,
+    group_size,
+    plan_groups,
+)
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
 from orchestrator.trials import expand_final, expand_sweep, search_groups
+from tests.orchestrator.helpers import demo_raw
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024 ** 3
 
 
 def raw_spec(**resources):
-    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["resources"].update(resources)
     return raw
 

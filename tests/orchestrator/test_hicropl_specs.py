@@ -14,11 +14,10 @@ import yaml
 
 from hisf.config import TrialConfig
 from orchestrator.spec import SpecError, check_descriptions, load_spec, parse_spec
+from tests.orchestrator.helpers import cli_env, write_spec
+from tests.orchestrator.report.helpers import spec_dict, write_store
+from tests.support import ROOT
 
-from orch_helpers import cli_env, write_spec
-from tests.orchestrator.report_fixtures import spec_dict, write_store
-
-ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ROOT / "experiments"
 DEMO_CLASSES = ("red circle", "green square", "blue triangle", "yellow cross", "magenta ring", "cyan bars")
 

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import cli_env, descendants, kill_pids, mlflow_children, run_cli, wait_for, write_spec
+from tests.orchestrator.helpers import cli_env, descendants, kill_pids, mlflow_children, run_cli, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

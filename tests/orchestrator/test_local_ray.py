@@ -13,9 +13,18 @@ import pytest
 
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
-
-from orch_helpers import (ROOT, alive, cli_env, cmdline, descendants, is_loopback, kill_pids, listening_sockets,
-                          wait_for, write_spec)
+from tests.orchestrator.helpers import (
+    ROOT,
+    alive,
+    cli_env,
+    cmdline,
+    descendants,
+    is_loopback,
+    kill_pids,
+    listening_sockets,
+    wait_for,
+    write_spec,
+)
 
 
 @pytest.mark.slow

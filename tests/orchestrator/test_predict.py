@@ -15,6 +15,7 @@ from PIL import Image
 
 from orchestrator.cli import main as cli
 from orchestrator.predict import evaluate, load_trial, predict
+from tests.orchestrator.report.helpers import spec_dict, write_store
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -228,7 +229,6 @@ def test_results_frame_holds_each_stages_latest_launch(tmp_path):
     from mlflow.entities import Metric
 
     from orchestrator.report import results_frame
-    from tests.orchestrator.report_fixtures import spec_dict, write_store
 
     spec = spec_dict(datasets=("caltech101",), seeds=(1, 2))
     uri, exp, runs = write_store(tmp_path, spec, failed={("MaPLe", "caltech101", 2)})

@@ -11,14 +11,13 @@ import pytest
 import torch
 import yaml
 
-from orch_helpers import write_spec
-
 from hisf.config import BackboneConfig
 from orchestrator import preflight
 from orchestrator.cli import main as cli_main
 from orchestrator.context import Options
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
+from tests.orchestrator.helpers import DEMO_SPEC, demo_raw, write_spec
 
 ROWS = [{"name": "CoOp", "method": {"name": "coop"}}]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -215,7 +214,7 @@ def test_fs_type_reads_the_longest_mount_prefix():
 
 def test_dry_run_of_the_demo_checks_and_leaves_unbuilt_demo_data_to_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the demo's data.root (hisf-bench/data) is relative: nothing built here yet
-    spec = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+    spec = DEMO_SPEC
     assert cli_main(["run", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"preflight: data.datasets[0]: demo dataset 'demo' is built under {tmp_path / 'hisf-bench' / 'data'} " \
@@ -238,7 +237,7 @@ def test_dry_run_and_run_name_a_spoilt_dataset_file(tmp_path, demo_root, capsys,
     root = tmp_path / "data"
     shutil.copytree(demo_root / "demo", root / "demo")
     spoil(root / "demo")
-    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["data"].update(root=str(root), demo=False)
     (tmp_path / "desc").mkdir()
     from data_shards.demo import write_descriptions

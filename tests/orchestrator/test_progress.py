@@ -7,17 +7,15 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 
 from orchestrator import cli
 from orchestrator.progress import StageProgress, ray_output_to_log
 from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def _trial(tid: str, status: str | None = None, **metrics):

@@ -19,8 +19,7 @@ from orchestrator.spec import load_spec
 from orchestrator.tracking import Tracker
 from orchestrator.trial_callback import open_trial_run
 from orchestrator.trials import expand_final
-
-from orch_helpers import write_spec
+from tests.orchestrator.helpers import write_spec
 
 ROWS = [{"name": "CoOp", "method": {"name": "coop"}}, {"name": "HISF", "method": {"name": "hisf", "depth": 2}, "search": True}]
 SEARCH = {"n_trials": 2, "seed": 1, "pruner": "none", "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from ray.tune.search import Searcher
 
 from orchestrator.context import default_optuna_storage as default_storage
@@ -12,12 +11,11 @@ from orchestrator.results import group_result
 from orchestrator.search import StudySearcher, best_values, open_trial
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.trials import search_groups
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.helpers import demo_raw
 
 
 def spec(n_trials=3, datasets=("demo",), fuse=1):
-    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["search"]["n_trials"] = n_trials
     raw["data"]["datasets"] = list(datasets)
     raw["resources"]["fuse"] = fuse

@@ -4,23 +4,20 @@ names that would leave their folder, duplicated YAML keys (issue 19 items 5, 9, 
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.cli import main as cli_main
 from orchestrator.spec import SpecError, load_spec, parse_spec
+from tests.orchestrator.helpers import DEMO_SPEC, demo_raw
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = DEMO_SPEC
 NAN, INF = float("nan"), float("inf")
 # hisf-tiny (hisf/model/model_configs/hisf-tiny.json): 3 text and 3 vision layers, widths 64, context 77.
 TINY = "backbone 'hisf-tiny'"
 
-
-def demo_raw():
-    return yaml.safe_load(DEMO.read_text())
 
 
 def method(row: int, **kw):

@@ -7,8 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from hisf.config import TrialConfig, replace_path
 from hisf.engine import run_trial
-
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(400)
 

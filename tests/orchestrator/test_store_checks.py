@@ -13,8 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.runner import closing_stage
 from orchestrator.tracking import Tracker
-
-from orch_helpers import free_port, run_cli, write_spec
+from tests.orchestrator.helpers import free_port, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(300)
 SEARCH = {"n_trials": 2, "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}

@@ -1,22 +1,19 @@
 """Trial expansion: counts, stable ids, configs carrying grid/seed/searched values, the dry run."""
 
 import io
-from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.context import Options
+from orchestrator.estimate import estimate_hours
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
-from orchestrator.estimate import estimate_hours
 from orchestrator.trials import expand_final, expand_sweep, search_groups, search_trial, trial_resources
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.helpers import demo_raw
 
 
 def raw_spec():
-    return yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    return demo_raw()
 
 
 def test_sweep_is_rows_by_datasets_by_grid_by_seeds(tmp_path):

@@ -12,8 +12,7 @@ import sys
 import pytest
 
 from orchestrator.workdir_lock import LockHeld, launch_lock, lock_path
-
-from orch_helpers import ROOT, cli_env, run_cli, write_spec
+from tests.orchestrator.helpers import ROOT, cli_env, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(120)
 

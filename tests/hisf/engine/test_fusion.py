@@ -14,16 +14,22 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from engine_helpers import WORKTREE, free_port, subprocess_env, tiny_trial, tiny_trial_dict, without_timing
 from hisf.config import ConfigError
 from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_group, run_trial
 from hisf.engine.group import check_group, fusion_key, why_alone
+from tests.hisf.engine.helpers import (
+    WORKTREE,
+    child_env,
+    tiny_trial,
+    tiny_trial_dict,
+    torchrun,
+    without_timing,
+)
 
 HICROPL = {"method": {"name": "hicropl", "n_ctx": 2, "depth": 2, "cross_layer": 1}, "train": {"preset": "hicropl"}}
 METHODS = {
@@ -201,9 +207,8 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch_per_member(demo_root
         d = tiny_trial_dict(demo_root, tmp_path / f"two{k}", seed=k + 1, train={"batch_size": 2, "lr": 0.02 * (k + 1)})
         paths.append(tmp_path / f"two{k}.yaml")
         paths[-1].write_text(yaml.safe_dump(d))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "hisf.train", *map(str, paths)]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=WORKTREE, capture_output=True, text=True, timeout=600)
+    cmd = torchrun(2, "-m", "hisf.train", *paths)
+    proc = subprocess.run(cmd, env=child_env(), cwd=WORKTREE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "member 2 of a group of 2" in proc.stderr and "2 rank(s) x batch 2, 3 steps/epoch" in proc.stderr
     torch.set_num_threads(1)
