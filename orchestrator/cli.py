@@ -100,6 +100,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
     if command == "status":  # reads the stores only: the flags of a launch do nothing here
+        p.add_argument("--full-read", action="store_true",
+                       help="read every trial run from MLflow instead of each launch's record (orchestrator/records.py): slower; for runs edited by hand after their stage ended")
         return p
     p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--resume", action="store_true",
@@ -133,8 +135,9 @@ def stage_main(command: str, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    launch = {k: getattr(args, k) for k in ("address", "resume", "dry_run", "num_cpus", "shared_storage", "verbose")
-              if hasattr(args, k)}  # (`status` has none of these)
+    launch = {k: getattr(args, k) for k in ("address", "resume", "dry_run", "num_cpus", "shared_storage", "verbose",
+                                            "full_read")
+              if hasattr(args, k)}  # (`status` has only the last)
     opts = Options(workdir=args.workdir, tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
                    **launch).resolved()
     if not opts.verbose:

@@ -94,7 +94,7 @@ def _settle(tracker, parent: str, total: int, status: str, reason: str) -> dict[
     with contextlib.suppress(Exception):
         tracker.set_tags(parent, {"hisf.error": reason[:4000]})
     with contextlib.suppress(Exception):
-        tracker.end_stage(parent, status)
+        tracker.close_stage(parent, status)  # with the launch's record (orchestrator/records.py)
     return counts
 
 
@@ -266,7 +266,7 @@ def _finish(stage, tracker, parent, n_trials, reused, results, started) -> Stage
     for r in results.values():
         statuses[r[STATUS_KEY]] = statuses.get(r[STATUS_KEY], 0) + 1
     ok = statuses.get("failed", 0) == 0
-    tracker.end_stage(parent, "FINISHED" if ok else "FAILED")
+    tracker.close_stage(parent, "FINISHED" if ok else "FAILED")  # with the launch's record (orchestrator/records.py)
     return StageResult(stage=stage, parent_run_id=parent, trials=n_trials, skipped=len(reused),
                        statuses=statuses, results=results, wall_seconds=time.perf_counter() - started)
 

@@ -141,7 +141,9 @@ def print_status(spec: ExperimentSpec, opts) -> int:
             continue
         any_stage = True
         counts: dict[str, int] = {}
-        for child in tracker.children(run.info.run_id):
+        # From the launch's record when it is current (orchestrator/records.py), else a search of its runs.
+        members = tracker.members(run, use_record=not opts.full_read)
+        for child in members:
             # A stale run was replaced by a rerun of its trial with another identity (orchestrator/resume.py).
             s = "stale" if STALE_TAG in child.data.tags else child.data.tags.get("hisf.status", "running")
             counts[s] = counts.get(s, 0) + 1
@@ -149,7 +151,7 @@ def print_status(spec: ExperimentSpec, opts) -> int:
         print(f"{stage:6s} run {run.info.run_id} {run.info.status}{changed}: "
               f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no trials yet'}", file=out)
         if stage != "search":
-            print(f"  resume: {resume_preview(stage, spec, opts, tracker, run)}", file=out)
+            print(f"  resume: {resume_preview(stage, spec, opts, tracker, run, members)}", file=out)
         if stage == "search" and "hisf.study_tag" in run.data.tags:
             import optuna
 
@@ -236,8 +238,9 @@ def _trials_now(stage: str, spec: ExperimentSpec, opts, tracker) -> tuple[list, 
     return judged, search_run_id, len(trials) - len(judged)
 
 
-def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
-    """`--resume would reuse 2 of 4 trials, run 2: ...`, judged by identity against the launch `run`."""
+def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run, members: list | None = None) -> str:
+    """`--resume would reuse 2 of 4 trials, run 2: ...`, judged by identity against the launch `run` (its child
+    runs `members` when the caller has read them)."""
     from orchestrator.context import stage_context
     from orchestrator.resume import LaunchRuns
 
@@ -248,7 +251,8 @@ def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
     except SpecError as e:  # e.g. a launch of a stage the spec no longer has
         return f"not judged: {e}"
     ctx = stage_context(spec, opts, tracker.experiment_id, run.info.run_id, search_run_id)
-    plan = LaunchRuns.read(tracker, run.info.run_id, ctx).plan(trials)
+    runs = LaunchRuns(members, ctx, tracker) if members is not None else LaunchRuns.read(tracker, run.info.run_id, ctx)
+    plan = runs.plan(trials)
     kinds = [d.kind for d in plan.decisions]
     text = (f"--resume would reuse {kinds.count('reuse')} of {len(trials)} trials (finished as the same trial) "
             f"and run {len(plan.todo)} ({kinds.count('continue')} continued, {kinds.count('new')} new, "

@@ -28,6 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--storage", dest="storage", help=argparse.SUPPRESS)  # the flag's earlier name
     parser.add_argument("--out", default=None, help="report folder (default: <workdir>/reports/<spec name>)")
     parser.add_argument("--ui-url", default=DEFAULT_UI_URL, help=f"MLflow UI address for links (default {DEFAULT_UI_URL})")
+    parser.add_argument("--full-read", action="store_true",
+                        help="read every trial run from MLflow instead of each launch's record (orchestrator/records.py): slower; for runs edited by hand after their stage ended")
     args = parser.parse_args(argv)
     import os
 
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
         out = Path(args.out) if args.out else Path(args.workdir) / "reports" / plan.name
         tracking_uri = args.tracking_uri or default_tracking_uri(args.workdir)
         storage = args.storage or default_optuna_storage(args.workdir)
-        report = build_report(plan, out, tracking_uri, storage, args.ui_url)
+        report = build_report(plan, out, tracking_uri, storage, args.ui_url, full_read=args.full_read)
     except (ReportError, ValueError) as e:
         print(f"hisf-bench report: {e}", file=sys.stderr)
         return 2

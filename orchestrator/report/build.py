@@ -32,10 +32,10 @@ class Report:
 
 
 def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, storage: str | None = None,
-                 ui_url: str = DEFAULT_UI_URL) -> Report:
+                 ui_url: str = DEFAULT_UI_URL, full_read: bool = False) -> Report:
     tracking_uri = tracking_uri or default_tracking_uri()
     storage = storage or default_optuna_storage()
-    tracked = read_runs(plan, tracking_uri)
+    tracked = read_runs(plan, tracking_uri, full_read=full_read)
     # One launch per table: cells never mix runs of two launches (docs/interfaces.md, tracking layout).
     launches = table_launches(tracked)
     launch = launches[0] if launches else None

@@ -26,17 +26,18 @@ def latest_launches(tracked, stages=None) -> dict[str, str]:
 
 
 def results_frame(spec_path: str | Path, tracking_uri: str | None = None, workdir: str | Path = DEFAULT_WORKDIR,
-                  stages: tuple[str, ...] | None = None, all_launches: bool = False):
+                  stages: tuple[str, ...] | None = None, all_launches: bool = False, full_read: bool = False):
     """The spec's member trial runs (no stage or group runs), stale runs (replaced on `--resume`) left out: those of
     each stage's latest launch (every launch with `all_launches`), `stages` (default all: search, final, sweep) only.
 
     Columns: stage, row, dataset, seed, status (finished | failed | pruned | running), trial_id, run_id, launch (its
     stage parent run), start_time (ms), then `params.<key>` (as logged: strings) and `metrics.<name>` (each metric's
-    last value: a finished trial's final metrics). Tracking URI default: the workdir's store."""
+    last value: a finished trial's final metrics). Tracking URI default: the workdir's store. Launches are read from
+    their records (orchestrator/records.py) where current; `full_read` reads every run instead (same result)."""
     import pandas as pd
 
     plan = load_plan(spec_path)
-    tracked = read_runs(plan, tracking_uri or default_tracking_uri(workdir), all_stages=True)
+    tracked = read_runs(plan, tracking_uri or default_tracking_uri(workdir), all_stages=True, full_read=full_read)
     wanted = None if all_launches else set(latest_launches(tracked, stages).values())
     records = []
     for run in tracked.runs:
