@@ -17,9 +17,11 @@ Not seen: a tag or param edited by hand on an ended run after the record, and ru
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ VERSION = 1
 # Runs ended or created this long before the snapshot began are read live again: other nodes' clocks may lag.
 SKEW_MS = 10_000
 PAGE = 1000
+PROGRESS_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +125,7 @@ def read_record(client, parent) -> tuple[list[RecordedRun], int] | None:
     if parent.info.status == "RUNNING" or RECORD_TAG not in tags or RECORD_TIME_TAG not in tags:
         return None
     try:
-        with tempfile.TemporaryDirectory(prefix="hisf-records-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="hisf-records-") as tmp, _no_progress_bar():
             path = client.download_artifacts(parent.info.run_id, ARTIFACT, tmp)
             with gzip.open(path, "rt", encoding="utf-8") as f:
                 payload = json.load(f)
@@ -133,6 +136,20 @@ def read_record(client, parent) -> tuple[list[RecordedRun], int] | None:
             or str(payload.get("time")) != tags[RECORD_TIME_TAG]:
         return None
     return [_run(e) for e in payload["runs"]], int(payload["time"])
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a progress bar per download on stderr unless told not to: not for one small file."""
+    was = os.environ.get(PROGRESS_ENV)
+    os.environ[PROGRESS_ENV] = "false"
+    try:
+        yield
+    finally:
+        if was is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = was
 
 
 def launch_members(client, experiment_id: str, parent, use_record: bool = True) -> tuple[list, bool]:
