@@ -1,6 +1,7 @@
 """Stores at scale: a 1,000-trial sweep of zero-shot tiny trials (4 at once) on PostgreSQL + an `mlflow server`,
-then the time of `hisf-bench status` and `hisf-bench report` at 1,000 and at 10,000 recorded runs (the extra
-runs written straight through the tracking API, shaped like the sweep's own, no training). Usage:
+then the time of `hisf-bench status` and `hisf-bench report` at 1,000 and at 10,000 recorded runs, each from the
+launches' records and with `--full-read` (the extra runs written straight through the tracking API, shaped like
+the sweep's own, no training, as a `--resume` launch of the sweep that ends with its record). Usage:
 
     PYTHONPATH=. OMP_NUM_THREADS=1 nice python benchmarks/store_scale.py [--trials 1000] [--runs 10000]
         [--concurrency 4] [--stores postgres|sqlite] [--workdir DIR]
@@ -69,34 +70,58 @@ def cli(args: list[str], cwd: Path, timeout: int = 7200) -> tuple[float, subproc
     return time.perf_counter() - t0, out
 
 
-def status_and_report(spec: Path, base: Path, uri: str, storage: str) -> dict:
-    flags = ["--tracking-uri", uri, "--optuna-storage", storage]
+def status_and_report(spec: Path, base: Path, uri: str, storage: str, full_read: bool = False) -> dict:
+    flags = ["--tracking-uri", uri, "--optuna-storage", storage] + (["--full-read"] if full_read else [])
     status_s, _ = cli(["status", str(spec), *flags, "--workdir", str(base / "hisf-bench")], base)
-    report_s, out = cli(["report", str(spec), *flags, "--out", str(base / "report")], base)
+    report_s, out = cli(["report", str(spec), *flags, "--out", str(base / ("report-full" if full_read else "report"))],
+                        base)
     return {"status_s": round(status_s, 1), "report_s": round(report_s, 1), "report_says": out.stdout.splitlines()[0]}
 
 
-def add_runs(uri: str, total: int, threads: int = 8) -> float:
-    """Runs for seeds up to `total` under the sweep's parent run, copied from a real trial run's tags, params
-    and metrics (only the trial id, seed and run name differ); returns the seconds it took."""
+def in_process(spec: Path, uri: str) -> dict:
+    """Where a report's time goes, one part at a time: reading the runs (records, then every run) and the
+    worst-classes downloads of the table's runs."""
+    from orchestrator.report import load_plan
+    from orchestrator.report.classes import read_worst_classes
+    from orchestrator.report.runs import read_runs, table_runs
+
+    plan = load_plan(spec)
+    t0 = time.perf_counter()
+    fast = read_runs(plan, uri)
+    t1 = time.perf_counter()
+    full = read_runs(plan, uri, full_read=True)
+    t2 = time.perf_counter()
+    read_worst_classes(plan, table_runs(plan, fast), uri)
+    t3 = time.perf_counter()
+    return {"read_runs_records_s": round(t1 - t0, 1), "read_runs_full_s": round(t2 - t1, 1),
+            "same_runs": fast == full, "runs": len(fast.runs), "worst_classes_s": round(t3 - t2, 1)}
+
+
+def add_runs(uri: str, spec: Path, total: int, threads: int = 8) -> float:
+    """Runs for seeds up to `total` written as a `--resume` launch of the sweep with more seeds writes them: the
+    sweep's parent run continued (Tracker.stage_run, which clears its record), runs copied from a real trial
+    run's tags, params and metrics (only the trial id, seed and run name differ), then the stage ended by the
+    driver's own call (Tracker.close_stage: the launch's record, then the parent's end); returns the seconds."""
     from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec import load_spec
+    from orchestrator.tracking import Tracker
 
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("scale")
-    parent = client.search_runs([exp.experiment_id], "tags.`hisf.kind` = 'stage'", max_results=1)[0]
-    template = client.search_runs([exp.experiment_id], "tags.`hisf.trial_id` = 'sweep-clip-demo-s1'")[0]
-    have = {r.data.tags["hisf.trial_id"] for r in client.search_runs(
-        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)}
+    tracker = Tracker(uri, "scale")
+    client, exp_id = tracker.client, tracker.experiment_id
+    t0 = time.perf_counter()
+    parent = tracker.stage_run("sweep", load_spec(spec).hash, resume=True)
+    template = client.search_runs([exp_id], "tags.`hisf.trial_id` = 'sweep-clip-demo-s1'")[0]
+    have = {r.data.tags["hisf.trial_id"] for r in tracker.children(parent)}
 
     def one(seed: int) -> None:
         tid = f"sweep-clip-demo-s{seed}"
         if tid in have:
             return
-        tags = {k: v for k, v in template.data.tags.items() if not k.startswith("mlflow.") or k == "mlflow.parentRunId"}
-        tags.update({"hisf.trial_id": tid, "hisf.seed": str(seed)})
-        run = client.create_run(exp.experiment_id, tags=tags, run_name=tid)
+        tags = {k: v for k, v in template.data.tags.items() if not k.startswith("mlflow.")}
+        tags.update({"mlflow.parentRunId": parent, "hisf.trial_id": tid, "hisf.seed": str(seed)})
+        run = client.create_run(exp_id, tags=tags, run_name=tid)
         now = int(time.time() * 1000)
         params = [Param(k, str(seed) if k == "seed" else v) for k, v in template.data.params.items()]
         metrics = [Metric(k, v, now, 0) for k, v in template.data.metrics.items()]
@@ -105,10 +130,12 @@ def add_runs(uri: str, total: int, threads: int = 8) -> float:
         client.log_batch(run.info.run_id, metrics=metrics)
         client.set_terminated(run.info.run_id)
 
-    t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(one, range(1, total + 1)))
-    return time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tracker.close_stage(parent)
+    print(json.dumps({"close_stage_with_record_s": round(time.perf_counter() - t1, 1)}), flush=True)
+    return t1 - t0
 
 
 def main() -> None:
@@ -139,9 +166,14 @@ def main() -> None:
                     "sweep_says": [ln for ln in out.stdout.splitlines() if "done in" in ln]})
         res[f"at_{args.trials}"] = status_and_report(spec, base, uri, storage)
         print(json.dumps(res), flush=True)
-        res["write_runs_s"] = round(add_runs(uri, args.runs), 1)
+        res[f"at_{args.trials}_full_read"] = status_and_report(spec, base, uri, storage, full_read=True)
+        print(json.dumps(res), flush=True)
         spec = write_spec(base / "scale.yaml", data, args.runs, args.concurrency)
+        res["write_runs_s"] = round(add_runs(uri, spec, args.runs), 1)
         res[f"at_{args.runs}"] = status_and_report(spec, base, uri, storage)
+        print(json.dumps(res), flush=True)
+        res[f"at_{args.runs}_full_read"] = status_and_report(spec, base, uri, storage, full_read=True)
+        res[f"at_{args.runs}_parts"] = in_process(spec, uri)
     print(json.dumps(res, indent=2))
 
 
