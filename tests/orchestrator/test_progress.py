@@ -160,7 +160,7 @@ def test_status_offers_only_its_own_flags_and_report_names_the_optuna_flag_as_ru
         cli.main(["status", "-h"])
     help_text = capsys.readouterr().out
     flags = set(re.findall(r"(--[a-z-]+)", help_text))
-    assert flags == {"--help", "--tracking-uri", "--optuna-storage", "--workdir"}, flags
+    assert flags == {"--help", "--tracking-uri", "--optuna-storage", "--workdir", "--full-read"}, flags
     with pytest.raises(SystemExit):
         cli.main(["report", "-h"])
     report_help = capsys.readouterr().out
