@@ -89,6 +89,7 @@ def in_process(spec: Path, uri: str, storage: str, out: Path, sample: int = 100)
     from orchestrator.report.classes import read_worst_classes
     from orchestrator.report.runs import read_runs, table_runs
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as `hisf-bench report` sets it
     plan = load_plan(spec)
     t0 = time.perf_counter()
     fast = read_runs(plan, uri)
