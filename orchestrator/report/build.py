@@ -17,6 +17,9 @@ from .runs import pending_runs, read_runs, table_launches, table_runs
 from .studies import StudyReport, write_study_reports
 from .tables import Table, build_table
 
+# The per-class records of finished runs, kept beside the report they fed (orchestrator/report/classes.py).
+CLASSES_CACHE = ".cache/classes"
+
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 
 
@@ -42,9 +45,9 @@ def build_report(plan: ReportPlan, out: Path, tracking_uri: str | None = None, s
     chosen = table_runs(plan, tracked, launch)
     table = build_table(plan, chosen, pending_runs(plan, tracked, launch), tracked.experiment_id, launch,
                         tuple(launches[1:]))
-    table.worst_classes = read_worst_classes(plan, chosen, tracking_uri)
-    environments = summarise_environments(chosen.values())
     out = Path(out)
+    table.worst_classes = read_worst_classes(plan, chosen, tracking_uri, cache=out / CLASSES_CACHE)
+    environments = summarise_environments(chosen.values())
     tables = write_tables(table, out, environments)
     worst_csv = write_worst_csv(table.worst_classes, out / "worst_classes.csv")
     if worst_csv is not None:

@@ -19,6 +19,13 @@ from .runs import TrialRun
 WORST_SHOWN = 5
 # Result keys that are a split of their own (hm and the target average are derived from others).
 SPLIT_METRICS = ("base_acc", "novel_acc", "acc")
+# What the section reads of a record (not its confusion matrix: C x C counts, megabytes for ImageNet).
+CACHED_KEYS = ("classnames", "per_class_accuracy")
+# Runs whose artifacts are final (hisf.status): a finished run is never reopened (resume reuses it), while a
+# failed one may be continued by Tune's retry in the same MLflow run and write its records then.
+ENDED = ("finished",)
+# Records read at once: each is a request to the artifact store (mlflow server), mostly waiting.
+DOWNLOAD_WORKERS = 16
 
 
 @dataclass(frozen=True)
@@ -45,40 +52,90 @@ def split_metrics(plan: ReportPlan) -> tuple[str, ...]:
 
 
 def read_worst_classes(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRun], tracking_uri: str,
-                       n: int = WORST_SHOWN) -> dict[str, list[CellClasses]]:
-    """Per dataset (a per-dataset section's title), each row's n worst classes of each test split."""
+                       n: int = WORST_SHOWN, cache: Path | None = None,
+                       workers: int = DOWNLOAD_WORKERS) -> dict[str, list[CellClasses]]:
+    """Per dataset (a per-dataset section's title), each row's n worst classes of each test split.
+
+    The records are read `workers` at a time (each is one request to a remote artifact store), and what a
+    report needs of a finished run's record (class names, per-class accuracy) is kept under `cache`: a run's
+    artifacts do not change once it has ended, so the next report of the same runs downloads nothing."""
+    cells = []
+    for dataset in plan.datasets:
+        for v in plan.variants:
+            runs = {s: chosen[(v, dataset, s)] for s in plan.seeds if (v, dataset, s) in chosen}
+            if runs:
+                cells += [(dataset, v, split_name(metric), runs) for metric in split_metrics(plan)]
+    wanted = sorted({(run.run_id, split) for _, _, split, runs in cells for run in runs.values()})
+    ended = {run.run_id for _, _, _, runs in cells for run in runs.values() if run.status in ENDED}
+    records = _read_records(wanted, ended, tracking_uri, cache, workers)
+    out: dict[str, list[CellClasses]] = {}
+    for dataset, v, split, runs in cells:
+        read = {seed: records[(run.run_id, split)] for seed, run in sorted(runs.items())
+                if records.get((run.run_id, split)) is not None}
+        unread = tuple(seed for seed in sorted(runs) if seed not in read)
+        out.setdefault(dataset, []).append(
+            CellClasses(v.label, dataset, split, rank_classes(read, n), tuple(read), unread))
+    return out
+
+
+def _read_records(wanted: list[tuple[str, str]], ended: set[str], tracking_uri: str, cache: Path | None,
+                  workers: int) -> dict[tuple[str, str], dict | None]:
+    """(run id, split) -> the part of its eval/<split>.json a report reads, or None when the run has none."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from mlflow.tracking import MlflowClient
 
+    out, missing = {}, []
+    for key in wanted:
+        hit = _cached(cache, *key) if cache is not None and key[0] in ended else None
+        if hit is not None:
+            out[key] = hit
+        else:
+            missing.append(key)
+    if not missing:
+        return out
     client = MlflowClient(tracking_uri)
-    out: dict[str, list[CellClasses]] = {}
-    with tempfile.TemporaryDirectory(prefix="hisf-report-classes-") as tmp:
-        for dataset in plan.datasets:
-            for v in plan.variants:
-                runs = {s: chosen[(v, dataset, s)] for s in plan.seeds if (v, dataset, s) in chosen}
-                if not runs:
-                    continue
-                for metric in split_metrics(plan):
-                    split = split_name(metric)
-                    records, unread = {}, []
-                    for seed, run in sorted(runs.items()):
-                        record = _download(client, run.run_id, split, Path(tmp) / run.run_id)
-                        if record is None:
-                            unread.append(seed)
-                        else:
-                            records[seed] = record
-                    out.setdefault(dataset, []).append(
-                        CellClasses(v.label, dataset, split, rank_classes(records, n), tuple(records), tuple(unread)))
+    with tempfile.TemporaryDirectory(prefix="hisf-report-classes-") as tmp, \
+            ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        found = pool.map(lambda key: _download(client, key[0], key[1], Path(tmp) / key[0] / key[1]), missing)
+        for key, record in zip(missing, found):
+            out[key] = record
+            if record is not None and cache is not None and key[0] in ended:
+                _store(cache, *key, record)
     return out
 
 
 def _download(client, run_id: str, split: str, dest: Path) -> dict | None:
-    """The run's eval/<split>.json, or None when it has none (a run logged before per-class results existed)."""
+    """What a report reads of the run's eval/<split>.json, or None when it has none (a run logged before
+    per-class results existed)."""
     dest.mkdir(parents=True, exist_ok=True)
     try:
         path = client.download_artifacts(run_id, f"{EVAL_DIR}/{split}.json", str(dest))
-        return json.loads(Path(path).read_text())
+        record = json.loads(Path(path).read_text())
     except Exception:  # noqa: BLE001 - no such artifact (MLflow raises its own, OSError or a 404): not recorded
         return None
+    return {key: record[key] for key in CACHED_KEYS}
+
+
+def _cache_file(cache: Path, run_id: str, split: str) -> Path:
+    return cache / run_id / f"{split.replace('/', '__')}.json"
+
+
+def _cached(cache: Path, run_id: str, split: str) -> dict | None:
+    try:
+        record = json.loads(_cache_file(cache, run_id, split).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and all(k in record for k in CACHED_KEYS) else None
+
+
+def _store(cache: Path, run_id: str, split: str, record: dict) -> None:
+    """Written whole or not at all (a report stopped half-way leaves no torn file to read back)."""
+    path = _cache_file(cache, run_id, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.replace(path)
 
 
 def rank_classes(records: dict[int, dict], n: int = WORST_SHOWN) -> tuple[WorstClass, ...]:

@@ -74,3 +74,34 @@ def test_runs_without_per_class_results_leave_the_section_a_note(tmp_path):
     assert all(not c.classes and c.unread == (1, 2) for c in report.table.worst_classes["dtd"])
     assert "No per-class results for 6 run(s)" in report.tables["md"].read_text()
     assert "worst classes (csv)" not in report.tables
+
+
+def test_a_second_report_reads_finished_runs_records_from_its_cache(tmp_path):
+    import shutil
+
+    spec = spec_dict(datasets=("dtd",), rows=[{"name": "CoOp", "method": {"name": "coop"}}])
+    uri, exp, runs = write_store(tmp_path, spec, artifacts=tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    late = None
+    for (row, _, dataset, seed), (run_id, _, _) in runs.items():
+        folder = tmp_path / "runs" / run_id
+        write_class_results(folder, _confusion([seed, 20, 20, 20, 20, 20, 20]), CLASSES, "base_acc", dataset,
+                            figure=False)
+        if seed == 3:
+            late = (run_id, folder)  # its records come after the first report
+            continue
+        client.log_artifacts(run_id, str(folder / "eval"), artifact_path="eval")
+    plan = plan_from_dict(spec)
+    first = build_report(plan, tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
+    cell = next(c for c in first.table.worst_classes["dtd"] if c.split == "base")
+    assert cell.seeds == (1, 2) and cell.unread == (3,) and cell.classes[0].values == {1: 5.0, 2: 10.0}
+    cached = sorted(p.relative_to(tmp_path / "report") for p in (tmp_path / "report" / ".cache").rglob("*.json"))
+    assert len(cached) == 2 and all(p.name == "base.json" for p in cached)
+
+    # The artifact store loses what it held: the finished runs' records are read from the cache; the run that had
+    # none then is asked again (a missing record is never cached) and now has one.
+    shutil.rmtree(tmp_path / "artifacts")
+    client.log_artifacts(late[0], str(late[1] / "eval"), artifact_path="eval")
+    second = build_report(plan, tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
+    cell = next(c for c in second.table.worst_classes["dtd"] if c.split == "base")
+    assert cell.seeds == (1, 2, 3) and cell.unread == () and cell.classes[0].values == {1: 5.0, 2: 10.0, 3: 15.0}
