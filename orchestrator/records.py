@@ -66,6 +66,8 @@ class RecordedRun:
 
     info: RecordedInfo
     data: RecordedData
+    # What its trial reported of its per-class results (orchestrator/results.CLASSES_KEY), when it did.
+    classes: dict[str, dict[str, list]] | None = None
 
 
 def search_all(client, experiment_id: str, filter_string: str, view=ViewType.ACTIVE_ONLY) -> list:
@@ -84,24 +86,38 @@ def children(client, experiment_id: str, parent_run_id: str, view=ViewType.ACTIV
     return search_all(client, experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}'{extra}", view)
 
 
-def _entry(run) -> dict[str, Any]:
+def _entry(run, classes: dict | None = None) -> dict[str, Any]:
     i, d = run.info, run.data
-    return {"run_id": i.run_id, "experiment_id": i.experiment_id, "status": i.status, "start_time": i.start_time,
-            "end_time": i.end_time, "lifecycle_stage": i.lifecycle_stage,
-            "tags": dict(d.tags), "params": dict(d.params), "metrics": dict(d.metrics)}
+    entry = {"run_id": i.run_id, "experiment_id": i.experiment_id, "status": i.status, "start_time": i.start_time,
+             "end_time": i.end_time, "lifecycle_stage": i.lifecycle_stage,
+             "tags": dict(d.tags), "params": dict(d.params), "metrics": dict(d.metrics)}
+    if classes:
+        entry["classes"] = classes
+    return entry
 
 
 def _run(e: dict[str, Any]) -> RecordedRun:
     return RecordedRun(RecordedInfo(e["run_id"], e["experiment_id"], e["status"], e["start_time"], e["end_time"],
-                                    e["lifecycle_stage"]), RecordedData(e["tags"], e["params"], e["metrics"]))
+                                    e["lifecycle_stage"]), RecordedData(e["tags"], e["params"], e["metrics"]),
+                       e.get("classes"))
 
 
-def write_record(client, experiment_id: str, parent_run_id: str) -> int:
+def _finished(run) -> bool:
+    return run.info.status == "FINISHED" and run.data.tags.get("hisf.status") == "finished"
+
+
+def write_record(client, experiment_id: str, parent_run_id: str, classes: dict[str, Any] | None = None) -> int:
     """Snapshot the launch's child runs (deleted ones too, so a later restore is seen) into the parent's record
-    artifact, then mark it current; returns how many runs it covers."""
+    artifact, then mark it current; returns how many runs it covers. `classes` (trial id -> what its trial
+    reported of its per-class results) goes with a finished run of that trial: one run per trial and launch."""
     began = int(time.time() * 1000)
     runs = children(client, experiment_id, parent_run_id, ViewType.ALL)
-    payload = {"version": VERSION, "time": began, "runs": [_entry(r) for r in runs]}
+    classes = classes or {}
+
+    def reported(run) -> dict | None:
+        return classes.get(run.data.tags.get("hisf.trial_id", "")) if _finished(run) else None
+
+    payload = {"version": VERSION, "time": began, "runs": [_entry(r, reported(r)) for r in runs]}
     with tempfile.TemporaryDirectory(prefix="hisf-records-") as tmp:
         path = Path(tmp) / Path(ARTIFACT).name
         with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -173,5 +189,11 @@ def launch_members(client, experiment_id: str, parent, use_record: bool = True) 
                   " and attributes.status = 'RUNNING'"):
         for r in children(client, experiment_id, pid, extra=extra):
             runs[r.info.run_id] = r
+    # A finished run read live again keeps what its trial reported of its per-class results: it is never reopened.
+    carried = {r.info.run_id: r.classes for r in recorded if r.classes}
+    for run_id, classes in carried.items():
+        r = runs.get(run_id)
+        if r is not None and not isinstance(r, RecordedRun) and _finished(r):
+            runs[run_id] = _run(_entry(r, classes))
     live = [r for r in runs.values() if r.info.lifecycle_stage == "active"]
     return sorted(live, key=lambda r: (-(r.info.start_time or 0), r.info.run_id)), True

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from orchestrator.context import Options, redact, stage_context
-from orchestrator.results import DONE, STATUS_KEY
+from orchestrator.results import CLASSES_KEY, DONE, STATUS_KEY
 from orchestrator.resume import STALE_TAG, LaunchRuns, plan_stage
 from orchestrator.scheduling import Interrupted, collect, fit, ray_session, tuner
 from orchestrator.spec import ExperimentSpec, SpecError
@@ -266,7 +266,9 @@ def _finish(stage, tracker, parent, n_trials, reused, results, started) -> Stage
     for r in results.values():
         statuses[r[STATUS_KEY]] = statuses.get(r[STATUS_KEY], 0) + 1
     ok = statuses.get("failed", 0) == 0
-    tracker.close_stage(parent, "FINISHED" if ok else "FAILED")  # with the launch's record (orchestrator/records.py)
+    # With the launch's record (orchestrator/records.py), which carries what trials reported of their per-class results.
+    classes = {tid: r[CLASSES_KEY] for tid, r in results.items() if r.get(CLASSES_KEY)}
+    tracker.close_stage(parent, "FINISHED" if ok else "FAILED", classes=classes)
     return StageResult(stage=stage, parent_run_id=parent, trials=n_trials, skipped=len(reused),
                        statuses=statuses, results=results, wall_seconds=time.perf_counter() - started)
 

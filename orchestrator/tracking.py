@@ -123,11 +123,13 @@ class Tracker:
         what `status` reads."""
         return _retry(lambda: records.launch_members(self.client, self.experiment_id, parent, use_record))[0]
 
-    def close_stage(self, run_id: str, status: str = "FINISHED") -> None:
-        """End the stage's parent run with its record written first. A record that cannot be written (the store
-        failing, a second Ctrl-C) is left out: readers then search the launch's runs."""
+    def close_stage(self, run_id: str, status: str = "FINISHED", classes: Mapping[str, Any] | None = None) -> None:
+        """End the stage's parent run with its record written first (with `classes`: trial id -> the per-class
+        results its trial reported). A record that cannot be written (the store failing, a second Ctrl-C) is left
+        out: readers then search the launch's runs."""
         try:
-            _retry(lambda: records.write_record(self.client, self.experiment_id, run_id), "MLflow write the launch's record")
+            _retry(lambda: records.write_record(self.client, self.experiment_id, run_id, classes),
+                   "MLflow write the launch's record")
         except (Exception, KeyboardInterrupt) as e:
             log.warning("launch %s: no record written (%s: %s); readers will search its runs", run_id,
                         type(e).__name__, e)

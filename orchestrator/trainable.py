@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator.context import RunContext
 from orchestrator.disk import DISK_FULL_KEY, disk_full
 from orchestrator.groups import TrialGroup
-from orchestrator.results import ERROR_KEY, STATUS_KEY, group_result, numbers
+from orchestrator.results import CLASSES_KEY, ERROR_KEY, STATUS_KEY, class_summaries, group_result, numbers
 from orchestrator.resume import drop_engine_checkpoint, restore_tune_checkpoint
 from orchestrator.trial_callback import TrialBridge, TuneGroupReport, open_trial_run, remove_pid, write_pid
 from orchestrator.trials import Trial
@@ -184,6 +184,10 @@ def _finish_member(m: MemberRun, outcome: Any, ctx: RunContext, engine_seconds: 
         # On record as finished: its checkpoint only served resuming it (Tune's copy goes on the driver).
         drop_engine_checkpoint(m.trial.config.output_dir)
     m.record = {**final, STATUS_KEY: status, "engine_seconds": engine_seconds, "orchestration_seconds": overhead}
+    if not ddp:  # (a DDP member's files are on its rank 0's node: reports download them)
+        classes = class_summaries(m.bridge.artifacts.get("eval"))
+        if classes:
+            m.record[CLASSES_KEY] = classes
 
 
 def backfill_epochs(run, metrics_json: str | None) -> None:

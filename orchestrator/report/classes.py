@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hisf.class_results import EVAL_DIR, split_name
+from orchestrator.results import CLASS_FIELDS
 
 from .plan import ReportPlan, Variant
 from .runs import TrialRun
@@ -20,7 +21,7 @@ WORST_SHOWN = 5
 # Result keys that are a split of their own (hm and the target average are derived from others).
 SPLIT_METRICS = ("base_acc", "novel_acc", "acc")
 # What the section reads of a record (not its confusion matrix: C x C counts, megabytes for ImageNet).
-CACHED_KEYS = ("classnames", "per_class_accuracy")
+CACHED_KEYS = CLASS_FIELDS
 # Runs whose artifacts are final (hisf.status): a finished run is never reopened (resume reuses it), while a
 # failed one may be continued by Tune's retry in the same MLflow run and write its records then.
 ENDED = ("finished",)
@@ -56,8 +57,9 @@ def read_worst_classes(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], 
                        workers: int = DOWNLOAD_WORKERS) -> dict[str, list[CellClasses]]:
     """Per dataset (a per-dataset section's title), each row's n worst classes of each test split.
 
-    The records are read `workers` at a time (each is one request to a remote artifact store), and what a
-    report needs of a finished run's record (class names, per-class accuracy) is kept under `cache`: a run's
+    A run whose launch record carries its per-class results (what its trial reported to the driver) needs no
+    download. The others are read `workers` at a time (each is one request to a remote artifact store), and what
+    a report needs of a finished run's record (class names, per-class accuracy) is kept under `cache`: a run's
     artifacts do not change once it has ended, so the next report of the same runs downloads nothing."""
     cells = []
     for dataset in plan.datasets:
@@ -65,9 +67,12 @@ def read_worst_classes(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], 
             runs = {s: chosen[(v, dataset, s)] for s in plan.seeds if (v, dataset, s) in chosen}
             if runs:
                 cells += [(dataset, v, split_name(metric), runs) for metric in split_metrics(plan)]
-    wanted = sorted({(run.run_id, split) for _, _, split, runs in cells for run in runs.values()})
+    # What a launch's record carries (its trials reported it) is read from there; the rest from each run's files.
+    carried = {(run.run_id, split): run.classes[split] for _, _, split, runs in cells for run in runs.values()
+               if run.classes and split in run.classes}
+    wanted = sorted({(run.run_id, split) for _, _, split, runs in cells for run in runs.values()} - set(carried))
     ended = {run.run_id for _, _, _, runs in cells for run in runs.values() if run.status in ENDED}
-    records = _read_records(wanted, ended, tracking_uri, cache, workers)
+    records = {**carried, **_read_records(wanted, ended, tracking_uri, cache, workers)}
     out: dict[str, list[CellClasses]] = {}
     for dataset, v, split, runs in cells:
         read = {seed: records[(run.run_id, split)] for seed, run in sorted(runs.items())

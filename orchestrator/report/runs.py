@@ -28,6 +28,9 @@ class TrialRun:
     status: str  # hisf.status (finished | failed | pruned), or "running" while the trial has none yet
     start_time: int
     tags: dict[str, str] = field(default_factory=dict)
+    # Its per-class results when its launch's record carries them (orchestrator/records.py; else read from its
+    # eval/ artifacts): not part of what the run is, so a record and a full read give equal runs.
+    classes: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def parent_run_id(self) -> str:
@@ -128,6 +131,7 @@ def read_runs(plan: ReportPlan, tracking_uri: str, all_stages: bool = False, ful
                 status=tags.get("hisf.status") or ("running" if r.info.status == "RUNNING" else r.info.status.lower()),
                 start_time=r.info.start_time or 0,
                 tags=tags,
+                classes=getattr(r, "classes", None),
             )
         )
     return TrackedRuns(exp_id, tuple(runs), studies, launches)

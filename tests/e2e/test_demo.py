@@ -110,10 +110,17 @@ def test_demo_spec_runs_search_then_final(tmp_path):
     assert "| HISF |" in md and "| HiCroPL |" in md
     # A tiny random-weight CLIP on one demo dataset is not compared with the paper's 11-dataset averages.
     assert "(paper)" not in md and "No paper rows beside this table: its average is over 1 dataset(s)" in md
-    # Per-class results: every final run's eval/ artifacts, and the demo section's worst classes in the report.
+    # Per-class results: every final run's eval/ artifacts, and the demo section's worst classes in the report,
+    # which reads them from the final launch's record (what each trial reported to the driver), not run by run.
     for r in final:
         assert {"eval/base.json", "eval/novel.json", "eval/val.json"} <= {
             a.path for a in client.list_artifacts(r.info.run_id, "eval")}
+    from orchestrator.records import read_record
+
+    (final_launch,) = {r.data.tags["mlflow.parentRunId"] for r in final}
+    recorded, _ = read_record(client, client.get_run(final_launch))
+    assert {r.info.run_id for r in recorded if r.classes and {"base", "novel"} <= set(r.classes)} == {
+        r.info.run_id for r in final}
     assert "Worst classes (the 5 lowest per-class test accuracies" in md and "| HiCroPL | novel |" in md
 
     # The README's walk-through of using what was trained: predict from a trial folder, eval from a run id.

@@ -105,3 +105,43 @@ def test_a_second_report_reads_finished_runs_records_from_its_cache(tmp_path):
     second = build_report(plan, tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
     cell = next(c for c in second.table.worst_classes["dtd"] if c.split == "base")
     assert cell.seeds == (1, 2, 3) and cell.unread == () and cell.classes[0].values == {1: 5.0, 2: 10.0, 3: 15.0}
+
+
+def test_a_launch_record_carrying_the_trials_per_class_results_needs_no_artifact(tmp_path):
+    import shutil
+
+    from orchestrator.records import write_record
+    from orchestrator.results import class_summaries
+
+    spec = spec_dict(datasets=("dtd",), rows=[{"name": "CoOp", "method": {"name": "coop"}}])
+    uri, exp, runs = write_store(tmp_path, spec, artifacts=tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    reported = {}
+    for (row, _, dataset, seed), (run_id, _, _) in runs.items():
+        folder = tmp_path / "runs" / run_id
+        for metric in ("base_acc", "novel_acc"):
+            write_class_results(folder, _confusion([seed, 20, 20, 20, 20, 20, 20]), CLASSES, metric, dataset,
+                                figure=False)
+        write_class_results(folder, _confusion([20] * 7), CLASSES, "target/imagenet_a", dataset, figure=False)
+        # What the trial reports to the driver: the fields a report reads, every split (a target's too).
+        summary = class_summaries(str(folder / "eval"))
+        assert sorted(summary) == ["base", "novel", "target/imagenet_a"]
+        assert summary["base"] == {"classnames": CLASSES, "per_class_accuracy": [5.0 * seed] + [100.0] * 6}
+        tags = client.get_run(run_id).data.tags
+        reported[tags["hisf.trial_id"]], parent = summary, tags["mlflow.parentRunId"]
+    for run_id, _, _ in runs.values():
+        client.log_artifacts(run_id, str(tmp_path / "runs" / run_id / "eval"), artifact_path="eval")
+    write_record(client, exp, parent, reported)
+    for run_id, _, _ in runs.values():  # no trial run has its files now (the launch's record is kept): only it tells
+        shutil.rmtree(tmp_path / "artifacts" / run_id)
+
+    plan = plan_from_dict(spec)
+    report = build_report(plan, tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
+    cell = next(c for c in report.table.worst_classes["dtd"] if c.split == "base")
+    assert cell.seeds == (1, 2, 3) and cell.classes[0].name == "banded"
+    assert cell.classes[0].values == {1: 5.0, 2: 10.0, 3: 15.0}
+    assert not (tmp_path / "report" / ".cache").exists()  # nothing was downloaded, so nothing cached
+    # Read past the record, the same runs have no per-class results at all.
+    full = build_report(plan, tmp_path / "full", uri, f"sqlite:///{tmp_path}/none.db", full_read=True)
+    assert all(c.unread == (1, 2, 3) for c in full.table.worst_classes["dtd"])
+    assert full.table.sections == report.table.sections  # the numbers are the same either way
