@@ -113,9 +113,13 @@ def write_record(client, experiment_id: str, parent_run_id: str, classes: dict[s
     began = int(time.time() * 1000)
     runs = children(client, experiment_id, parent_run_id, ViewType.ALL)
     classes = classes or {}
+    # A `--resume` of the launch reports only the trials it ran: the others' come from the launch's last record.
+    earlier = _recorded_classes(client, parent_run_id)
 
     def reported(run) -> dict | None:
-        return classes.get(run.data.tags.get("hisf.trial_id", "")) if _finished(run) else None
+        if not _finished(run):
+            return None
+        return classes.get(run.data.tags.get("hisf.trial_id", "")) or earlier.get(run.info.run_id)
 
     payload = {"version": VERSION, "time": began, "runs": [_entry(r, reported(r)) for r in runs]}
     with tempfile.TemporaryDirectory(prefix="hisf-records-") as tmp:
@@ -126,6 +130,21 @@ def write_record(client, experiment_id: str, parent_run_id: str, classes: dict[s
     # One batch: both tags appear together, after the artifact is whole.
     client.log_batch(parent_run_id, tags=[RunTag(RECORD_TAG, str(len(runs))), RunTag(RECORD_TIME_TAG, str(began))])
     return len(runs)
+
+
+def _recorded_classes(client, parent_run_id: str) -> dict[str, dict]:
+    """run id -> the per-class results the parent's last record carried (current or not: a finished run's never
+    change); {} without a readable one."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="hisf-records-") as tmp, _no_progress_bar():
+            if not any(a.path == ARTIFACT for a in client.list_artifacts(parent_run_id, ARTIFACT_DIR)):
+                return {}
+            path = client.download_artifacts(parent_run_id, ARTIFACT, tmp)
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                payload = json.load(f)
+        return {e["run_id"]: e["classes"] for e in payload.get("runs", ()) if e.get("classes")}
+    except Exception:  # noqa: BLE001 - none, or torn by a driver killed mid-upload: downloads will do
+        return {}
 
 
 def clear_record(client, parent_run_id: str, tags: dict[str, str] | None = None) -> None:

@@ -110,7 +110,7 @@ def test_a_second_report_reads_finished_runs_records_from_its_cache(tmp_path):
 def test_a_launch_record_carrying_the_trials_per_class_results_needs_no_artifact(tmp_path):
     import shutil
 
-    from orchestrator.records import write_record
+    from orchestrator.records import clear_record, write_record
     from orchestrator.results import class_summaries
 
     spec = spec_dict(datasets=("dtd",), rows=[{"name": "CoOp", "method": {"name": "coop"}}])
@@ -134,6 +134,10 @@ def test_a_launch_record_carrying_the_trials_per_class_results_needs_no_artifact
     write_record(client, exp, parent, reported)
     for run_id, _, _ in runs.values():  # no trial run has its files now (the launch's record is kept): only it tells
         shutil.rmtree(tmp_path / "artifacts" / run_id)
+
+    # A `--resume` of the launch that ran none of these trials again: its record keeps what they reported.
+    clear_record(client, parent)
+    write_record(client, exp, parent, {})
 
     plan = plan_from_dict(spec)
     report = build_report(plan, tmp_path / "report", uri, f"sqlite:///{tmp_path}/none.db")
