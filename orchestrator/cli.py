@@ -223,6 +223,7 @@ def _drop_unused_workdir(workdir, lock) -> None:
 def _run_stages(command: str, spec, opts, resume: str) -> int:
     from orchestrator import runner
     from orchestrator.search import NoCompletedTrial
+    from orchestrator.stage_end import StageInterrupted
     from orchestrator.status import print_where
 
     searched = spec.search is not None and bool(spec.searched_rows)
@@ -242,7 +243,7 @@ def _run_stages(command: str, spec, opts, resume: str) -> int:
                 rc = 1
             else:
                 _print_stage(results[-1], opts.out)
-    except runner.StageInterrupted as e:
+    except StageInterrupted as e:
         print(e.summary(), file=opts.out)
         later = stages[len(results) + 1:]
         if later:

@@ -3,7 +3,7 @@ parent run, written when the stage ends, so `status` and reports read one file p
 
 MLflow's `search_runs` has no column projection: reading 10,000 runs moves ~820,000 param, tag and metric rows
 through the server and the client (~45 s on a 2-core box). The record holds the same values, taken from that
-same search once, when the driver ends the stage (runner.closing_stage and _finish, Ctrl-C included).
+same search once, when the driver ends the stage (stage_end.closing_stage and finish_stage, Ctrl-C included).
 
 A record is used only while it is current: the parent run carries `hisf.records` (how many child runs the
 record covers) and is not RUNNING. A `--resume` launch deletes the tag before it touches anything (its parent

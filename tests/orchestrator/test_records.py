@@ -20,8 +20,8 @@ from orchestrator.records import RECORD_TAG, launch_members
 from orchestrator.report import build_report, load_plan, results_frame
 from orchestrator.report.runs import read_runs
 from orchestrator.resume import STALE_TAG, plan_stage
-from orchestrator.runner import StageInterrupted, closing_stage
 from orchestrator.spec import load_spec
+from orchestrator.stage_end import StageInterrupted, closing_stage
 from orchestrator.status import print_status
 from orchestrator.tracking import Tracker
 from orchestrator.trial_callback import open_trial_run

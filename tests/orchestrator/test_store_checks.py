@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runner import closing_stage
+from orchestrator.stage_end import closing_stage
 from orchestrator.tracking import Tracker
 from tests.orchestrator.helpers import free_port, run_cli, write_spec
 
