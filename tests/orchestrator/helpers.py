@@ -283,3 +283,17 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def finished_runs(db: Path) -> int:
+    """Runs tagged hisf.status=finished in an MLflow SQLite store, read with read-only SQL: a driver may be writing it
+    (an MlflowClient here would race it creating the store); 0 while it does not exist or is locked."""
+    import sqlite3
+
+    if not db.is_file():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
+            return con.execute("select count(*) from tags where key='hisf.status' and value='finished'").fetchone()[0]
+    except sqlite3.Error:
+        return 0

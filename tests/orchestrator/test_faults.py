@@ -1,8 +1,6 @@
 """Fault tolerance with real processes: a killed trial worker retries from its checkpoint; a killed driver resumes."""
 
-import contextlib
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,7 @@ from tests.orchestrator.helpers import (
     checkpoint_epoch,
     cli_env,
     descendants,
+    finished_runs,
     kill_pids,
     mlflow_children,
     run_cli,
@@ -105,22 +104,12 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(tmp_path, demo_r
 
     db = tmp_path / "hisf-bench" / "mlflow.db"
 
-    def n_finished() -> int:
-        # Read-only SQL while the driver writes: an MlflowClient here would race it creating the store.
-        if not db.is_file():
-            return 0
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
-                return con.execute("select count(*) from tags where key='hisf.status' and value='finished'").fetchone()[0]
-        except sqlite3.Error:
-            return 0
-
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec_path)], cwd=tmp_path,
                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     tree: list[int] = []
     try:
-        wait_for(lambda: n_finished() >= 1, 200, 0.1, "a first finished trial")
+        wait_for(lambda: finished_runs(db) >= 1, 200, 0.1, "a first finished trial")
         tree = descendants(driver.pid)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)

@@ -1,33 +1,28 @@
 """Ctrl-C during a real `run`: reported as an interruption with what finished, what was cut short and what never
 started, the runs marked KILLED (never left RUNNING, never called failed), and the printed command resumes it."""
 
-import contextlib
 import os
 import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.orchestrator.helpers import cli_env, descendants, kill_pids, mlflow_children, run_cli, wait_for, write_spec
+from tests.orchestrator.helpers import (
+    cli_env,
+    descendants,
+    finished_runs,
+    kill_pids,
+    mlflow_children,
+    run_cli,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _finished_search_trials(db: Path) -> int:
-    # Read-only SQL while the driver writes: an MlflowClient here would race it creating the store.
-    if not db.is_file():
-        return 0
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as con:
-            return con.execute("select count(*) from tags where key='hisf.status' and value='finished'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def test_ctrl_c_during_the_search_of_a_run_is_an_interruption_that_the_printed_command_resumes(tmp_path, demo_root):
@@ -44,7 +39,7 @@ def test_ctrl_c_during_the_search_of_a_run_is_an_interruption_that_the_printed_c
                               start_new_session=True)
     try:
         # The first search trial finished and the second is training (its first epoch checkpoint is written).
-        wait_for(lambda: _finished_search_trials(db) >= 1 and second.is_file(), 300, 0.05,
+        wait_for(lambda: finished_runs(db) >= 1 and second.is_file(), 300, 0.05,
                  "a finished search trial and a second one training")
         os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the driver's whole group
         out, _ = driver.communicate(timeout=180)

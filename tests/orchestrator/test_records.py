@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from orchestrator import records
 from orchestrator.context import Options, stage_context
@@ -36,14 +35,6 @@ def same_clock(monkeypatch):
     """One machine's clock: no skew margin, so what the record holds is what is read (within the margin every run
     would be read live, and the record never tested)."""
     monkeypatch.setattr(records, "SKEW_MS", 0)
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made once (the migrations take seconds); tests copy it."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
 
 
 @pytest.fixture()

@@ -25,14 +25,6 @@ ROWS = [{"name": "CoOp", "method": {"name": "coop"}}, {"name": "HISF", "method":
 SEARCH = {"n_trials": 2, "seed": 1, "pruner": "none", "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made once (the migrations take seconds); tests copy it."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 @pytest.fixture()
 def launch(tmp_path, demo_root, empty_store):
     """A final launch whose two trials (CoOp; HISF with λ_le = 0.5) finished, recorded as a trial records them."""

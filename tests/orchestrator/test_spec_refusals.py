@@ -32,7 +32,7 @@ def param(key, **rng):
     # the backbone's shape, read from its model config (no weights, no model build)
     (method(2, depth=4), f"rows[2] (MaPLe) merged with base: method.depth: 4 exceeds the 3 layers of {TINY}; "
                          "expected 1..3"),
-    (method(4, depth=5, cross_layer=1), f"rows[4] (HiCroPL) merged with base: method.depth: 5 exceeds the 3 layers"),
+    (method(4, depth=5, cross_layer=1), "rows[4] (HiCroPL) merged with base: method.depth: 5 exceeds the 3 layers"),
     (method(1, n_ctx=74), f"rows[1] (CoOp) merged with base: method.n_ctx: 74 does not fit the context length 77 of "
                           f"{TINY}; expected 1..73"),
     (method(2, layers=[0, 3]), f"rows[2] (MaPLe) merged with base: method.layers: prompt layers [0, 3] outside the 3 "

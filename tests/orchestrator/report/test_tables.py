@@ -82,7 +82,7 @@ def test_average_row_follows_table1_and_reference_deltas(tmp_path):
                 avg.loc[(row, metric)]["mean"] - BASE2NEW_AVERAGE[row][i])
     assert ("PromptSRC − paper", "hm") not in avg.index  # no PromptSRC row of ours
     md = report.tables["md"].read_text()
-    assert f"| HISF (paper) | 85.39 | 76.12 | 80.75 |" in md
+    assert "| HISF (paper) | 85.39 | 76.12 | 80.75 |" in md
     d = avg.loc[("HISF − paper", "hm")]["mean"]
     assert f"{d:+.2f}" in md
     # The average's HM combines the same runs as its base and novel cells: each run is linked once.
