@@ -22,7 +22,7 @@ released code runs it (the differences from the paper that matter for reproducin
   the prompt learner and the teacher image encoder stored in fp16, the text teacher in fp32). In float32 the
   same graph runs in float32 and the released code's `.half()` casts are left out (in its fp16 runs they are
   no-ops; its fp32 setting cannot run: the fp16 teacher receives fp32 images).
-Used by tests/hisf to check our `hicropl` model with `mapping: released` and the checkpoint import.
+Used by tests/hisf/model to check our `hicropl` model with `mapping: released` and the checkpoint import.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 It shares no model code with `hisf/`: it rebuilds OpenAI's CLIP from an OpenAI-format state dict in
 sequence-first (LND) layout with MaPLe's `ResidualAttentionBlock_MaPLe` prompt logic (a counter over
 compound prompts; layer 0 takes its prompts at the input; layers 1..depth-1 replace them), and MaPLe's
-`MultiModalPromptLearner` / `TextEncoder` / `CustomCLIP` forward. Used by tests/hisf to check our `maple`
+`MultiModalPromptLearner` / `TextEncoder` / `CustomCLIP` forward. Used by tests/hisf/model to check our `maple`
 logits and by benchmarks that time our encoders against MaPLe's formulation.
 
 `to_maple_fp16` gives it the storage MaPLe trains with under `PREC: fp16`: OpenAI's `convert_weights` on

@@ -4,6 +4,6 @@ from data_shards.builder import BuildOptions, build
 from data_shards.dataset import BuiltDataset, Subset, open_dataset
 from data_shards.demo import write_demo
 from data_shards.errors import DataError
-from data_shards.loader import make_loader
+from data_shards.loader import eval_images, make_loader
 
-__all__ = ["BuildOptions", "BuiltDataset", "DataError", "Subset", "build", "make_loader", "open_dataset", "write_demo"]
+__all__ = ["BuildOptions", "BuiltDataset", "DataError", "Subset", "build", "eval_images", "make_loader", "open_dataset", "write_demo"]

@@ -173,6 +173,13 @@ class EvalBatches(IterableDataset):
             yield _to_batch(arrays, labels, self.table)
 
 
+def eval_images(images: Sequence[bytes], image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Encoded image files (any format PIL reads) as one batch [N, 3, S, S], by the evaluation loaders' own transform:
+    the shorter side resized to S (bicubic), a centre crop of S, then CLIP's normalisation."""
+    arrays = [eval_array(data, image_size) for data in images]
+    return _to_batch(arrays, [0] * len(arrays), normalising_table(mean, std))[0]
+
+
 def make_loader(subset: Subset, train: bool, batch_size: int, image_size: int, mean: Sequence[float],
                 std: Sequence[float], seed: int = 1, epoch: int = 0, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -12,7 +12,8 @@ import sys
 from hisf.config import ConfigError, TrialConfig, replace_path
 
 EPILOG = """Results go to output_dir (default `runs/trial`, relative to the current folder): checkpoint/ (the
-training state, after every epoch), prompts.pt, config.yaml and metrics.json. A rerun with the same output_dir
+training state, after every epoch), prompts.pt, config.yaml, metrics.json and eval/ (per-class accuracy and the
+confusion matrix of each evaluated split: <split>.json, <split>.png). A rerun with the same output_dir
 resumes from checkpoint/ only when it is the same run (config, ranks x batch size, the data's builds);
 otherwise it stops and says what differs. Several configs train as one fused group (one process, one forward of the
 backbone per step; they may differ only in seed, loss weights, learning-rate settings, epochs and output_dir), each

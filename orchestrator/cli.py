@@ -8,7 +8,7 @@ import sys
 from orchestrator.context import DEFAULT_WORKDIR
 
 STAGE_COMMANDS = ("sweep", "search", "final", "run", "status")
-USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,stores,data,train} ..."
+USAGE = "usage: hisf-bench {sweep,search,final,run,status,report,predict,eval,stores,data,train} ..."
 HELP = f"""{USAGE}
 
 Benchmark prompt-learning methods (HISF and its baselines) on a frozen CLIP: an experiment spec
@@ -21,6 +21,8 @@ commands:
   final SPEC      every row with the final seeds; searched rows take their study's best values
   status SPEC     each stage's progress, from MLflow and the Optuna studies
   report SPEC     tables, plots and study reports from the finished runs
+  predict RUN_OR_DIR IMAGES...   top-k classes of image files by a finished trial's prompts
+  eval RUN_OR_DIR --dataset KEY  accuracy, per-class accuracy, confusion matrix on a built dataset, to MLflow
   stores serve    PostgreSQL and an `mlflow server` for a cluster (`stores serve --root DIR`): prints the flags
   data ...        build datasets into shards (`hisf-bench data build`), describe them (`data info`), demo data
   train ...       train one trial config without Ray (`python -m hisf.train`, also under torchrun)
@@ -49,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         from orchestrator.report import main as report_main
 
         return report_main(argv[1:]) or 0
+    if argv[:1] in (["predict"], ["eval"]):
+        from orchestrator.predict_cli import eval_main, predict_main
+
+        return (predict_main if argv[0] == "predict" else eval_main)(argv[1:])
     if argv[:1] == ["stores"]:
         from orchestrator.stores_cli import main as stores_main
 
@@ -87,13 +93,17 @@ def _parser(command: str) -> argparse.ArgumentParser:
         "status": "Show each stage's progress from the tracker and the Optuna studies.",
     }[command])
     p.add_argument("spec", help="experiment spec (experiments/*.yaml)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: sqlite:///<workdir>/mlflow.db)")
     p.add_argument("--optuna-storage", default=None,
                    help="Optuna RDB storage URL, any SQLAlchemy URL (default: sqlite:///<workdir>/optuna.db)")
     p.add_argument("--workdir", default=DEFAULT_WORKDIR,
                    help="where trial outputs, Ray results and the default stores go (default: ./hisf-bench)")
+    if command == "status":  # reads the stores only: the flags of a launch do nothing here
+        p.add_argument("--full-read", action="store_true",
+                       help="read every trial run from MLflow instead of each launch's record (orchestrator/records.py): slower; for runs edited by hand after their stage ended")
+        return p
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start Ray locally on 127.0.0.1)")
     p.add_argument("--resume", action="store_true",
                    help="continue the latest run of the stage: a finished trial is reused when it is the same trial "
                         "(config, spec, data build, code), unfinished ones continue, others rerun fresh")
@@ -121,14 +131,16 @@ def stage_main(command: str, argv: list[str]) -> int:
         spec = load_spec(args.spec)
         from orchestrator.preflight import with_weights_cache
 
-        spec = with_weights_cache(spec, args.weights_cache)
+        spec = with_weights_cache(spec, getattr(args, "weights_cache", None))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    opts = Options(workdir=args.workdir, address=args.address, tracking_uri=args.tracking_uri,
-                   optuna_storage=args.optuna_storage, resume=args.resume, dry_run=args.dry_run,
-                   num_cpus=args.num_cpus, shared_storage=args.shared_storage, verbose=args.verbose).resolved()
-    if not args.verbose:
+    launch = {k: getattr(args, k) for k in ("address", "resume", "dry_run", "num_cpus", "shared_storage", "verbose",
+                                            "full_read")
+              if hasattr(args, k)}  # (`status` has only the last)
+    opts = Options(workdir=args.workdir, tracking_uri=args.tracking_uri, optuna_storage=args.optuna_storage,
+                   **launch).resolved()
+    if not opts.verbose:
         import logging
         import os
 
@@ -139,53 +151,123 @@ def stage_main(command: str, argv: list[str]) -> int:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    from orchestrator import preflight
+
+    # The stores and the workdir, in seconds, before anything waits on them (a dead server would hang minutes).
+    reads_studies = spec.search is not None and bool(spec.searched_rows) and command in ("search", "final", "run", "status")
     try:
         if command == "status":
             from orchestrator.status import print_status
 
+            preflight.check_stores(opts, reads_studies, dry_run=True, writes=False)
             return print_status(spec, opts)
         if opts.dry_run:
-            from orchestrator import preflight
             from orchestrator.status import print_dry_run
 
-            # The plan first (it needs no data), then the same checks a run makes before Ray starts (demo data
-            # not built yet is fine here): exit 2 when the real run would stop there.
+            # The stores first (the plan's resume preview reads them), then the plan (it needs no data), then the
+            # same checks a run makes before Ray starts (demo data not built yet is fine here): exit 2 when the
+            # real run would stop there.
+            preflight.check_stores(opts, reads_studies, dry_run=True)
             rc = print_dry_run(command, spec, opts)
             preflight.check(spec, needs_test=command != "search", dry_run=True, out=opts.out)
             return rc
-        return _run(command, spec, opts)
+        preflight.check_stores(opts, reads_studies)
+        return _run(command, spec, opts, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
 
-def _run(command: str, spec, opts) -> int:
+def _run(command: str, spec, opts, argv: list[str]) -> int:
+    import shlex
+    from pathlib import Path
+
+    from orchestrator.workdir_lock import launch_lock
+
+    # The command that continues this one: the same command and flags, with --resume.
+    resume = shlex.join(["hisf-bench", command, *argv, *([] if "--resume" in argv else ["--resume"])])
+    fresh = not Path(opts.workdir).exists()
+    try:
+        # One launch of a spec per workdir: a second one stops here, naming the holder.
+        with launch_lock(opts.workdir, spec.name, shlex.join(["hisf-bench", command, *argv]), opts.out) as lock:
+            try:
+                return _run_stages(command, spec, opts, resume)
+            finally:
+                if fresh:
+                    _drop_unused_workdir(Path(opts.workdir), lock)
+    except Exception as e:
+        from orchestrator.disk import disk_full
+
+        # A full disk fails everything after it alike: one line, not the tracebacks of every layer.
+        full = disk_full(e, opts.tracking_uri)
+        if full is None:
+            raise
+        print(f"error: {full}; what finished is kept: free space there, then continue with: {resume}", file=sys.stderr)
+        return 1
+
+
+def _drop_unused_workdir(workdir, lock) -> None:
+    """A launch that made the workdir and stopped before writing anything but its lock (a bad spec, data not
+    built) leaves no workdir behind: the lock file, then the empty folders (rmdir removes only empty ones)."""
+    import contextlib
+    import os
+
+    if sorted(p.name for p in workdir.iterdir()) != ["locks"] or os.listdir(lock.parent) != [lock.name]:
+        return
+    with contextlib.suppress(OSError):
+        lock.unlink()
+        os.rmdir(lock.parent)
+        os.rmdir(workdir)
+
+
+def _run_stages(command: str, spec, opts, resume: str) -> int:
     from orchestrator import runner
-    from orchestrator.results import STATUS_KEY
+    from orchestrator.search import NoCompletedTrial
+    from orchestrator.stage_end import StageInterrupted
     from orchestrator.status import print_where
 
-    results = []
-    if command == "sweep":
-        results.append(runner.run_sweep(spec, opts))
-    elif command == "search":
-        results.append(runner.run_search(spec, opts))
-    elif command == "final":
-        results.append(runner.run_final(spec, opts))
-    elif command == "run":
-        if spec.search is not None and spec.searched_rows:
-            results.append(runner.run_search(spec, opts))
-            results.append(runner.run_final(spec, opts))
-        else:
-            results.append(runner.run_sweep(spec, opts))
-    for r in results:
-        for tid, res in sorted(r.results.items()):
-            if res.get(STATUS_KEY) == "failed":
-                print(f"[{r.stage}] trial {tid} failed: {_last_line(res.get('error')) or 'see its MLflow run'}", file=opts.out)
-        print(f"[{r.stage}] done in {r.wall_seconds:.1f}s: {r.trials} trials "
-              f"({', '.join(f'{v} {k}' for k, v in sorted(r.statuses.items()))}; {r.skipped} skipped as finished)",
-              file=opts.out)
+    searched = spec.search is not None and bool(spec.searched_rows)
+    stages = {"sweep": [runner.run_sweep], "search": [runner.run_search], "final": [runner.run_final],
+              "run": [runner.run_search, runner.run_final] if searched else [runner.run_sweep]}[command]
+    results, rc = [], 0
+    try:
+        for stage in stages:
+            try:
+                results.append(stage(spec, opts))
+            except NoCompletedTrial as e:
+                if command == "final":
+                    raise
+                # `run`: the search stage said so already; the final stage needs every study's best values.
+                print(f"[final] not started: {e}; trials that failed are not retried: fix what failed them and "
+                      f"run the spec again (`hisf-bench {command} {spec.path}`)", file=opts.out)
+                rc = 1
+            else:
+                _print_stage(results[-1], opts.out)
+    except StageInterrupted as e:
+        print(e.summary(), file=opts.out)
+        later = stages[len(results) + 1:]
+        if later:
+            print(f"[{command}] not started: {', '.join(s.__name__.removeprefix('run_') for s in later)}", file=opts.out)
+        print(f"resume with: {resume}", file=opts.out)
+        return 130
+    except KeyboardInterrupt:
+        print(f"[{command}] interrupted before any trial started; nothing to resume yet. Run again: "
+              f"{resume}", file=opts.out)
+        return 130
     print_where(spec, opts)
-    return 0 if all(r.statuses.get("failed", 0) == 0 for r in results) else 1
+    failed = any(r.statuses.get("failed", 0) for r in results)
+    return rc or (1 if failed else 0)
+
+
+def _print_stage(r, out) -> None:
+    from orchestrator.results import STATUS_KEY
+
+    for tid, res in sorted(r.results.items()):
+        if res.get(STATUS_KEY) == "failed":
+            print(f"[{r.stage}] trial {tid} failed: {_last_line(res.get('error')) or 'see its MLflow run'}", file=out)
+    print(f"[{r.stage}] done in {r.wall_seconds:.1f}s: {r.trials} trials "
+          f"({', '.join(f'{v} {k}' for k, v in sorted(r.statuses.items()))}; {r.skipped} skipped as finished)",
+          file=out)
 
 
 def _last_line(text: str | None) -> str:

@@ -50,6 +50,8 @@ class Options:
     verbose: bool = False
     # Seconds between plain progress lines when the console is not a terminal.
     progress_every: float = 10.0
+    # `status`: read every child run instead of each launch's record (orchestrator/records.py).
+    full_read: bool = False
     out: Any = field(default_factory=lambda: sys.stdout)  # looked up when made: capture-friendly
 
     def resolved(self) -> "Options":

@@ -47,17 +47,26 @@ class TrialGroup:
 
 
 def group_size(spec, cfg, n_classes: int) -> int:
-    """How many members a group of trials like `cfg` may have: `resources.fuse`, or with `auto` the most (up to 16)
-    whose estimated peak memory fits the trial's GPU share (`gpu_memory_gib` x `gpus_per_trial`); on a CPU up to 8
-    while the group's sequences per step (images and class texts) stay within CPU_SEQUENCES."""
+    """How many members a group of trials like `cfg` may have: `resources.fuse`, or with `auto` up to 16; on a GPU
+    never more than the estimated peak memory fits in the trial's share (`gpu_memory_gib` x `gpus_per_trial`), so a
+    group that would not fit is split rather than failed; with `auto` on a CPU up to 8 while the group's sequences
+    per step (images and class texts) stay within CPU_SEQUENCES."""
     r = spec.resources
-    if r.fuse != "auto":
-        return int(r.fuse)
     if r.gpus_per_trial <= 0:
+        if r.fuse != "auto":
+            return int(r.fuse)
         return max(1, min(CPU_AUTO, CPU_SEQUENCES // (cfg.train.batch_size + n_classes)))
+    return min(MAX_AUTO if r.fuse == "auto" else int(r.fuse), memory_fit(spec, cfg, n_classes))
+
+
+def memory_fit(spec, cfg, n_classes: int) -> int:
+    """The most members (at least 1, at most max(16, fuse)) whose estimated peak fits the trial's GPU share."""
+    r = spec.resources
     budget = MEMORY_SHARE * r.gpu_memory_gib * GIB * r.gpus_per_trial
-    fits = [k for k in range(1, MAX_AUTO + 1) if estimate_peak_bytes(cfg, k, n_classes) <= budget]
-    return max(fits, default=1)
+    top = max(MAX_AUTO, int(r.fuse) if r.fuse != "auto" else 1)
+    base, per_member = estimate_peak_bytes(cfg, 0, n_classes), estimate_peak_bytes(cfg, 1, n_classes)
+    per_member -= base
+    return max(1, min(top, int((budget - base) // per_member) if per_member > 0 else top))
 
 
 def plan_groups(trials: Sequence[Trial], spec, class_count) -> tuple[list[TrialGroup], dict[str, str]]:
@@ -72,6 +81,7 @@ def plan_groups(trials: Sequence[Trial], spec, class_count) -> tuple[list[TrialG
         buckets.setdefault(fusion_key(t.config), []).append(t)
     groups: list[TrialGroup] = []
     alone: dict[str, str] = {}
+    gpu = spec.resources.gpus_per_trial > 0
     for members in buckets.values():
         cfg = members[0].config
         reason = why_alone(cfg)
@@ -83,8 +93,9 @@ def plan_groups(trials: Sequence[Trial], spec, class_count) -> tuple[list[TrialG
             if len(chunk) == 1:
                 t = chunk[0]
                 alone[t.trial_id] = reason or (
-                    f"resources.fuse is {spec.resources.fuse}" if size == 1 and spec.resources.fuse != "auto" else
-                    "one member fits the device (fuse: auto)" if size == 1 else
+                    f"resources.fuse is {spec.resources.fuse}" if spec.resources.fuse in (1, "1") else
+                    "one member fills its estimated share of the device's memory" if size == 1 and gpu else
+                    "one member's step already holds the images and class texts a fused CPU step may" if size == 1 else
                     "no other trial of the stage shares its shapes and settings" if len(members) == 1 else
                     f"its {len(members)} compatible trials split into groups of at most {size}")
     order = {t.trial_id: i for i, t in enumerate(trials)}

@@ -104,7 +104,9 @@ def differences(now: TrialIdentity, cfg, tags: Mapping[str, str], params: Mappin
     if tags.get(PART_TAGS["config"]) != now.config:
         from orchestrator.tracking import param_str
 
-        keys = sorted(k for k, v in config_identity(cfg).items() if params.get(k) != param_str(v))
+        # A run logs only the method keys its method reads (trial_callback.tracked_params): the others are not
+        # on record to compare, and do not change its numbers.
+        keys = sorted(k for k, v in config_identity(cfg).items() if k in params and params[k] != param_str(v))
         shown = ", ".join(f"{k} {params.get(k, 'unset')} there, {param_str(config_identity(cfg)[k])} now"
                           for k in keys[:3])
         out.append(("config", shown + (f", +{len(keys) - 3} more" if len(keys) > 3 else "") if keys else "another config"))

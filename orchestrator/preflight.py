@@ -189,43 +189,57 @@ def _sqlite_or_file(url: str) -> bool:
 
 def storage_problems(spec: ExperimentSpec, opts: Any) -> list[str]:
     """What only the driver's machine can see, for a run on a multi-node cluster."""
-    problems = []
+    return [problem for _, problem in _storage_findings(spec, opts)]
+
+
+def _storage_findings(spec: ExperimentSpec, opts: Any) -> list[tuple[str, str]]:
+    """(what, the problem and the flag that fixes it) for each store or folder that looks local."""
+    found = []
     if _sqlite_or_file(opts.tracking_uri):
-        problems.append(f"tracking store {opts.tracking_uri!r} is a file on this machine: pass "
-                        "`--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches; "
-                        "`hisf-bench stores serve` on the head node starts one and prints the flags)")
+        found.append(("the SQLite tracking store", f"tracking store {opts.tracking_uri!r} is a file on this machine: "
+                      "pass `--tracking-uri http://HOST:5000` (an `mlflow server` every node reaches; "
+                      "`hisf-bench stores serve` on the head node starts one and prints the flags)"))
     if spec.search is not None and _sqlite_or_file(opts.optuna_storage):
-        problems.append(f"Optuna storage {opts.optuna_storage!r} is a file on this machine: pass "
-                        "`--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches")
+        found.append(("the SQLite Optuna storage", f"Optuna storage {opts.optuna_storage!r} is a file on this "
+                      "machine: pass `--optuna-storage postgresql://USER@HOST/DB` (or mysql://...) every node reaches"))
     if _local(opts.workdir):
-        problems.append(f"--workdir {opts.workdir} is on a local file system ({_fs_type(Path(opts.workdir)) or 'unknown'}): "
-                        "pass `--workdir /shared/...` on storage every node mounts")
+        found.append((f"--workdir {opts.workdir}", f"--workdir {opts.workdir} is on a local file system "
+                      f"({_fs_type(Path(opts.workdir)) or 'unknown'}): pass `--workdir /shared/...` on storage every "
+                      "node mounts"))
     root = Path(spec.data.root)
     if _local(root):
-        problems.append(f"data.root {spec.data.root!r} ({root.resolve()}) is on a local file system: put the built "
-                        "datasets on storage every node mounts and give that path as data.root")
+        found.append((f"data.root {root.resolve()}", f"data.root {spec.data.root!r} ({root.resolve()}) is on a local "
+                      "file system: put the built datasets on storage every node mounts and give that path as data.root"))
     caches = {cfg.cache_dir for cfg in backbone_configs(spec) if cfg.pretrained and cfg.cache_dir}
     for cache in sorted(caches):
         if _local(cache):
-            problems.append(f"--weights-cache {cache} is on a local file system: workers on other nodes would not "
-                            "find the weights fetched here; pass a folder on shared storage")
-    return problems
+            found.append((f"--weights-cache {cache}", f"--weights-cache {cache} is on a local file system: workers on "
+                          "other nodes would not find the weights fetched here; pass a folder on shared storage"))
+    return found
+
+
+# Notes already printed by this process: `run` checks the cluster before each of its stages.
+_NOTED: set[str] = set()
 
 
 def check_cluster(spec: ExperimentSpec, opts: Any, alive_nodes: int, out: TextIO | None = None) -> None:
     """Refuse a multi-node cluster with stores or folders on this machine only, unless `--shared-storage`."""
     if alive_nodes <= 1:
         return
-    problems = storage_problems(spec, opts)
-    if not problems:
+    found = _storage_findings(spec, opts)
+    if not found:
         return
     if getattr(opts, "shared_storage", False):
-        print(f"preflight: {alive_nodes} Ray nodes; --shared-storage given, so these are taken as seen by every "
-              "node: " + "; ".join(problems), file=out or sys.stdout)
+        # The user said so already: one short line naming what is taken as shared, once per command.
+        note = (f"preflight: {alive_nodes} Ray nodes; as --shared-storage says, every node sees "
+                + ", ".join(what for what, _ in found))
+        if note not in _NOTED:
+            _NOTED.add(note)
+            print(note, file=out or sys.stdout)
         return
     raise PreflightError(
         f"{spec.path}: the Ray cluster has {alive_nodes} nodes, but trials on other nodes would write to or read "
-        "from places only this machine sees:\n  - " + "\n  - ".join(problems) +
+        "from places only this machine sees:\n  - " + "\n  - ".join(p for _, p in found) +
         "\nPass the flags above, or `--shared-storage` if these paths are on storage every node mounts.")
 
 
@@ -233,3 +247,134 @@ def alive_nodes() -> int:
     import ray
 
     return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+# ---- stores and the workdir: reachable, with their drivers, writable (seconds, before any MLflow run) ---------
+
+# SQLAlchemy driver modules -> what to install for them.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient",
+                   "pymysql": "PyMySQL", "pg8000": "pg8000", "pyodbc": "pyodbc", "oracledb": "oracledb"}
+STORE_TIMEOUT_S = 5
+
+
+def check_stores(opts: Any, needs_optuna: bool, dry_run: bool = False, writes: bool = True) -> None:
+    """The workdir can be written (`writes`: the command writes there), `--tracking-uri` answers (an MLflow
+    server, or a database whose driver is installed) and, when the command reads studies, so does
+    `--optuna-storage`; one PreflightError naming each flag and its fix.
+
+    `dry_run`: nothing is created (a folder is judged by its nearest existing ancestor). A SQLite store is
+    judged by its folder, a server database by a `SELECT 1`."""
+    problems = [p for p in (_workdir_problem(opts.workdir, dry_run) if writes else None,
+                            _tracking_problem(opts.tracking_uri, dry_run),
+                            _database_problem("--optuna-storage", opts.optuna_storage, dry_run) if needs_optuna else None)
+                if p]
+    if problems:
+        raise PreflightError(f"{len(problems)} problem{'s' if len(problems) > 1 else ''} with the stores or the "
+                             "workdir before anything ran:\n  - " + "\n  - ".join(problems))
+
+
+def _os_reason(e: OSError) -> str:
+    import errno
+
+    return f"{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else str(e)
+
+
+def _folder_problem(flag: str, folder: Path, dry_run: bool) -> str | None:
+    """`folder`, or the nearest of its parents that exists, takes a new entry; nothing is left behind (a bad
+    spec found later must not have made a workdir). A dry run only asks the permissions."""
+    import os
+    import tempfile
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{flag} {folder}: {probe} is not a folder; pass a folder you can write to"
+    if dry_run:
+        if os.access(probe, os.W_OK | os.X_OK):
+            return None
+        return f"{flag} {folder}: {probe} is not writable; pass a folder you can write to"
+    try:
+        with tempfile.TemporaryDirectory(dir=probe, prefix=".hisf-bench-write-test-"):
+            pass
+    except OSError as e:
+        return f"{flag} {folder}: cannot write there: {_os_reason(e)}; pass a folder you can write to"
+    return None
+
+
+def _workdir_problem(workdir: str, dry_run: bool) -> str | None:
+    return _folder_problem("--workdir", Path(workdir), dry_run)
+
+
+def _tracking_problem(uri: str, dry_run: bool) -> str | None:
+    if uri.startswith(("http://", "https://")):
+        return _http_problem(uri)
+    if uri.startswith("file:") or "://" not in uri:
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri[len("file:"):] if uri.startswith("file:") else uri)
+        return _folder_problem("--tracking-uri", path, dry_run)
+    if uri.split(":", 1)[0] in ("databricks", "databricks-uc", "uc"):
+        return None  # MLflow's own clients; they answer with their own errors
+    return _database_problem("--tracking-uri", uri, dry_run)
+
+
+def _http_problem(uri: str) -> str | None:
+    """Something answers HTTP at the tracking server (any status counts: only a dead address is refused)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=STORE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return (f"--tracking-uri {uri}: no MLflow server answers there within {STORE_TIMEOUT_S} s ({reason}); "
+                "start one (`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`) "
+                "or pass the URL of a running one (leave the flag out for the workdir's SQLite store)")
+    return None
+
+
+def _database_problem(flag: str, url: str | None, dry_run: bool) -> str | None:
+    """A SQLAlchemy URL: parsed, its driver importable, and (server databases) a connection within seconds."""
+    import sqlalchemy as sa
+
+    if not url:
+        return None
+    shown = _redacted(url)
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return (f"{flag} {shown}: not a database URL; expected a SQLAlchemy URL such as sqlite:////abs/path.db, "
+                "postgresql://USER@HOST/DB or mysql+pymysql://USER@HOST/DB")
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            return f"{flag} {shown}: an in-memory SQLite database keeps nothing; give a file (sqlite:////abs/path.db)"
+        return _folder_problem(flag, Path(parsed.database).expanduser().resolve().parent, dry_run)
+    connect_args = {"connect_timeout": STORE_TIMEOUT_S} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+    try:
+        engine = sa.create_engine(parsed, connect_args=connect_args, poolclass=sa.pool.NullPool)
+    except sa.exc.NoSuchModuleError:
+        return (f"{flag} {shown}: SQLAlchemy knows no database {parsed.drivername!r}; expected sqlite, postgresql, "
+                "mysql, mssql or oracle (optionally with a driver, e.g. postgresql+psycopg)")
+    except ImportError as e:
+        module = getattr(e, "name", None) or str(e)
+        package = DRIVER_PACKAGES.get(module, module)
+        return (f"{flag} {shown}: the database driver {module!r} is not installed; `pip install {package}`, or name "
+                f"an installed driver in the URL ({parsed.get_backend_name()}+DRIVER://...)")
+    try:
+        with engine.connect() as con:
+            con.execute(sa.text("SELECT 1"))
+    except ImportError as e:
+        return f"{flag} {shown}: a database driver is missing: {e}"
+    except Exception as e:  # sqlalchemy.exc.OperationalError and the like: name the first line
+        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0][:300]
+        return f"{flag} {shown}: cannot connect within {STORE_TIMEOUT_S} s: {first}; check the host, port, database and credentials"
+    finally:
+        engine.dispose()
+    return None
+
+
+def _redacted(url: str) -> str:
+    from orchestrator.context import redact
+
+    return redact(url)

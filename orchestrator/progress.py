@@ -72,7 +72,8 @@ def _fileno(stream: Any) -> int | None:
 
 class StageProgress(Callback):
     """A Tune callback that keeps one progress line per stage: finished / running / failed / pruned of N member
-    trials (a Tune trial runs a group of them, docs/fusion.md), elapsed time, ETA, and (search) the best validation
+    trials (a Tune trial runs a group of them, docs/fusion.md), the retries of errored Tune trials (when there were
+    any), elapsed time, ETA, and (search) the best validation
     value so far.
 
     On a terminal the line is redrawn in place (`\\r`) at most once a second; otherwise (CI logs, pipes) a
@@ -87,6 +88,7 @@ class StageProgress(Callback):
         self.prior = dict(prior or {})
         self.counts = {s: 0 for s in STATUSES if s != "running"}
         self.running: dict[str, int] = {}  # Tune trial id -> its group's member count
+        self.retries = 0
         self.every = every
         self.live = bool(live if live is not None else getattr(console, "isatty", lambda: False)())
         self.started = time.monotonic()
@@ -117,6 +119,12 @@ class StageProgress(Callback):
         self.counts["failed"] += len(_member_ids(trial))
         self._settle(trial)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The trial errored (a killed worker, a lost node) and Tune starts it again (resources.max_failures).
+        self.retries += 1
+        self._changed = True
+        self.draw()
+
     def on_step_end(self, iteration, trials, **info):
         self.draw()
 
@@ -142,7 +150,9 @@ class StageProgress(Callback):
         else:
             eta = "?"
         text = (f"[{self.stage}] {done['finished']}/{self.total} finished, {sum(self.running.values())} running, "
-                f"{done['failed']} failed, {done['pruned']} pruned · {_clock(elapsed)} elapsed · ETA {eta}")
+                f"{done['failed']} failed, {done['pruned']} pruned"
+                f"{f', {self.retries} retr' + ('y' if self.retries == 1 else 'ies') if self.retries else ''}"
+                f" · {_clock(elapsed)} elapsed · ETA {eta}")
         if self.metric:
             text += f" · best {self.metric} " + ("-" if self.best is None else f"{self.best:.2f}")
         return text

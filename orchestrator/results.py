@@ -3,8 +3,9 @@
 A Tune trial runs a group of member trials (docs/fusion.md; one member: a trial alone). It reports each epoch
 with `STATUS_KEY: "running", FINAL_KEY: False`, and once at the end with `FINAL_KEY: True` and `MEMBERS_KEY`:
 per member trial id, its status (`finished`, `pruned` or `failed`, with `ERROR_KEY` for a bad config) and its
-final metrics (the engine's metric names). A Tune trial whose last result is not final did not end by itself
-(killed, errored in Ray): all its members count as failed.
+final metrics (the engine's metric names), and a finished single-process member its per-class results
+(`CLASSES_KEY`). A Tune trial whose last result is not final did not end by itself (killed, errored in Ray): all
+its members count as failed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ FINAL_KEY = "hisf_final"
 ERROR_KEY = "hisf_error"
 # A group's final result: JSON {member trial id: {STATUS_KEY, ERROR_KEY?, metrics...}} (a string: Tune keeps it whole).
 MEMBERS_KEY = "hisf_members"
+# A finished member's per-class results as reports read them: {split: {"classnames", "per_class_accuracy"}}, from
+# the eval/<split>.json files the engine wrote; the driver puts them in the launch's record (orchestrator/records.py)
+# so a report reads them without one download per run.
+CLASSES_KEY = "hisf_classes"
+CLASS_FIELDS = ("classnames", "per_class_accuracy")
 
 STATUSES = ("finished", "running", "failed", "pruned")
 # A trial in one of these states is on record and done: its run is kept, its checkpoints can go.
@@ -73,3 +79,21 @@ def epoch_report(records: list[Mapping[str, Any]]) -> dict[str, Any]:
         if values:
             report[f"max_{key}"] = max(values)
     return report
+
+
+def class_summaries(eval_dir: str | None) -> dict[str, dict[str, list]]:
+    """split (`base`, `novel`, `target/<key>`, ...) -> the fields of its eval/<split>.json a report reads; {} when the
+    trial wrote none. Not the confusion matrix: C x C counts (megabytes for ImageNet) would ride in every result."""
+    from pathlib import Path
+
+    out: dict[str, dict[str, list]] = {}
+    if not eval_dir or not Path(eval_dir).is_dir():
+        return out
+    for path in sorted(Path(eval_dir).rglob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and all(k in record for k in CLASS_FIELDS):
+            out[path.relative_to(eval_dir).with_suffix("").as_posix()] = {k: record[k] for k in CLASS_FIELDS}
+    return out

@@ -8,13 +8,14 @@ tag is the search stage's MLflow parent run (so a fresh `search` never mixes wit
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import optuna
 from ray.tune.search import Searcher
 
 from orchestrator.groups import TrialGroup
-from orchestrator.results import STATUS_KEY, member_results
+from orchestrator.results import ERROR_KEY, STATUS_KEY, member_results
 from orchestrator.resume import LaunchRuns, clear_trial_folder, result_record
 from orchestrator.spec import ExperimentSpec, ParamRange, SearchSpec, SpecError
 from orchestrator.trials import SearchGroup, Trial, search_trial, trials_root
@@ -56,9 +57,15 @@ def distributions(params: tuple[ParamRange, ...]) -> dict[str, optuna.distributi
 
 
 def open_study(url: str, name: str, spec: SearchSpec) -> optuna.Study:
-    return optuna.create_study(study_name=name, storage=storage(url), direction="maximize",
-                               sampler=make_sampler(spec), pruner=make_pruner(spec.pruner, spec.startup_trials),
-                               load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage(url), direction="maximize",
+                                sampler=make_sampler(spec), pruner=make_pruner(spec.pruner, spec.startup_trials),
+                                load_if_exists=True)
+    if study.metric_names != [spec.metric]:
+        # The objective's name, so the dashboard and reports say `val_acc`, not "Objective 0".
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.metric])
+    return study
 
 
 def open_trial(url: str, study_name: str, optuna_trial_id: int, pruner: str, startup_trials: int) -> optuna.Trial:
@@ -66,6 +73,10 @@ def open_trial(url: str, study_name: str, optuna_trial_id: int, pruner: str, sta
     study = optuna.load_study(study_name=study_name, storage=storage(url),
                               pruner=make_pruner(pruner, startup_trials))
     return optuna.trial.Trial(study, optuna_trial_id)
+
+
+class NoCompletedTrial(SpecError):
+    """A study the final stage takes best values from has no completed trial."""
 
 
 def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, Any]]:
@@ -78,7 +89,8 @@ def best_values(url: str, groups: list[SearchGroup]) -> dict[tuple, dict[str, An
             raise SpecError(f"search study {g.study!r} not found in {url}; run `hisf-bench search` first") from None
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not done:
-            raise SpecError(f"search study {g.study!r} has no completed trial; rerun `hisf-bench search --resume`")
+            raise NoCompletedTrial(f"search study {g.study!r} has no completed trial (its trials failed or never ran; "
+                                   "`hisf-bench status SPEC` lists them)")
         out[(g.row, g.dataset, g.point)] = dict(study.best_trial.params)
     return out
 
@@ -95,8 +107,10 @@ class StudySearcher(Searcher):
 
     def __init__(self, spec: ExperimentSpec, groups: list[SearchGroup], url: str, workdir: str, ctx: dict,
                  runs: LaunchRuns | None = None):
-        # No metric for Tune itself: a Tune trial reports a fused group's progress, not one trial's val_acc; each
-        # member's value is told to its study here (on_trial_complete), its pruning asked in its own process.
+        # No metric for Tune itself: a Tune trial reports a fused group's progress, not one trial's val_acc (and a
+        # failed trial's final result has none, which Tune's strict metric check would turn into an error that ends
+        # the whole stage); each member's value is told to its study here (on_trial_complete), its pruning asked in
+        # its own process.
         super().__init__(metric=None, mode=None)
         self.spec, self.groups, self.url, self.workdir, self.ctx = spec, groups, url, workdir, ctx
         self.dists = distributions(spec.search.params)
@@ -126,6 +140,9 @@ class StudySearcher(Searcher):
     def _tell_from_record(self, study: str, number: int, result: Mapping[str, Any] | None) -> None:
         s = self.studies[study]
         if not result or result.get(STATUS_KEY) == "failed":
+            reason = (result or {}).get(ERROR_KEY) or "the trial ended without a final result (see its MLflow run)"
+            trial_id = s.get_trials(deepcopy=False)[number]._trial_id
+            optuna.trial.Trial(s, trial_id).set_user_attr("fail_reason", str(reason)[:2000])
             s.tell(number, state=optuna.trial.TrialState.FAIL)
         elif result.get(STATUS_KEY) == "pruned":
             s.tell(number, state=optuna.trial.TrialState.PRUNED)
@@ -184,4 +201,4 @@ class StudySearcher(Searcher):
         for t in members:
             rec = records[t.trial_id]
             ok = rec[STATUS_KEY] != "failed" and (rec[STATUS_KEY] == "pruned" or self.spec.search.metric in rec)
-            self._tell_from_record(t.study, t.optuna_number, rec if ok else None)
+            self._tell_from_record(t.study, t.optuna_number, rec if ok else {**rec, STATUS_KEY: "failed"})

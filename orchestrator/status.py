@@ -102,6 +102,24 @@ def _print_groups(spec: ExperimentSpec, trials: list, studies: list, out) -> lis
         else:
             print(f"alone   {g.members[0].trial_id}: {alone.get(g.members[0].trial_id, '')}, est. peak {peak:.2f} GiB",
                   file=out)
+    r = spec.resources
+    if r.gpus_per_trial > 0 and r.fuse != "auto":  # a fixed size the memory estimate does not hold: split
+        from hisf.engine.group import fusion_key
+        from orchestrator.groups import GIB, MEMORY_SHARE, memory_fit
+
+        seen = set()
+        for g in groups:
+            cfg = g.members[0].config
+            key = fusion_key(cfg)
+            fit = memory_fit(spec, cfg, classes(cfg))
+            if key in seen or fit >= int(r.fuse):
+                continue
+            seen.add(key)
+            need = estimate_peak_bytes(cfg, int(r.fuse), classes(cfg)) / GIB
+            share = MEMORY_SHARE * r.gpu_memory_gib * r.gpus_per_trial
+            print(f"split   {g.members[0].trial_id} and its kind: {r.fuse} members would need est. {need:.1f} GiB of "
+                  f"the {share:.1f} GiB share (resources.gpu_memory_gib x gpus_per_trial x {MEMORY_SHARE}); "
+                  f"groups of at most {fit}", file=out)
     for s in studies:
         k = min(spec.search.n_trials, group_size(spec, s.config, classes(s.config)))
         print(f"search  {s.study}: asks {k} trial(s) at a time, trained as one fused group" if k > 1 else
@@ -123,7 +141,9 @@ def print_status(spec: ExperimentSpec, opts) -> int:
             continue
         any_stage = True
         counts: dict[str, int] = {}
-        for child in tracker.children(run.info.run_id):
+        # From the launch's record when it is current (orchestrator/records.py), else a search of its runs.
+        members = tracker.members(run, use_record=not opts.full_read)
+        for child in members:
             # A stale run was replaced by a rerun of its trial with another identity (orchestrator/resume.py).
             s = "stale" if STALE_TAG in child.data.tags else child.data.tags.get("hisf.status", "running")
             counts[s] = counts.get(s, 0) + 1
@@ -131,7 +151,7 @@ def print_status(spec: ExperimentSpec, opts) -> int:
         print(f"{stage:6s} run {run.info.run_id} {run.info.status}{changed}: "
               f"{', '.join(f'{v} {k}' for k, v in sorted(counts.items())) or 'no trials yet'}", file=out)
         if stage != "search":
-            print(f"  resume: {resume_preview(stage, spec, opts, tracker, run)}", file=out)
+            print(f"  resume: {resume_preview(stage, spec, opts, tracker, run, members)}", file=out)
         if stage == "search" and "hisf.study_tag" in run.data.tags:
             import optuna
 
@@ -218,8 +238,9 @@ def _trials_now(stage: str, spec: ExperimentSpec, opts, tracker) -> tuple[list, 
     return judged, search_run_id, len(trials) - len(judged)
 
 
-def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
-    """`--resume would reuse 2 of 4 trials, run 2: ...`, judged by identity against the launch `run`."""
+def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run, members: list | None = None) -> str:
+    """`--resume would reuse 2 of 4 trials, run 2: ...`, judged by identity against the launch `run` (its child
+    runs `members` when the caller has read them)."""
     from orchestrator.context import stage_context
     from orchestrator.resume import LaunchRuns
 
@@ -230,7 +251,8 @@ def resume_preview(stage: str, spec: ExperimentSpec, opts, tracker, run) -> str:
     except SpecError as e:  # e.g. a launch of a stage the spec no longer has
         return f"not judged: {e}"
     ctx = stage_context(spec, opts, tracker.experiment_id, run.info.run_id, search_run_id)
-    plan = LaunchRuns.read(tracker, run.info.run_id, ctx).plan(trials)
+    runs = LaunchRuns(members, ctx, tracker) if members is not None else LaunchRuns.read(tracker, run.info.run_id, ctx)
+    plan = runs.plan(trials)
     kinds = [d.kind for d in plan.decisions]
     text = (f"--resume would reuse {kinds.count('reuse')} of {len(trials)} trials (finished as the same trial) "
             f"and run {len(plan.todo)} ({kinds.count('continue')} continued, {kinds.count('new')} new, "

@@ -10,6 +10,7 @@ gets a new run (orchestrator/resume.py decides which runs are reused).
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,11 @@ from typing import Any, Callable, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from orchestrator import records
+from orchestrator.records import clear_record
 from orchestrator.store_retry import quiet_mlflow_http_retries, retry
+
+log = logging.getLogger(__name__)
 
 _MAX_BATCH = 900  # MLflow's log_batch limit is 1000 entries
 # MLflow 3's UI opens an experiment by this tag: without it an experiment with no traces lands on the GenAI
@@ -92,6 +97,8 @@ class Tracker:
                 order_by=["attributes.start_time DESC"], max_results=1))
             if runs:
                 run_id = runs[0].info.run_id
+                # The launch changes from here on: its record (orchestrator/records.py) stops being current.
+                _retry(lambda: clear_record(self.client, run_id, runs[0].data.tags))
                 _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
                 return run_id
         tags = {"hisf.stage": stage, "hisf.kind": "stage", "hisf.spec_hash": spec_hash, "hisf.git_commit": git_commit()}
@@ -108,15 +115,25 @@ class Tracker:
         return runs[0] if runs else None
 
     def children(self, parent_run_id: str) -> list:
-        out, token = [], None
-        while True:
-            page = _retry(lambda: self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                max_results=1000, page_token=token))
-            out.extend(page)
-            token = page.token
-            if not token:
-                return out
+        """The launch's child runs, read now from the store (what the driver decides on)."""
+        return _retry(lambda: records.children(self.client, self.experiment_id, parent_run_id))
+
+    def members(self, parent, use_record: bool = True) -> list:
+        """The launch's child runs as `children` gives them, from its record when current (orchestrator/records.py):
+        what `status` reads."""
+        return _retry(lambda: records.launch_members(self.client, self.experiment_id, parent, use_record))[0]
+
+    def close_stage(self, run_id: str, status: str = "FINISHED", classes: Mapping[str, Any] | None = None) -> None:
+        """End the stage's parent run with its record written first (with `classes`: trial id -> the per-class
+        results its trial reported). A record that cannot be written (the store failing, a second Ctrl-C) is left
+        out: readers then search the launch's runs."""
+        try:
+            _retry(lambda: records.write_record(self.client, self.experiment_id, run_id, classes),
+                   "MLflow write the launch's record")
+        except (Exception, KeyboardInterrupt) as e:
+            log.warning("launch %s: no record written (%s: %s); readers will search its runs", run_id,
+                        type(e).__name__, e)
+        self.end_stage(run_id, status)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))

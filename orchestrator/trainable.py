@@ -11,6 +11,7 @@ on its own record and the others go on. The last report follows the result proto
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.context import RunContext
+from orchestrator.disk import DISK_FULL_KEY, disk_full
 from orchestrator.groups import TrialGroup
-from orchestrator.results import ERROR_KEY, STATUS_KEY, group_result, numbers
+from orchestrator.results import CLASSES_KEY, ERROR_KEY, STATUS_KEY, class_summaries, group_result, numbers
 from orchestrator.resume import drop_engine_checkpoint, restore_tune_checkpoint
 from orchestrator.trial_callback import TrialBridge, TuneGroupReport, open_trial_run, remove_pid, write_pid
 from orchestrator.trials import Trial
@@ -46,8 +48,14 @@ class MemberRun:
                       "hisf.status": "running"})
         return cls(trial, run, TrialBridge(trial, run, ctx), attempt)
 
-    def fail(self, message: str) -> None:
-        self.run.fail(message)
+    def fail(self, message: str, quiet: bool = False) -> None:
+        """On record as failed with `message`; `quiet`: a store that fails too (on a full disk) is let be."""
+        if quiet:
+            with contextlib.suppress(Exception):  # the store may sit on the full disk too
+                self.run.fail(message)
+        else:
+            self.run.fail(message)
+        remove_pid(self.trial)
         self.record = {STATUS_KEY: "failed", ERROR_KEY: message}
 
 
@@ -89,12 +97,16 @@ def tune_trainable(config: dict) -> None:
             m.fail(f"bad trial config (not retried): {e}")
         runnable = []
     except Exception as e:
+        full = disk_full(e, ctx.tracking_uri)
+        if full:  # fails every retry alike: reported (not raised, so not retried) and the stage stops
+            for m in runnable:
+                m.fail(full, quiet=True)
+            _end_group_run(ctx, group_run, members, {}, quiet=True)
+            tune.report({**group_result({m.trial.trial_id: m.record for m in members}), DISK_FULL_KEY: full})
+            return
         for m in runnable:
             m.run.fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}")
-        if group_run:
-            from orchestrator.tracking import end_group_run
-
-            end_group_run(ctx.tracking_uri, group_run, True, {})
+        _end_group_run(ctx, group_run, members, {}, failed=True)
         raise
     # The engine's own time excludes what our callbacks spent tracking and reporting inside it; a member's share of
     # a group's time is what it cost (the group's time is on the group's run).
@@ -102,12 +114,10 @@ def tune_trainable(config: dict) -> None:
     for m, outcome in zip(runnable, outcomes):
         overhead = max(0.0, time.perf_counter() - started - group_seconds) / len(members)
         _finish_member(m, outcome, ctx, group_seconds / len(runnable), overhead, ddp=ctx.workers_per_trial > 1)
-    if group_run:
-        from orchestrator.tracking import end_group_run
-
-        end_group_run(ctx.tracking_uri, group_run, any(m.record[STATUS_KEY] == "failed" for m in members),
-                      {"group_engine_seconds": group_seconds, "group_size": len(members)})
-    tune.report(group_result({m.trial.trial_id: m.record for m in members}))
+    _end_group_run(ctx, group_run, members, {"group_engine_seconds": group_seconds, "group_size": len(members)})
+    result = group_result({m.trial.trial_id: m.record for m in members})
+    full = next((m.record[DISK_FULL_KEY] for m in members if m.record.get(DISK_FULL_KEY)), None)
+    tune.report({**result, DISK_FULL_KEY: full} if full else result)
 
 
 def run_engine(members: list[MemberRun], ctx: RunContext, group_id: str) -> list:
@@ -136,12 +146,29 @@ def _open_group_run(group: TrialGroup, ctx: RunContext, members: list[MemberRun]
     return run_id
 
 
+def _end_group_run(ctx: RunContext, group_run: str | None, members: list[MemberRun], metrics: dict,
+                   failed: bool | None = None, quiet: bool = False) -> None:
+    if not group_run:
+        return
+    from orchestrator.tracking import end_group_run
+
+    failed = any(m.record.get(STATUS_KEY) == "failed" for m in members) if failed is None else failed
+    if quiet:
+        with contextlib.suppress(Exception):
+            end_group_run(ctx.tracking_uri, group_run, True, metrics)
+    else:
+        end_group_run(ctx.tracking_uri, group_run, failed, metrics)
+
+
 def _finish_member(m: MemberRun, outcome: Any, ctx: RunContext, engine_seconds: float, overhead: float,
                    ddp: bool = False) -> None:
     """A member's outcome on its record: failed with its error, or finished/pruned with its metrics and files (a
     DDP member's rank 0 logged its metrics and files on its own node already)."""
     if isinstance(outcome, BaseException):
-        m.fail(f"{type(outcome).__name__}: {outcome}")
+        full = disk_full(outcome, ctx.tracking_uri)
+        m.fail(full or f"{type(outcome).__name__}: {outcome}", quiet=bool(full))
+        if full:
+            m.record[DISK_FULL_KEY] = full
         return
     final = numbers({k: v for k, v in (outcome or m.bridge.last).items() if k != "pruned"})
     status = "pruned" if (outcome.get("pruned") if ddp else m.bridge.pruned) else "finished"
@@ -157,6 +184,10 @@ def _finish_member(m: MemberRun, outcome: Any, ctx: RunContext, engine_seconds: 
         # On record as finished: its checkpoint only served resuming it (Tune's copy goes on the driver).
         drop_engine_checkpoint(m.trial.config.output_dir)
     m.record = {**final, STATUS_KEY: status, "engine_seconds": engine_seconds, "orchestration_seconds": overhead}
+    if not ddp:  # (a DDP member's files are on its rank 0's node: reports download them)
+        classes = class_summaries(m.bridge.artifacts.get("eval"))
+        if classes:
+            m.record[CLASSES_KEY] = classes
 
 
 def backfill_epochs(run, metrics_json: str | None) -> None:

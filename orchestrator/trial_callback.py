@@ -35,10 +35,20 @@ def trial_tags(trial: Trial, ctx: RunContext) -> dict[str, Any]:
     return tags
 
 
+def tracked_params(trial: Trial) -> dict[str, Any]:
+    """The run's params: the trial config's leaves, of the `method.*` ones only those its method reads
+    (hisf/model/facts.py), so the MLflow compare view's differences are real ones; a key the spec's grid or
+    search sets is always kept (reports find a run's grid point by it)."""
+    from hisf.model.facts import METHODS
+
+    reads = {f"method.{k}" for k in ("name", *METHODS[trial.config.method.name].reads)} | {k for k, _ in trial.point}
+    return {k: v for k, v in trial.config.flatten().items() if not k.startswith("method.") or k in reads}
+
+
 def open_trial_run(trial: Trial, ctx: RunContext) -> TrialRun:
     """The trial's MLflow run in the stage's parent run: continued when this trial (same identity) has one."""
     return TrialRun(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, trial.trial_id, trial_tags(trial, ctx),
-                    trial.config.flatten(), run_name=trial.run_name)
+                    tracked_params(trial), run_name=trial.run_name)
 
 
 def write_pid(trial: Trial, name: str = "worker.pid") -> None:
@@ -48,7 +58,7 @@ def write_pid(trial: Trial, name: str = "worker.pid") -> None:
 
 
 def remove_pid(trial: Trial, name: str = "worker.pid") -> None:
-    """A finished trial's folder keeps its results, not the pid of a process long gone."""
+    """The trial ended by itself (on record): no process runs it any more."""
     (Path(trial.config.output_dir) / name).unlink(missing_ok=True)
 
 

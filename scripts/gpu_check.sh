@@ -129,7 +129,7 @@ if [ "$SMOKE" = 1 ]; then
   DEFAULT=("${TINY[@]}" --methods maple --shapes 2x5 4x50 --targets 2x5 --no-loss-check "${REUSE[@]}")
   DATA=(--images 24 --size 32 --source-side 64 --workers 0 --train-batch 4)
   # Compiling even the tiny model takes minutes on a CPU: the smoke run checks these sub-runs' plumbing
-  # with torch.compile switched off (tests/hisf/engine/test_engine_compile.py compiles on the CPU).
+  # with torch.compile switched off (tests/hisf/engine/test_compile.py compiles on the CPU).
   NOCOMPILE=(env TORCH_COMPILE_DISABLE=1)
   # Trial fusion's dtype paths (fp16 autocast + each member's GradScaler, fp16 storage) on the tiny model.
   FUSED=(--device cpu --methods maple hisf --shapes 4x50 --ks 1 8 --steps 1 --warmup 1 --precision fp16 --storage fp16)

@@ -9,11 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 FILES = ["summary.md", "gpu_check.log", "steps.tsv", "tests.jsonl", "train_step.jsonl", "fusion.jsonl",
          "data_throughput.json"]

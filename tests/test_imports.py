@@ -10,7 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 PACKAGES = ("hisf", "data_shards", "orchestrator")
 # package -> packages (ours or third-party, by top-level name) it must never import
 FORBIDDEN = {

@@ -4,7 +4,8 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
+
 THIS = Path(__file__).resolve()
 # Text a user of a fresh clone cannot follow: references to a sibling folder of the repository.
 OUTSIDE = re.compile(r"\.\./shared|shared/docs")

@@ -1,13 +1,12 @@
 """Packaging: pyproject declares the torch range the code supports, while the scripts install the tested pins."""
 
 import re
-import tomllib
-from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support import ROOT
 
 
 def requirements() -> dict[str, Requirement]:

@@ -17,8 +17,9 @@ FORMAT_VERSION = 1
 
 
 def export_prompts(path: str | Path, trainable: Mapping[str, torch.Tensor], cfg: TrialConfig,
-                   classnames: tuple[str, ...]) -> Path:
-    """Write the trained prompt-side weights alone with the method, backbone, dataset and class names."""
+                   classnames: tuple[str, ...], template: str | None = None) -> Path:
+    """Write the trained prompt-side weights alone with the method, backbone, dataset, its training class names and
+    its prompt template (what `hisf-bench predict` rebuilds the model over)."""
     payload = {
         "version": FORMAT_VERSION,
         "trainable": {k: v.detach().cpu() for k, v in trainable.items()},
@@ -27,6 +28,8 @@ def export_prompts(path: str | Path, trainable: Mapping[str, torch.Tensor], cfg:
         "dataset": cfg.data.dataset,
         "classnames": list(classnames),
     }
+    if template is not None:
+        payload["template"] = template
     atomic_save(payload, path)
     return Path(path)
 
@@ -37,6 +40,14 @@ def _without_cache(section: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -> dict[str, Any]:
     """Load exported prompts into a PromptModel built with the same method/backbone; returns the payload."""
+    payload = read_prompts(path, cfg)
+    model.load_trainable_state_dict(payload["trainable"])
+    return payload
+
+
+def read_prompts(path: str | Path, cfg: TrialConfig | None = None) -> dict[str, Any]:
+    """The payload of an exported prompts file, read safely (tensors and plain data only, `weights_only`), checked
+    against `cfg`'s method and backbone when given (ConfigError naming the file otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: exported prompts file not found")
@@ -50,5 +61,4 @@ def load_prompts(path: str | Path, model: Any, cfg: TrialConfig | None = None) -
             if _without_cache(payload[section]) != _without_cache(cfg.to_dict()[section]):
                 raise ConfigError(f"{path}: prompts were trained with a different {section} config "
                                   f"({payload[section]}) than {cfg.to_dict()[section]}")
-    model.load_trainable_state_dict(payload["trainable"])
     return payload

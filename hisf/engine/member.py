@@ -42,6 +42,8 @@ class Member:
     meter: LossMeter | None = field(default=None, repr=False)
     progress: Progress | None = field(default=None, repr=False)
     epoch_metrics: dict[str, float] = field(default_factory=dict)
+    # [C, C] confusion count of its latest validation (hisf.engine.evaluation), None before one ran in this process.
+    val_confusion: Any = field(default=None, repr=False)
 
     @property
     def out_dir(self) -> Path:

@@ -18,7 +18,7 @@ from hisf.engine.build import Group, build_group
 from hisf.engine.callbacks import GroupCallback, TrialCallback, listeners
 from hisf.engine.distributed import (DistEnv, any_rank_each, barrier, broadcast_params, gather_cuda_rng_states,
                                      init_from_env, shutdown)
-from hisf.engine.evaluation import accuracy
+from hisf.engine.evaluation import score
 from hisf.engine.finish import finish_members
 from hisf.engine.group import check_group
 from hisf.engine.member import FAILED, STOPPED, TRAINING
@@ -170,13 +170,17 @@ def _end_epoch(g: Group) -> None:
     if finishing[0].cfg.train.validate_every_epoch:
         t0 = time.perf_counter()
         loaders = [m.data.val_loader() if m.outcome == TRAINING else None for m in g.members]
-        accs = accuracy(g.model, loaders, env, g.precision.autocast, shared=False)
+        scores = score(g.model, loaders, env, g.precision.autocast, shared=False, metric="val_acc",
+                       dataset=finishing[0].cfg.data.dataset)
+        accs = scores.accuracy()
         if getattr(g.model, "forward_writes_params", False):
             # HiCroPL `mapping: released` rewrites its prompts at every forward, and ranks evaluate different
             # numbers of batches: rank 0's values go to every rank so training continues in lockstep.
             broadcast_params(g.stacked(), env)
         for m in finishing:
             m.epoch_metrics["val_acc"] = accs[m.state.member]
+            # Kept for the member's per-class validation results, should this epoch be its last (finish.py).
+            m.val_confusion = scores.confusion[m.state.member].clone()
             m.state.eval_seconds += time.perf_counter() - t0
     for m in finishing:
         m.state.history.append(dict(m.epoch_metrics))

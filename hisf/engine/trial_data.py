@@ -66,7 +66,9 @@ class TrialData:
         return self.loader(self.val, False)
 
 
-def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
+def open_built(root: str, key: str, field_name: str, needs: tuple[str, ...]):
+    """The built dataset `key` under `root`, holding the splits `needs`; ConfigError/DataError naming `field_name`
+    and how to build it otherwise."""
     from data_shards import open_dataset
 
     path = Path(root) / key
@@ -97,7 +99,7 @@ def _open(root: str, key: str, field_name: str, needs: tuple[str, ...]):
 def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     """Open the source (and target) datasets and select the protocol's subsets; every error is raised here."""
     dc, tc = cfg.data, cfg.train
-    ds = _open(dc.root, dc.dataset, "data.dataset", ("train", "val", "test") if cfg.evaluate_test else ("train", "val"))
+    ds = open_built(dc.root, dc.dataset, "data.dataset", ("train", "val", "test") if cfg.evaluate_test else ("train", "val"))
     train_classes = "base" if cfg.protocol == "base2new" else "all"
     train = ds.select("train", shots=dc.shots, seed=cfg.seed, classes=train_classes)
     # docs/protocols.md: validation gets min(K, 4) per class, drawn after the K-shot train draw on the same seeded
@@ -121,7 +123,7 @@ def open_trial_data(cfg: TrialConfig, env: DistEnv) -> TrialData:
     else:
         evals = [EvalSet("acc", ds.select("test", shots=None, seed=cfg.seed, classes="all"), ds.template, dc.dataset)]
     for i, key in enumerate(dc.targets if cfg.evaluate_test else ()):
-        target = _open(dc.root, key, f"data.targets[{i}]", ("test",))
+        target = open_built(dc.root, key, f"data.targets[{i}]", ("test",))
         evals.append(EvalSet(f"target/{key}", target.select("test", shots=None, seed=cfg.seed, classes="all"),
                              target.template, key))
         fingerprints[key] = target.fingerprint

@@ -4,7 +4,7 @@ Spec validation calls `backbone_shape` and `check_fits` for every trial config b
 prompt depth beyond the model's layers, an n_ctx beyond its context length or fusion heads that do not
 divide its width fail in milliseconds, not in every retry of a trial. Building the method on the loaded
 backbone (hisf/model/prompts.py, prompt_model.py, fusion.py, hicropl_modules.py) refuses the same settings
-with the same key; tests/hisf/test_backbone_shape.py holds the two to each other. Importing this module
+with the same key; tests/hisf/model/test_backbone_shape.py holds the two to each other. Importing this module
 costs no torch; open_clip is imported only for a name that is not one of ours.
 """
 

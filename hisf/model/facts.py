@@ -25,13 +25,23 @@ class MethodFacts:
     settings: tuple[str, ...]  # the method keys a dry-run / status line shows (docs/interfaces.md)
     trains: bool = True  # False: nothing to train (the line leaves out preset and batch)
     presets: tuple[str, ...] = tuple(PRESETS)  # `train.preset` values the method accepts
+    # The `method.*` keys its builder and loss read (besides `name`); the others do not change its numbers, so
+    # a tracker need not log them (tests/hisf/model/test_method_facts.py checks each against the builder).
+    reads: tuple[str, ...] = ()
+
+
+_PROMPTS = ("n_ctx", "depth", "layers", "ctx_init")
 
 
 METHODS: dict[str, MethodFacts] = {m.name: m for m in (
     MethodFacts("zeroshot", n_ctx=0, depth=9, settings=(), trains=False),
-    MethodFacts("coop", n_ctx=16, depth=9, settings=("n_ctx",)),
-    MethodFacts("maple", n_ctx=2, depth=9, settings=("n_ctx", "depth")),
-    MethodFacts("hisf", n_ctx=2, depth=9, settings=("n_ctx", "depth")),
+    MethodFacts("coop", n_ctx=16, depth=9, settings=("n_ctx",), reads=("n_ctx", "ctx_init")),
+    MethodFacts("maple", n_ctx=2, depth=9, settings=("n_ctx", "depth"), reads=_PROMPTS),
+    MethodFacts("hisf", n_ctx=2, depth=9, settings=("n_ctx", "depth"),
+                reads=_PROMPTS + ("pi", "sf", "label_embedding", "share_fusion", "fusion_heads", "fusion_bottleneck",
+                                  "sf_zero_init", "lambda_le", "lambda_sa", "cls_loss", "le_detach")),
     MethodFacts("hicropl", n_ctx=16, depth=12, settings=("n_ctx", "depth", "cross_layer", "lambda_distill", "mapping",
-                                                         "released_storage", "descriptions")),
+                                                         "released_storage", "descriptions"),
+                reads=_PROMPTS + ("cross_layer", "lkp_heads", "mapper_heads", "lambda_distill", "descriptions",
+                                  "mapping", "released_storage")),
 )}

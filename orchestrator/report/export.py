@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .classes import worst_markdown
 from .environments import EnvironmentSummary, markdown_lines
 from .tables import HEADERS, Table, format_cell
 
@@ -78,6 +79,7 @@ def markdown(table: Table, environments: EnvironmentSummary | None = None) -> st
                 lines.append(f"| {ref_row} − paper | " + " | ".join(
                     f"{d:+.2f}" if d is not None else "" for d in deltas) + " |")
         lines.append("")
+        lines += worst_markdown(table.worst_classes.get(sec.title))
     if environments is not None:
         lines += markdown_lines(environments)
     return "\n".join(lines)

@@ -7,28 +7,35 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
+from .classes import worst_html
 from .environments import SHOWN, EnvironmentSummary
 from .export import header
 from .studies import StudyReport
 from .tables import Cell, Table, format_cell
 
 
+# MLflow 3's UI opens what its global "GenAI / Model training" switch says unless a link names the workflow.
+WORKFLOW = "workflowType=machine_learning"
+
+
 class RunLinks:
-    """URLs into the MLflow UI for one experiment (`<ui>/#/experiments/<id>/runs/<run_id>`)."""
+    """URLs into the MLflow UI for one experiment (`<ui>/#/experiments/<id>/runs/<run_id>`), in its model
+    training view."""
 
     def __init__(self, ui_url: str, experiment_id: str):
         self.ui = ui_url.rstrip("/")
         self.experiment_id = experiment_id
 
     def run(self, run_id: str) -> str:
-        return f"{self.ui}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"{self.ui}/#/experiments/{self.experiment_id}/runs/{run_id}?{WORKFLOW}"
 
     def cell(self, run_ids: tuple[str, ...]) -> str:
+        run_ids = tuple(dict.fromkeys(run_ids))  # a derived cell (an average's HM) reads the same run twice
         if len(run_ids) == 1:
             return self.run(run_ids[0])
         runs = quote(json.dumps(list(run_ids), separators=(",", ":")))
         experiments = quote(json.dumps([self.experiment_id], separators=(",", ":")))
-        return f"{self.ui}/#/compare-runs?runs={runs}&experiments={experiments}"
+        return f"{self.ui}/#/compare-runs?runs={runs}&experiments={experiments}&{WORKFLOW}"
 
 
 def _cell_html(cell: Cell, links: RunLinks) -> str:
@@ -59,6 +66,7 @@ def table_html(table: Table, links: RunLinks) -> str:
                 vals = "".join(f"<td class=\"delta\">{d:+.2f}</td>" if d is not None else "<td></td>" for d in deltas)
                 body.append(f"<tr><th>{html.escape(ref_row)} − paper</th>{vals}</tr>")
         parts.append(f"<table><tr><th>Method</th>{head}</tr>{''.join(body)}</table>")
+        parts.append(worst_html(table.worst_classes.get(sec.title)))
     return "\n".join(parts)
 
 
@@ -134,7 +142,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th:first-child{{
 td.missing{{background:#fde2e2}} td.partial{{background:#fff4d6}} td.ref{{color:#555}} td.delta{{color:#225}}
 .note{{color:#a60}} figure{{display:inline-block;margin:0 1em 1em 0}} img{{max-width:580px}}
 .mixed{{background:#fde2e2;padding:6px 10px;border-left:4px solid #a00}} tr.differs th,tr.differs td{{background:#fff4d6}}
-table.env td{{text-align:left}}
+table.env td{{text-align:left}} details.worst td.cls{{text-align:left}} details.worst summary{{color:#444}}
 code{{background:#f4f4f4;padding:1px 4px}}
 </style></head>
 <body>
@@ -154,7 +162,7 @@ code{{background:#f4f4f4;padding:1px 4px}}
 <h2>Optuna studies</h2>
 {studies_html}
 <h2>Open the trackers</h2>
-<p>MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(tracking_uri)}</code>, then open
+<p>MLflow UI: <code>mlflow ui --backend-store-uri {html.escape(tracking_uri)} --host 127.0.0.1</code>, then open
 <a href="{html.escape(links.ui)}">{html.escape(links.ui)}</a> (group runs by <code>hisf.dataset</code>,
 <code>hisf.row</code>, <code>hisf.stage</code>).
 Optuna dashboard: <code>optuna-dashboard {html.escape(storage)}</code> (<code>pip install optuna-dashboard</code>).</p>

@@ -48,6 +48,27 @@ class ReportPlan:
     search_params: tuple[str, ...]
     search_metric: str = "val_acc"
     spec_hash: str = ""
+    shots: int = 16
+    backbones: tuple[tuple[str, str | None], ...] = ()  # every row's (backbone name, weights)
+
+    def unlike_the_paper(self) -> str:
+        """Why this spec's numbers are not comparable to the published ones, or "" when they are: the papers
+        report ViT-B/16 with its pretrained weights, 16 shots, and (base-to-novel) the average over the 11
+        datasets of Table 1, (transfer) prompts trained on ImageNet (docs/protocols.md)."""
+        why = []
+        if self.protocol == "base2new" and set(self.datasets) != set(PAPER_DATASETS):
+            others = sorted(set(self.datasets) - set(PAPER_DATASETS))
+            why.append(f"its average is over {len(self.datasets)} dataset(s)"
+                       + (f" ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''} not among them)" if others else "")
+                       + ", the paper's over the 11 of Table 1")
+        if self.protocol in ("cross_dataset", "domain_generalization") and tuple(self.datasets) != ("imagenet",):
+            why.append(f"its prompts are trained on {', '.join(self.datasets)}, the paper's on imagenet")
+        if self.shots != 16:
+            why.append(f"it trains with {self.shots} shots, the paper with 16")
+        other = sorted({f"{n} ({w or 'random weights'})" for n, w in self.backbones if n != "ViT-B-16" or not w})
+        if other:
+            why.append(f"its backbone is {', '.join(other)}, the paper's ViT-B-16 with its pretrained weights")
+        return "; ".join(why)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -84,9 +105,10 @@ def plan_from_spec(spec: Any) -> ReportPlan:
     grid = dict(spec.grid)
     # Only grid keys with several values tell rows apart; the seed axis is the one tables average over.
     grid_keys = tuple(k for k, v in spec.grid if k != "seed" and len(v) > 1)
-    variants = []
+    variants, backbones = [], []
     for row in spec.rows:
         cfg = TrialConfig.from_dict(spec.trial_dict(row, spec.data.datasets[0]))
+        backbones.append((cfg.backbone.name, cfg.backbone.pretrained))
         # Compare against params as the tracker logs them: the value coerced by the config (1 -> "1.0"
         # for a float key), then written by the tracker's own formatter.
         logged = [[param_str(replace_path(cfg, k, v).flatten()[k]) for v in grid[k]] for k in grid_keys]
@@ -113,4 +135,6 @@ def plan_from_spec(spec: Any) -> ReportPlan:
         search_params=tuple(p.key for p in search.params) if search else (),
         search_metric=search.metric if search else "val_acc",
         spec_hash=spec.hash,
+        shots=spec.data.shots,
+        backbones=tuple(dict.fromkeys(backbones)),
     )

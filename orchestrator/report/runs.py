@@ -7,9 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import mlflow
-from mlflow.entities import ViewType
-
 from .plan import ReportError, ReportPlan, Variant
 
 # Stages whose runs fill the tables; search-stage runs only feed the Optuna study reports.
@@ -31,6 +28,9 @@ class TrialRun:
     status: str  # hisf.status (finished | failed | pruned), or "running" while the trial has none yet
     start_time: int
     tags: dict[str, str] = field(default_factory=dict)
+    # Its per-class results when its launch's record carries them (orchestrator/records.py; else read from its
+    # eval/ artifacts): not part of what the run is, so a record and a full read give equal runs.
+    classes: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def parent_run_id(self) -> str:
@@ -74,39 +74,46 @@ def check_tracking_uri(uri: str) -> None:
             raise ReportError(f"--tracking-uri {uri}: no MLflow store at {db} (run the spec first, or pass its store)")
 
 
-def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
-    """Every child trial run of the spec's experiment, all stages, newest first."""
+def read_runs(plan: ReportPlan, tracking_uri: str, all_stages: bool = False, full_read: bool = False) -> TrackedRuns:
+    """Every child trial run of the spec's experiment, all stages, newest first; `launches` holds the table stages'
+    parent runs (every stage's with `all_stages`).
+
+    A launch with a current record (orchestrator/records.py) gives its runs from it; every other trial run (a
+    launch still running, or killed before it wrote one; runs logged by hand) is searched, as all of them are
+    with `full_read`. Both give the same runs."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.records import launch_members, search_all
+
     check_tracking_uri(tracking_uri)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        experiment = mlflow.get_experiment_by_name(plan.name)
-        if experiment is None:
-            raise ReportError(
-                f"{tracking_uri}: no MLflow experiment named {plan.name!r} (spec `name`); run the spec first"
-            )
-        found = mlflow.search_runs(
-            experiment_ids=[experiment.experiment_id],
-            filter_string="tags.`hisf.trial_id` != ''",
-            run_view_type=ViewType.ACTIVE_ONLY,
-            output_format="list",
-            order_by=["attributes.start_time DESC"],
-        )
-        stages = mlflow.search_runs(
-            experiment_ids=[experiment.experiment_id],
-            filter_string="tags.`hisf.kind` = 'stage'",
-            output_format="list",
-            order_by=["attributes.start_time DESC"],
-        )
-    finally:
-        mlflow.set_tracking_uri(previous)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(plan.name)
+    if experiment is None:
+        raise ReportError(f"{tracking_uri}: no MLflow experiment named {plan.name!r} (spec `name`); run the spec first")
+    exp_id = experiment.experiment_id
+    stages = search_all(client, exp_id, "tags.`hisf.kind` = 'stage'")
+    found, recorded = [], []
+    for parent in stages if not full_read else ():
+        members, from_record = launch_members(client, exp_id, parent)
+        if from_record:
+            recorded.append(parent.info.run_id)
+            found += [r for r in members if r.data.tags.get("hisf.trial_id", "") != ""]
+    # The rest, searched: trial runs under no launch with a record (MLflow's `!=` needs the tag, so runs with no
+    # parent at all are asked for apart).
+    rest = "tags.`hisf.trial_id` != ''"
+    if recorded:
+        found += search_all(client, exp_id, rest + "".join(f" and tags.`mlflow.parentRunId` != '{p}'" for p in recorded))
+        found += search_all(client, exp_id, rest + " and tags.`mlflow.parentRunId` IS NULL")
+    else:
+        found = search_all(client, exp_id, rest)
+    found.sort(key=lambda r: (-(r.info.start_time or 0), r.info.run_id))  # MLflow's order: newest, then run id
     studies = None
     searches = [r for r in stages if r.data.tags.get("hisf.stage") == "search"]
     if searches and searches[0].data.tags.get("optuna.studies"):
         studies = tuple(searches[0].data.tags["optuna.studies"].split(","))
     launches = {r.info.run_id: Launch(r.info.run_id, r.data.tags.get("hisf.stage", ""), r.info.start_time or 0,
                                       r.data.tags.get("hisf.spec_hash", ""))
-                for r in stages if r.data.tags.get("hisf.stage") in TABLE_STAGES}
+                for r in stages if all_stages or r.data.tags.get("hisf.stage") in TABLE_STAGES}
     runs = []
     for r in found:
         tags = dict(r.data.tags)
@@ -124,9 +131,10 @@ def read_runs(plan: ReportPlan, tracking_uri: str) -> TrackedRuns:
                 status=tags.get("hisf.status") or ("running" if r.info.status == "RUNNING" else r.info.status.lower()),
                 start_time=r.info.start_time or 0,
                 tags=tags,
+                classes=getattr(r, "classes", None),
             )
         )
-    return TrackedRuns(experiment.experiment_id, tuple(runs), studies, launches)
+    return TrackedRuns(exp_id, tuple(runs), studies, launches)
 
 
 def table_launches(tracked: TrackedRuns) -> list[Launch]:

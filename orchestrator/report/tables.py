@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .plan import PAPER_DATASETS, ReportPlan, Variant
+from .plan import ReportPlan, Variant
 from .reference import AVERAGE, reference_cells
 from .runs import Launch, TrialRun
 
@@ -64,6 +64,8 @@ class Table:
     launch: Launch | None = None  # the one launch every cell's runs come from
     other_launches: tuple[Launch, ...] = ()  # table-stage launches not used (older, or of the other stage)
     spec_hash: str = ""  # the spec's hash now
+    # Per-dataset section title -> each row's worst classes per split (orchestrator/report/classes.py).
+    worst_classes: dict = field(default_factory=dict)
 
     def source(self) -> str:
         """Where the numbers come from: the launch (MLflow parent run), when it started, its spec hash."""
@@ -113,11 +115,26 @@ def build_table(plan: ReportPlan, chosen: dict[tuple[Variant, str, int], TrialRu
     # Table 1 leads with the average over datasets (base-to-novel always has it: the paper's rows live there).
     if plan.protocol == "base2new" or (not transfer and len(plan.datasets) > 1):
         sections.insert(0, _average_section(plan, sections))
+    # Published numbers only beside numbers made the same way (backbone, shots, datasets): anything else
+    # would read as a difference of methods.
+    unlike = plan.unlike_the_paper()
+    references = {} if unlike else reference_cells(plan.shape, plan.datasets[0], plan.targets)
     for sec in sections:
-        for ref_row, cells in reference_cells(plan.shape, plan.datasets[0], plan.targets).items():
+        for ref_row, cells in references.items():
             in_section = {col: val for (title, col), val in cells.items() if title == sec.title}
             if in_section:
                 sec.reference[ref_row] = in_section
+    published = reference_cells(plan.shape, plan.datasets[0], plan.targets)
+    if published and sections:
+        if unlike:
+            note = f"No paper rows beside this table: {unlike}, so its numbers are not comparable to the published ones."
+        else:
+            # Ours without a published number of the same name (CoOp: docs/protocols.md lists none) say so.
+            lacking = [r for r in labels if not _match(r, tuple(published))] if plan.shape == "base2new" else []
+            note = (f"No published number on file for {', '.join(lacking)} (docs/protocols.md lists none), so "
+                    f"{'it has' if len(lacking) == 1 else 'they have'} no paper row.") if lacking else ""
+        if note:
+            sections[0].note = f"{sections[0].note} {note}".strip()
     return Table(plan.name, plan.shape, plan.seeds, experiment_id, labels, sections, launch, tuple(other_launches),
                  plan.spec_hash)
 
@@ -129,9 +146,6 @@ def _average_section(plan: ReportPlan, per_dataset: list[Section]) -> Section:
     if "hm" in columns:
         notes.append("HM here is the HM of the average base and novel accuracies (Table 1's convention), "
                      "not the mean of the per-dataset HMs.")
-    if plan.shape == "base2new" and set(plan.datasets) != set(PAPER_DATASETS):
-        notes.append(f"This averages the {len(plan.datasets)} dataset(s) of the spec; the paper's rows average "
-                     "the 11 datasets of Table 1, so the difference is only indicative.")
     sec.note = " ".join(notes)
     for label in (v.label for v in plan.variants):
         row = {}
@@ -162,7 +176,7 @@ def _derived(parts: list[Cell], combine: Callable[[list[float]], float], expecte
     values = {s: combine([p.values[s] for p in parts]) for s in sorted(common)}
     # The mean combines the parts' own means so that every finished run counts even when seeds differ.
     mean = None if missing or not parts else combine([p.mean for p in parts])
-    ids = tuple(i for p in parts for i in p.run_ids)
+    ids = tuple(dict.fromkeys(i for p in parts for i in p.run_ids))  # HM's parts are the same runs
     pending = tuple(s for p in parts for s in p.pending)
     partial = sum(1 for p in parts if p.status != "complete")
     launches = tuple(sorted({ln for p in parts for ln in p.launches}))

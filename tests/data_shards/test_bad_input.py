@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from layouts import MEAN, STD, make_image, write_clip_benchmark, write_coop
 from data_shards import DataError, make_loader, open_dataset
 from data_shards.builder import BuildOptions, build
 from data_shards.dataset import BadImagesLeftOut
+from tests.data_shards.layouts import MEAN, STD, make_image, write_clip_benchmark, write_coop
 
 OPTS = BuildOptions(image_size=16, shard_size=8192)
 

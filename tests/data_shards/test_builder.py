@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from layouts import write_coop
 from data_shards import DataError, open_dataset
 from data_shards.builder import BuildOptions, build
+from tests.data_shards.layouts import write_coop
 
 
 def snapshot(out: Path) -> dict[str, bytes]:

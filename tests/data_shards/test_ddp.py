@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from layouts import MEAN, STD
 from data_shards import make_loader, open_dataset
+from tests.data_shards.layouts import MEAN, STD
+from tests.support import free_port
 
 
 def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
@@ -37,16 +37,11 @@ def _rank_main(rank: int, world: int, port: int, path: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_with_two_workers_each(demo_built, tmp_path):
     out = tmp_path / "ranks.json"
     # fork: the ranks start in milliseconds instead of re-importing torch (this CPU machine is small)
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(demo_built), str(out)), nprocs=2, join=True,
+    mp.start_processes(_rank_main, args=(2, free_port(), str(demo_built), str(out)), nprocs=2, join=True,
                        start_method="fork")
     ranks = json.loads(out.read_text())
     test = open_dataset(demo_built).select("test", classes="base")

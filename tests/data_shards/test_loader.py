@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from layouts import MEAN, STD
 from data_shards import DataError, make_loader, open_dataset
-from data_shards.images import sample_seed, eval_array, train_array
+from data_shards.images import eval_array, sample_seed, train_array
+from tests.data_shards.layouts import MEAN, STD
 
 
 def stored_bytes(sub, i):

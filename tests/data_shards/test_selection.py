@@ -11,6 +11,7 @@ import pytest
 
 from data_shards import DataError, open_dataset
 from data_shards.dataset import base_novel_classes
+from tests.data_shards.layouts import make_image, write_coop
 
 
 def dassl_fewshot(items: list[tuple[str, int]], num_shots: int) -> list[str]:
@@ -118,8 +119,6 @@ def dassl_fewshot_items(items, shots):
 
 
 def _write_folder(root, splits):
-    from layouts import make_image
-
     n = 0
     for split, per_class in splits.items():
         for c, k in per_class.items():
@@ -156,7 +155,6 @@ def test_base_novel_cut_counts_the_classes_present_in_train_as_dassl(tmp_path):
 def test_skip_bad_keeps_the_entry_so_draws_equal_dassl_then_leaves_it_out(tmp_path):
     """A broken train image and a broken val image: the draws over train and val equal Dassl's (which keeps
     both entries), the bad ones are then left out of what loads, with a warning giving the count."""
-    from layouts import write_coop
     from data_shards.builder import BuildOptions, build
     from data_shards.dataset import BadImagesLeftOut
 

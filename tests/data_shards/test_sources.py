@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from layouts import make_image, write_clip_benchmark, write_coop
 from data_shards import DataError, open_dataset
 from data_shards.builder import BuildOptions, build
 from data_shards.catalogue import BENCHMARK_11, CATALOGUE, IMAGENET_VARIANTS
 from data_shards.images import decode, eval_view
+from tests.data_shards.layouts import image_bytes, make_image, write_clip_benchmark, write_coop
 
 OPTS = BuildOptions(image_size=16, train_size=24)
 COOP = {  # key -> (folder, image sub-folder, split file name)
@@ -219,7 +219,6 @@ def test_clip_benchmark_webdataset_layout(tmp_path):
     expected = sorted((f"test/{0 if n < 12 else 1}.tar:s{n:07d}.{ext[n % 3]}", n % 3) for n in range(7, 14))
     assert test == expected
     assert len([r for r in rows if r["split"] in ("train", "val")]) == 7
-    from layouts import image_bytes
     for r in rows:
         if r["split"] == "test":
             n = int(r["path"].split(":s")[1].split(".")[0])

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from layouts import MEAN, STD, convert_with_clip_benchmark, make_image
 from data_shards import DataError, make_loader, open_dataset
 from data_shards.builder import BuildOptions, build
 from data_shards.images import crop_box, sample_seed
 from data_shards.loader import read_by_range
 from orchestrator.cli import main
+from tests.data_shards.layouts import MEAN, STD, convert_with_clip_benchmark, make_image
 
 OPTS = BuildOptions(image_size=16, train_size=24)
 SHAPES = ["circle", "square", "star"]

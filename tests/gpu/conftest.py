@@ -6,16 +6,12 @@ Ray, MLflow or Optuna: scripts/gpu_check.sh runs this folder on GPU machines tha
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 # The engine tests' helpers (TinyPromptModel, tiny trial configs, demo shards, free ports) are shared, not copied.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hisf" / "engine"))
-
-from engine_helpers import build_demo  # noqa: E402
+from tests.gpu.helpers import deterministic_flags
+from tests.hisf.engine.helpers import build_demo
 
 
 @pytest.fixture
@@ -26,8 +22,6 @@ def cuda() -> torch.device:
 @pytest.fixture
 def deterministic():
     """CUDA's deterministic mode for one test (atomics-free kernels, no TF32), restored afterwards."""
-    from gpu_helpers import deterministic_flags
-
     saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)

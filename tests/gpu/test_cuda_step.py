@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_helpers import assert_same_update, cuda_env, tiny_batch, tiny_setup
 from hisf.engine import NanGuard, NonFiniteLossError, Precision, compile_losses, resolve_precision, train_step
+from tests.gpu.helpers import assert_same_update, cuda_env, tiny_batch, tiny_setup
 
 pytestmark = pytest.mark.gpu
 

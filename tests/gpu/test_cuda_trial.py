@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,28 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from engine_helpers import free_port, tiny_trial, without_timing
-from gpu_helpers import RUNNER, WORKTREE, cuda_trial_dict, trial_env
+from tests.gpu.helpers import RUNNER, cuda_trial_dict, trial_env
+from tests.hisf.engine.helpers import (WORKTREE, final_metrics, free_port, tiny_trial, torchrun, without_timing,
+                                       write_yaml)
 
 pytestmark = pytest.mark.gpu
 
 
-def _write(path: Path, d: dict) -> Path:
-    path.write_text(yaml.safe_dump(d))
-    return path
-
-
 def _run(*args, expect: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *map(str, args)], env=trial_env(), cwd=WORKTREE, capture_output=True,
+    proc = subprocess.run(list(map(str, args)), env=trial_env(), cwd=WORKTREE, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == expect, proc.stderr[-4000:]
     return proc
-
-
-def _final(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())["final"]
 
 
 def _prompts(out: Path) -> dict:
@@ -47,21 +37,21 @@ FP16_3_EPOCHS = {"train": {"epochs": 3, "precision": "fp16"}}
 def uninterrupted(demo_root, tmp_path_factory) -> Path:
     """One plain CUDA trial run to the end in its own process (the reference of the resume and NCCL tests)."""
     out = tmp_path_factory.mktemp("whole")
-    _run(RUNNER, _write(out / "whole.yaml", cuda_trial_dict(demo_root, out / "run", **FP16_3_EPOCHS)))
+    _run(sys.executable, RUNNER, write_yaml(out / "whole.yaml", cuda_trial_dict(demo_root, out / "run", **FP16_3_EPOCHS)))
     return out / "run"
 
 
 def test_trial_killed_on_cuda_resumes_to_identical_metrics(demo_root, tmp_path, uninterrupted):
     """SIGKILL at step 5 (inside epoch 2): the resumed trial ends with exactly the metrics and prompts of an
     uninterrupted one."""
-    killed = _write(tmp_path / "killed.yaml", cuda_trial_dict(demo_root, tmp_path / "killed", **FP16_3_EPOCHS))
-    _run(RUNNER, killed, "--kill-at", 5, expect=-signal.SIGKILL)
+    killed = write_yaml(tmp_path / "killed.yaml", cuda_trial_dict(demo_root, tmp_path / "killed", **FP16_3_EPOCHS))
+    _run(sys.executable, RUNNER, killed, "--kill-at", 5, expect=-signal.SIGKILL)
     state = torch.load(tmp_path / "killed" / "checkpoint" / "state.pt", weights_only=True)
     assert state["epoch"] == 1 and state["global_step"] == 3 and state["scaler"]
     assert not (tmp_path / "killed" / "metrics.json").exists()
-    resumed = _run(RUNNER, killed)
+    resumed = _run(sys.executable, RUNNER, killed)
     assert "from epoch 1/3" in resumed.stderr
-    assert without_timing(_final(tmp_path / "killed")) == without_timing(_final(uninterrupted))
+    assert without_timing(final_metrics(tmp_path / "killed")) == without_timing(final_metrics(uninterrupted))
     pk, pw = _prompts(tmp_path / "killed"), _prompts(uninterrupted)
     assert pk.keys() == pw.keys() and all(torch.equal(pk[k], pw[k]) for k in pk)
 
@@ -69,9 +59,9 @@ def test_trial_killed_on_cuda_resumes_to_identical_metrics(demo_root, tmp_path, 
 def test_one_rank_nccl_group_equals_the_plain_trial(demo_root, tmp_path, uninterrupted):
     """The engine inside a 1-rank NCCL group made beforehand (as Ray Train makes it) runs the trial on the
     group's GPU and gets exactly the plain process's numbers."""
-    group = _write(tmp_path / "group.yaml", cuda_trial_dict(demo_root, tmp_path / "group", **FP16_3_EPOCHS))
-    _run(RUNNER, group, "--nccl-port", free_port())
-    got, want = without_timing(_final(tmp_path / "group")), without_timing(_final(uninterrupted))
+    group = write_yaml(tmp_path / "group.yaml", cuda_trial_dict(demo_root, tmp_path / "group", **FP16_3_EPOCHS))
+    _run(sys.executable, RUNNER, group, "--nccl-port", free_port())
+    got, want = without_timing(final_metrics(tmp_path / "group")), without_timing(final_metrics(uninterrupted))
     assert got == want and want["epoch"] == 2
 
 
@@ -79,13 +69,12 @@ def test_one_rank_nccl_group_equals_the_plain_trial(demo_root, tmp_path, uninter
 def test_two_nccl_ranks_equal_one_rank_with_twice_the_batch(demo_root, tmp_path):
     """torchrun, 2 ranks x batch 2 on two GPUs against 1 rank x batch 4, fp32: the same samples per step, the
     gradients all-reduced over NCCL, so the same training up to reduction order."""
-    two = _write(tmp_path / "two.yaml", cuda_trial_dict(demo_root, tmp_path / "two", train={"batch_size": 2, "precision": "fp32"}))
-    one = _write(tmp_path / "one.yaml", cuda_trial_dict(demo_root, tmp_path / "one", train={"batch_size": 4, "precision": "fp32"}))
-    proc = _run("-m", "torch.distributed.run", "--nproc-per-node", 2, "--master-addr", "127.0.0.1", "--master-port",
-                free_port(), "-m", "hisf.train", two)
+    two = write_yaml(tmp_path / "two.yaml", cuda_trial_dict(demo_root, tmp_path / "two", train={"batch_size": 2, "precision": "fp32"}))
+    one = write_yaml(tmp_path / "one.yaml", cuda_trial_dict(demo_root, tmp_path / "one", train={"batch_size": 4, "precision": "fp32"}))
+    proc = _run(*torchrun(2, "-m", "hisf.train", two))
     assert "2 rank(s) x batch 2, 3 steps/epoch" in proc.stderr
-    _run(RUNNER, one)
-    got, want = _final(tmp_path / "two"), _final(tmp_path / "one")
+    _run(sys.executable, RUNNER, one)
+    got, want = final_metrics(tmp_path / "two"), final_metrics(tmp_path / "one")
     assert set(got) == set(want)
     for key in ("train/loss", "train/loss_cls", "train/loss_le", "train/loss_sa"):
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
@@ -128,10 +117,11 @@ def test_deterministic_reduce_overhead_trial_keeps_cuda_graphs(demo_root, tmp_pa
     trial's log must then say so). Last in the file: the one cold compile here is the most expendable test."""
     import logging
 
+    from torch._dynamo.utils import counters
+
     from hisf.config import TrialConfig
     from hisf.engine import run_trial
     from hisf.engine.step import CUDAGRAPH_DETERMINISTIC_FIX, torch_version
-    from torch._dynamo.utils import counters
 
     cfg = cuda_trial_dict(demo_root, tmp_path / "det", train={"epochs": 1, "compile": True,
                                                              "compile_mode": "reduce-overhead", "deterministic": True})

@@ -13,14 +13,14 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for `tests.gpu.helpers`
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from gpu_helpers import deterministic_flags  # noqa: E402
 from hisf.config import TrialConfig  # noqa: E402
 from hisf.engine import TrialCallback, run_trial  # noqa: E402
+from tests.gpu.helpers import deterministic_flags  # noqa: E402
 
 
 class KillAt(TrialCallback):

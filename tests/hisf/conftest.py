@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hisf.model.backbone import MODEL_CONFIG_DIR, load_backbone
 from hisf.config import BackboneConfig
+from hisf.model.backbone import MODEL_CONFIG_DIR, load_backbone
 
 torch.set_num_threads(1)
 

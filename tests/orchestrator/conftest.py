@@ -6,17 +6,21 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import build_demo_shards
 
 
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory) -> Path:
-    """Real demo images (data_shards.demo) converted to shards: DATA/demo/manifest.parquet."""
-    from data_shards.cli import main as data_main
+    """Real demo images (data_shards.demo: 6 classes, 16/4/8 per class) built into shards at 32 px:
+    DATA/demo/manifest.parquet."""
+    return build_demo_shards(tmp_path_factory.mktemp("demo"))
 
-    root = tmp_path_factory.mktemp("shards")
-    raw = tmp_path_factory.mktemp("raw")
-    assert data_main(["demo", "--out", str(raw)]) in (0, None)
-    assert data_main(["build", "--dataset", "demo", "--root", str(raw), "--out", str(root / "demo"),
-                      "--image-size", "32", "--quiet"]) in (0, None)
-    return root
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made once (the migrations take seconds); tests copy it."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db

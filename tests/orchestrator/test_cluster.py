@@ -10,8 +10,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import (ROOT, cli_env, free_port, mlflow_children, mlflow_server_at, run_cli, stop_group, wait_for,
-                          write_spec)
+from tests.orchestrator.helpers import (
+    ROOT,
+    cli_env,
+    free_port,
+    mlflow_children,
+    mlflow_server_at,
+    run_cli,
+    stop_group,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent
@@ -72,6 +81,11 @@ def test_sweep_spreads_over_two_nodes(tmp_path, demo_root, two_node_cluster):
     # Both nodes are this machine, so every path is in fact seen by both: declared with --shared-storage.
     out = run_cli(["sweep", spec, "--address", two_node_cluster, "--shared-storage"], cwd=tmp_path, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # The console: the note on --shared-storage once, and none of Ray's worker lines (not even after the summary).
+    console = out.stdout + out.stderr
+    assert console.count("as --shared-storage says, every node sees") == 1, console[-3000:]
+    for chatter in ("Checkpoint successfully created", "repeated", "(tune_trainable pid="):
+        assert chatter not in console, (chatter, console[-3000:])
     runs = mlflow_children(f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}", "cluster")
     assert len(runs) == 4 and all(r.data.tags["hisf.status"] == "finished" for r in runs)
     nodes = {r.data.tags["hisf.node"] for r in runs}
@@ -169,3 +183,41 @@ def test_ray_job_submit_runs_the_demo_spec(tmp_path, head_with_dashboard):
     assert len(search) == 4 and all(r.data.tags["hisf.status"] in ("finished", "pruned") for r in search)
     assert all(r.data.tags["hisf.status"] == "finished" and 0 <= r.data.metrics["hm"] <= 100
                for r in runs if r.data.tags["hisf.stage"] == "final")
+
+
+@pytest.fixture()
+def token_head(monkeypatch):
+    """A one-node cluster with token auth (as `ray start` makes it), and its token file."""
+    tmp = token_auth(monkeypatch)
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--port", str(port), "--include-dashboard", "false",
+         "--temp-dir", str(tmp / "t"), *node_args()],
+        stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: "Ray runtime started" in (tmp / "head.log").read_text(), 90, 0.2, "the head node")
+        yield f"127.0.0.1:{port}", tmp / "token"
+    finally:
+        stop_group(proc, marker=str(tmp))
+
+
+def test_a_driver_without_the_clusters_token_gets_one_error_naming_the_fix(tmp_path, demo_root, token_head):
+    address, token = token_head
+    spec = write_spec(tmp_path / "a.yaml", demo_root, name="auth", rows=[{"name": "CLIP", "method": {"name": "zeroshot"}}])
+    env = {k: v for k, v in cli_env().items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec), "--address", address],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    console = out.stdout + out.stderr
+    assert out.returncode == 2, console[-3000:]
+    (error,) = [ln for ln in console.splitlines() if ln.startswith("error:")]
+    assert (f"error: --address {address}: the cluster uses token authentication and this driver sent no token "
+            "(RAY_AUTH_MODE is unset): `export RAY_AUTH_MODE=token`") in error, error
+    for noise in ("gcs_client", "Traceback", "InvalidAuthToken"):
+        assert noise not in console, (noise, console[-3000:])
+    assert (tmp_path / "hisf-bench" / "logs" / "ray-connect.log").read_text().count("InvalidAuthToken") > 1
+    # With the fix the message names, the same command connects and runs.
+    fixed = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(spec), "--address", address],
+                           cwd=tmp_path, env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)},
+                           capture_output=True, text=True, timeout=240)
+    assert fixed.returncode == 0, fixed.stdout[-3000:] + fixed.stderr[-3000:]
+    assert mlflow_children(f"sqlite:///{tmp_path / 'hisf-bench' / 'mlflow.db'}", "auth")[0].data.tags["hisf.status"] == "finished"

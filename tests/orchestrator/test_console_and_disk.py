@@ -12,11 +12,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
 from orchestrator.resume import DropFinishedCheckpoints
 from orchestrator.spec import SpecError, load_spec
-from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
-
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -55,6 +54,7 @@ def test_sweep_console_progress_log_and_no_checkpoints_left(tmp_path, demo_root)
     for trial in ("sweep-coop-demo-s1", "sweep-hisf-demo-s1"):
         for name in ("prompts.pt", "config.yaml", "metrics.json"):
             assert (wd / "runs" / "quiet" / trial / name).is_file(), (trial, name)
+        assert not (wd / "runs" / "quiet" / trial / "worker.pid").exists()  # no process runs a finished trial
 
     # MLflow: the experiment opens as model training; rows name the method, dataset, seed and grid point.
     uri = f"sqlite:///{wd / 'mlflow.db'}"

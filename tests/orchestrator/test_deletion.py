@@ -13,16 +13,15 @@ import yaml
 
 from hisf.config import replace_path
 from orchestrator.paths import DeletionRefused, remove_remote_tree, remove_tree
-from orchestrator.resume import DropFinishedCheckpoints, clear_trial_folder, drop_engine_checkpoint
 from orchestrator.results import STATUS_KEY, group_result
+from orchestrator.resume import DropFinishedCheckpoints, clear_trial_folder, drop_engine_checkpoint
 from orchestrator.spec import SpecError, load_spec, parse_spec
 from orchestrator.trials import expand_sweep, trials_root
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.helpers import demo_raw, write_spec
 
 
 def _demo(params: dict) -> dict:
-    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["search"]["params"] = params
     return raw
 
@@ -32,7 +31,7 @@ def test_search_params_refuse_reserved_keys_as_the_grid_does(key):
     with pytest.raises(SpecError, match=rf"search\.params\.{key}: not a search key"):
         parse_spec(_demo({key: {"choices": ["/some/folder"]}}))
     if key != "seed":  # a grid's seed axis is the sweep's own seed list
-        raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+        raw = demo_raw()
         raw["grid"] = {key: ["/some/folder"]}
         with pytest.raises(SpecError, match=rf"grid\.{key}: not a grid key"):
             parse_spec(raw)
@@ -87,8 +86,6 @@ def test_remote_storage_deletions_are_checked_as_paths(tmp_path):
 def test_a_trial_folder_outside_the_workdir_is_never_cleared(tmp_path, demo_root):
     # Even a config that got past the spec checks (here: changed after expansion) cannot make a fresh
     # trial clear a folder outside <workdir>/runs/<spec>/, nor its checkpoint drop reach outside output_dir.
-    from orch_helpers import write_spec
-
     spec = load_spec(write_spec(tmp_path / "s.yaml", demo_root, rows=[{"name": "CoOp", "method": {"name": "coop"}}]))
     (trial,) = expand_sweep(spec, tmp_path / "wd")
     victim = tmp_path / "victim"

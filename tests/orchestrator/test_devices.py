@@ -6,7 +6,8 @@ import pytest
 
 from orchestrator.devices import memory_fraction, trial_device
 from orchestrator.spec import SpecError, parse_spec
-from test_spec import demo_raw
+from tests.orchestrator.helpers import demo_raw
+from tests.support import ROOT
 
 
 @pytest.mark.parametrize("gpus, ids, visible, configured, expected", [
@@ -105,7 +106,7 @@ def test_workers_start_with_a_deterministic_cublas_workspace(monkeypatch):
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     env = worker_env()
-    assert Path(env["PYTHONPATH"].split(os.pathsep)[0]) == Path(__file__).resolve().parents[2]
+    assert Path(env["PYTHONPATH"].split(os.pathsep)[0]) == ROOT
     assert env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the driver's own choice travels instead
     assert worker_env()["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -6,16 +6,13 @@ import importlib.metadata
 import os
 import platform
 import subprocess
-from pathlib import Path
 
 import torch
 
 from orchestrator.environment import PACKAGES, environment_tags, git_state, nvidia_driver
 from orchestrator.report import build_report, plan_from_dict
-
-from tests.orchestrator.report_fixtures import spec_dict, write_store
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.report.helpers import spec_dict, write_store
+from tests.support import ROOT
 
 
 def test_environment_tags_record_where_the_trial_ran():

@@ -4,7 +4,7 @@ estimate itself, the payload a Tune trial carries, and what the dry run prints a
 
 import io
 import json
-from pathlib import Path
+import re
 
 import pytest
 import yaml
@@ -13,18 +13,26 @@ from hisf.config import replace_path
 from hisf.engine.group import check_group, fusion_key
 from orchestrator.context import Options
 from orchestrator.estimate import estimate_hours
-from orchestrator.groups import (CPU_AUTO, CPU_SEQUENCES, MAX_AUTO, MEMORY_SHARE, TrialGroup, estimate_peak_bytes,
-                                 group_size, plan_groups)
+from orchestrator.groups import (
+    CPU_AUTO,
+    CPU_SEQUENCES,
+    MAX_AUTO,
+    MEMORY_SHARE,
+    TrialGroup,
+    estimate_peak_bytes,
+    group_size,
+    plan_groups,
+)
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
 from orchestrator.trials import expand_final, expand_sweep, search_groups
+from tests.orchestrator.helpers import demo_raw
 
-ROOT = Path(__file__).resolve().parents[2]
 GIB = 1024 ** 3
 
 
 def raw_spec(**resources):
-    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["resources"].update(resources)
     return raw
 
@@ -180,3 +188,31 @@ def test_dry_run_prints_groups_and_estimates_fused_below_alone(tmp_path):
     assert 0 < fused["trial_hours"] < alone["trial_hours"]
     # One fused step of K members costs what one step of K·B images does: never more than K steps alone.
     assert fused["trial_hours"] * len(trials) >= alone["trial_hours"]
+
+
+def test_a_fixed_fuse_that_would_not_fit_the_gpu_is_split_not_failed(tmp_path):
+    raw = raw_spec(fuse=16, gpus_per_trial=1, gpu_memory_gib=4.0)
+    raw["base"]["backbone"] = {"name": "ViT-B-16", "pretrained": None, "precision": "fp16"}
+    raw["base"]["train"]["precision"] = "fp16"
+    raw["base"]["device"] = "cuda"
+    raw["final"]["seeds"] = list(range(1, 9))
+    raw["data"]["root"] = str(tmp_path / "data")
+    (tmp_path / "data" / "demo").mkdir(parents=True)
+    (tmp_path / "data" / "demo" / "info.json").write_text(json.dumps({"classnames": [f"c{i}" for i in range(100)]}))
+    spec = parse_spec(raw)
+    trials = [t for t in final_trials(spec, tmp_path) if t.row == "MaPLe"]
+    cfg = trials[0].config
+    k = group_size(spec, cfg, 50)
+    assert 1 < k < 8  # 16 asked, fewer fit in 0.8 x 4 GiB
+    assert estimate_peak_bytes(cfg, k, 50) <= MEMORY_SHARE * 4.0 * GIB < estimate_peak_bytes(cfg, k + 1, 50)
+    groups, _ = plan_groups(trials, spec, lambda key: 100)
+    assert sorted(t.trial_id for g in groups for t in g.members) == sorted(t.trial_id for t in trials)
+    assert all(len(g.members) <= k for g in groups) and len(groups) == -(-8 // k)
+
+    out = io.StringIO()
+    opts = Options(workdir=str(tmp_path), out=out).resolved()
+    opts.out = out
+    assert print_dry_run("final", spec, opts) == 0
+    text = out.getvalue()
+    assert re.search(rf"^split   final-maple-demo-s1 and its kind: 16 members would need est\. [\d.]+ GiB of the 3\.2 "
+                     rf"GiB share .*; groups of at most {k}$", text, re.M), text[-3000:]

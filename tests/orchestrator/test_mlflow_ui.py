@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.context import Options, stage_context
+from orchestrator.spec import load_spec
 from orchestrator.status import mlflow_ui_link
 from orchestrator.tracking import Tracker, TrialRun
-from orchestrator.trials import expand_sweep
-from orchestrator.spec import load_spec
-from orchestrator.context import Options, stage_context
 from orchestrator.trial_callback import trial_tags
-
-from orch_helpers import free_port, mlflow_server_at, stop_group, wait_for, write_spec
+from orchestrator.trials import expand_sweep
+from tests.orchestrator.helpers import free_port, mlflow_server_at, stop_group, wait_for, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BIN = Path(sys.executable).parent

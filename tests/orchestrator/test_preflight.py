@@ -1,6 +1,7 @@
 """Pre-flight on the driver: data, shots and backbone weights checked before Ray starts, and by `--dry-run`;
 multi-node clusters refused when stores or folders are on this machine only."""
 
+import io
 import json
 import re
 import time
@@ -10,14 +11,13 @@ import pytest
 import torch
 import yaml
 
-from orch_helpers import write_spec
-
 from hisf.config import BackboneConfig
 from orchestrator import preflight
 from orchestrator.cli import main as cli_main
 from orchestrator.context import Options
 from orchestrator.spec import load_spec
 from orchestrator.trials import expand_sweep
+from tests.orchestrator.helpers import DEMO_SPEC, demo_raw, write_spec
 
 ROWS = [{"name": "CoOp", "method": {"name": "coop"}}]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -185,7 +185,16 @@ def test_cluster_storage_checks_name_the_flags(tmp_path, demo_root, monkeypatch)
     for flag in ("`--tracking-uri http://HOST:5000`", "`--optuna-storage postgresql://USER@HOST/DB`",
                  "`--workdir /shared/...`", "data.root", "`--shared-storage`"):
         assert flag in msg, flag
-    preflight.check_cluster(searched, opts(tmp_path, shared_storage=True), alive_nodes=2)  # declared shared
+    # Declared shared: one short note naming what is taken as shared (not the advice to pass the flag the user
+    # passed), printed once however many stages check the cluster.
+    monkeypatch.setattr(preflight, "_NOTED", set())
+    out = io.StringIO()
+    for _ in range(2):
+        preflight.check_cluster(searched, opts(tmp_path, shared_storage=True), alive_nodes=2, out=out)
+    (note,) = out.getvalue().splitlines()
+    assert note.startswith("preflight: 2 Ray nodes; as --shared-storage says, every node sees the SQLite tracking "
+                           "store, the SQLite Optuna storage, --workdir "), note
+    assert "pass" not in note and len(note) < 300, note
 
     # Servers for the stores and folders on a network file system: nothing left to refuse.
     monkeypatch.setattr(preflight, "_fs_type", lambda path: "nfs4")
@@ -205,7 +214,7 @@ def test_fs_type_reads_the_longest_mount_prefix():
 
 def test_dry_run_of_the_demo_checks_and_leaves_unbuilt_demo_data_to_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the demo's data.root (hisf-bench/data) is relative: nothing built here yet
-    spec = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
+    spec = DEMO_SPEC
     assert cli_main(["run", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"preflight: data.datasets[0]: demo dataset 'demo' is built under {tmp_path / 'hisf-bench' / 'data'} " \
@@ -228,7 +237,7 @@ def test_dry_run_and_run_name_a_spoilt_dataset_file(tmp_path, demo_root, capsys,
     root = tmp_path / "data"
     shutil.copytree(demo_root / "demo", root / "demo")
     spoil(root / "demo")
-    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["data"].update(root=str(root), demo=False)
     (tmp_path / "desc").mkdir()
     from data_shards.demo import write_descriptions

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 
 from orchestrator import cli
 from orchestrator.progress import StageProgress, ray_output_to_log
 from orchestrator.results import FINAL_KEY, STATUS_KEY, group_result
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
 
 
 def _trial(tid: str, status: str | None = None, **metrics):
@@ -56,6 +55,11 @@ def test_progress_line_counts_eta_and_best(monkeypatch):
     # 3 done in 60 s in this run, 10 - 3 prior - 3 = 4 left: 80 s
     assert p.line() == ("[search] 3/10 finished, 1 running, 1 failed, 2 pruned · 1:00 elapsed · ETA 1:20 · "
                         "best val_acc 55.50")
+    # A worker that died and is retried (max_failures) is counted as a retry, not as a finished or failed trial.
+    p.on_trial_recover(0, [], _trial("t3"))
+    assert p.line().startswith("[search] 3/10 finished, 1 running, 1 failed, 2 pruned, 1 retry · 1:00 elapsed")
+    p.on_trial_recover(0, [], _trial("t3"))
+    assert ", 2 retries · " in p.line()
     # A trial whose last report is not final (killed between reports) counts as failed.
     p.on_trial_complete(0, [], SimpleNamespace(trial_id="t3", config={"group": {"members": [{"trial_id": "t3"}]}},
                                                last_result={STATUS_KEY: "running", FINAL_KEY: False}))
@@ -149,3 +153,24 @@ def test_cli_without_arguments_lists_every_command_and_prints_its_version(capsys
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
     assert "--verbose" in capsys.readouterr().out
+
+
+def test_status_offers_only_its_own_flags_and_report_names_the_optuna_flag_as_run_does(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["status", "-h"])
+    help_text = capsys.readouterr().out
+    flags = set(re.findall(r"(--[a-z-]+)", help_text))
+    assert flags == {"--help", "--tracking-uri", "--optuna-storage", "--workdir", "--full-read"}, flags
+    with pytest.raises(SystemExit):
+        cli.main(["report", "-h"])
+    report_help = capsys.readouterr().out
+    assert "--optuna-storage URL" in report_help and "--storage" not in report_help
+    # The earlier name still works, hidden: both reach the same setting.
+    from orchestrator.report import main as report_main
+
+    for flag in ("--storage", "--optuna-storage"):
+        code = report_main([str(ROOT / "experiments" / "demo.yaml"), "--workdir", str(tmp_path), flag,
+                            f"sqlite:///{tmp_path}/none.db"])
+        assert code == 2  # no runs there yet, said plainly
+        err = capsys.readouterr().err
+        assert "hisf-bench report:" in err and "unrecognized arguments" not in err

@@ -19,19 +19,10 @@ from orchestrator.spec import load_spec
 from orchestrator.tracking import Tracker
 from orchestrator.trial_callback import open_trial_run
 from orchestrator.trials import expand_final
-
-from orch_helpers import write_spec
+from tests.orchestrator.helpers import write_spec
 
 ROWS = [{"name": "CoOp", "method": {"name": "coop"}}, {"name": "HISF", "method": {"name": "hisf", "depth": 2}, "search": True}]
 SEARCH = {"n_trials": 2, "seed": 1, "pruner": "none", "params": {"method.lambda_le": {"low": 0.0, "high": 2.0}}}
-
-
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite store with its tables made once (the migrations take seconds); tests copy it."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
 
 
 @pytest.fixture()

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from ray.tune.search import Searcher
 
 from orchestrator.context import default_optuna_storage as default_storage
@@ -12,12 +11,11 @@ from orchestrator.results import group_result
 from orchestrator.search import StudySearcher, best_values, open_trial
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.trials import search_groups
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.helpers import demo_raw
 
 
 def spec(n_trials=3, datasets=("demo",), fuse=1):
-    raw = yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    raw = demo_raw()
     raw["search"]["n_trials"] = n_trials
     raw["data"]["datasets"] = list(datasets)
     raw["resources"]["fuse"] = fuse
@@ -64,6 +62,11 @@ def test_searcher_asks_until_n_trials_and_tells_results(tmp_path):
     for g in groups:
         st = optuna.load_study(study_name=g.study, storage=storage)
         states[g.dataset] = sorted(t.state.name for t in st.trials)
+        assert st.metric_names == ["val_acc"]  # the dashboard names the objective
+        # A trial told as failed keeps why (an error with no final result: Ray's, see its run).
+        for t in st.trials:
+            if t.state.name == "FAIL":
+                assert t.user_attrs["fail_reason"] == "the trial ended without a final result (see its MLflow run)"
     assert sum(len(v) for v in states.values()) == 6
     assert sorted(sum(states.values(), [])).count("COMPLETE") == 4
     best = best_values(url, groups)

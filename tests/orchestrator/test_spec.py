@@ -2,19 +2,16 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.spec import SpecError, load_spec, parse_spec
+from tests.orchestrator.helpers import DEMO_SPEC, demo_raw
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = DEMO_SPEC
 
-
-def demo_raw():
-    return yaml.safe_load(DEMO.read_text())
 
 
 def test_demo_spec_loads_into_frozen_dataclasses():

@@ -4,23 +4,20 @@ names that would leave their folder, duplicated YAML keys (issue 19 items 5, 9, 
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from orchestrator.cli import main as cli_main
 from orchestrator.spec import SpecError, load_spec, parse_spec
+from tests.orchestrator.helpers import DEMO_SPEC, demo_raw
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "experiments" / "demo.yaml"
+DEMO = DEMO_SPEC
 NAN, INF = float("nan"), float("inf")
 # hisf-tiny (hisf/model/model_configs/hisf-tiny.json): 3 text and 3 vision layers, widths 64, context 77.
 TINY = "backbone 'hisf-tiny'"
 
-
-def demo_raw():
-    return yaml.safe_load(DEMO.read_text())
 
 
 def method(row: int, **kw):
@@ -35,7 +32,7 @@ def param(key, **rng):
     # the backbone's shape, read from its model config (no weights, no model build)
     (method(2, depth=4), f"rows[2] (MaPLe) merged with base: method.depth: 4 exceeds the 3 layers of {TINY}; "
                          "expected 1..3"),
-    (method(4, depth=5, cross_layer=1), f"rows[4] (HiCroPL) merged with base: method.depth: 5 exceeds the 3 layers"),
+    (method(4, depth=5, cross_layer=1), "rows[4] (HiCroPL) merged with base: method.depth: 5 exceeds the 3 layers"),
     (method(1, n_ctx=74), f"rows[1] (CoOp) merged with base: method.n_ctx: 74 does not fit the context length 77 of "
                           f"{TINY}; expected 1..73"),
     (method(2, layers=[0, 3]), f"rows[2] (MaPLe) merged with base: method.layers: prompt layers [0, 3] outside the 3 "

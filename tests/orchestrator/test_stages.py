@@ -7,8 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from hisf.config import TrialConfig, replace_path
 from hisf.engine import run_trial
-
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -55,13 +54,15 @@ def test_run_search_then_final(tmp_path, demo_root):
         assert tags["hisf.status"] == "finished" and r.info.status == "FINISHED"
         assert tags["hisf.stage"] == "final" and tags["hisf.dataset"] == "demo" and tags["hisf.protocol"] == "base2new"
         assert tags["hisf.image_mode"] == "fast"  # how the dataset's images were built (data build --exact: exact)
-        assert tags["hisf.seed"] == p["seed"] and tags["hisf.depth"] == p["method.depth"]
+        assert tags["hisf.seed"] == p["seed"]
+        # Params hold the method keys the method reads: HISF's depth, not CoOp's (it prompts layer 0 only).
+        assert tags["hisf.depth"] == p["method.depth"] if tags["hisf.row"] == "HISF" else "method.depth" not in p
         assert len(tags["hisf.spec_hash"]) == 12 and tags["hisf.git_commit"]
         if tags["hisf.row"] == "HISF":
             assert float(p["method.lambda_le"]) == pytest.approx(best["method.lambda_le"])
             assert float(p["method.lambda_sa"]) == pytest.approx(best["method.lambda_sa"])
         else:
-            assert p["method.lambda_le"] == "1.0" and p["method.name"] == "coop"
+            assert "method.lambda_le" not in p and p["method.name"] == "coop"  # CoOp does not read it
         b, n = m["base_acc"], m["novel_acc"]
         assert m["hm"] == pytest.approx(2 * b * n / (b + n) if b + n else 0.0)
         hist = client.get_metric_history(r.info.run_id, "val_acc")

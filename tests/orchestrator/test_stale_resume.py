@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import mlflow_children, run_cli, write_spec
+from tests.orchestrator.helpers import mlflow_children, run_cli, write_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -73,3 +73,8 @@ def test_final_resume_after_a_new_search_reruns_the_trials_it_changed(tmp_path, 
     df = pd.read_csv(out / "table_base2new.csv", dtype=str).query("kind == 'ours' and section == 'demo' and column == 'hm'")
     assert sorted(df.run_ids) == sorted(fresh[t].info.run_id for t in ("final-clip-demo-s1", "final-hisf-demo-s1"))
     assert set(df.launches) == {parent}
+    # ... read from the launch's record (written when the resumed final ended), as reading every run gives it.
+    assert client.get_run(parent).data.tags["hisf.records"] == "4"
+    full = run_cli(["report", spec, "--full-read", "--out", str(tmp_path / "full")], cwd=tmp_path, timeout=200)
+    assert full.returncode == 0, full.stdout + full.stderr
+    assert (tmp_path / "full" / "table_base2new.csv").read_text() == (out / "table_base2new.csv").read_text()

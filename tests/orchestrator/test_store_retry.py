@@ -9,9 +9,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import orchestrator.tracking  # noqa: F401  (sets MLflow's own HTTP retries off, as in every trial)
-from orch_helpers import free_port
 from orchestrator.optuna_storage import open_storage, sqlalchemy_url
 from orchestrator.store_retry import BUDGET_ENV, is_transient, retry
+from tests.orchestrator.helpers import free_port
 
 
 def refused_mlflow_error() -> Exception:

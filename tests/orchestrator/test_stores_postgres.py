@@ -12,7 +12,15 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import cli_env, mlflow_children, postgres_stores, run_cli, search_spec, wait_for, write_spec
+from tests.orchestrator.helpers import (
+    cli_env,
+    mlflow_children,
+    postgres_stores,
+    run_cli,
+    search_spec,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STATES = {"finished": "COMPLETE", "pruned": "PRUNED"}

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orch_helpers import cli_env, descendants, free_port, run_cli, stores_root, wait_for
+from tests.orchestrator.helpers import cli_env, descendants, free_port, run_cli, stores_root, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 PASSWORD = "correct horse battery staple"

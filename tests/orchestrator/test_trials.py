@@ -1,22 +1,19 @@
 """Trial expansion: counts, stable ids, configs carrying grid/seed/searched values, the dry run."""
 
 import io
-from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator.context import Options
+from orchestrator.estimate import estimate_hours
 from orchestrator.spec import SpecError, parse_spec
 from orchestrator.status import print_dry_run
-from orchestrator.estimate import estimate_hours
 from orchestrator.trials import expand_final, expand_sweep, search_groups, search_trial, trial_resources
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.orchestrator.helpers import demo_raw
 
 
 def raw_spec():
-    return yaml.safe_load((ROOT / "experiments" / "demo.yaml").read_text())
+    return demo_raw()
 
 
 def test_sweep_is_rows_by_datasets_by_grid_by_seeds(tmp_path):
@@ -102,3 +99,31 @@ def test_resources_and_dry_run(tmp_path):
     assert "search  demo:HISF:demo: 4 trials" in text
     assert "total: 19 trials" in text
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_runs_params_hold_the_keys_its_method_reads_and_what_the_spec_varies(tmp_path):
+    from orchestrator.trial_callback import tracked_params
+
+    raw = raw_spec()
+    raw["grid"] = {"method.lambda_le": [0.5, 1.0]}  # read by HISF only, varied for every row
+    spec = parse_spec(raw)
+    by_row = {t.row: t for t in expand_sweep(spec, tmp_path) if dict(t.point)["method.lambda_le"] == 0.5}
+    params = {row: tracked_params(t) for row, t in by_row.items()}
+    method_keys = {row: sorted(k for k in p if k.startswith("method.")) for row, p in params.items()}
+    assert method_keys["CLIP"] == ["method.lambda_le", "method.name"]  # the grid's key stays: reports need it
+    assert method_keys["CoOp"] == ["method.ctx_init", "method.lambda_le", "method.n_ctx", "method.name"]
+    assert not {"method.lkp_heads", "method.lambda_distill", "method.cross_layer", "method.mapping"} & set(params["HISF"])
+    assert {"method.fusion_heads", "method.lambda_sa", "method.pi", "method.depth"} <= set(params["HISF"])
+    assert {"method.lkp_heads", "method.cross_layer", "method.lambda_distill"} <= set(params["HiCroPL"])
+    assert not {"method.fusion_heads", "method.lambda_sa"} & set(params["HiCroPL"])
+    # Everything outside method.* is logged as before.
+    for row, t in by_row.items():
+        flat = t.config.flatten()
+        assert {k: v for k, v in flat.items() if not k.startswith("method.")} == {
+            k: v for k, v in params[row].items() if not k.startswith("method.")}
+    assert len(params["HISF"]) < len(by_row["HISF"].config.flatten()) - 5
+    # A searched key is kept for every row it varies (the trial's point carries it).
+    demo = parse_spec(raw_spec())
+    searched = search_trial(demo, search_groups(demo)[0], 0, 1, {"method.lambda_le": 0.3, "method.lambda_sa": 0.7},
+                            tmp_path)
+    assert {"method.lambda_le", "method.lambda_sa"} <= set(tracked_params(searched))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import TinyPromptModel, build_demo
+from tests.hisf.engine.helpers import TinyPromptModel, build_demo
 
 
 @pytest.fixture

@@ -14,16 +14,22 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from engine_helpers import WORKTREE, free_port, subprocess_env, tiny_trial, tiny_trial_dict, without_timing
 from hisf.config import ConfigError
 from hisf.engine import NonFiniteLossError, StopTrial, TrialCallback, run_group, run_trial
 from hisf.engine.group import check_group, fusion_key, why_alone
+from tests.hisf.engine.helpers import (
+    WORKTREE,
+    child_env,
+    tiny_trial,
+    tiny_trial_dict,
+    torchrun,
+    without_timing,
+)
 
 HICROPL = {"method": {"name": "hicropl", "n_ctx": 2, "depth": 2, "cross_layer": 1}, "train": {"preset": "hicropl"}}
 METHODS = {
@@ -66,6 +72,11 @@ def assert_same_trial(fused_result, fused_out, solo_result, solo_out, exact_metr
             assert a[k] == b[k], k
         else:
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+    # Per-class results and confusion matrices of every split: the same counts.
+    files = sorted(p.name for p in (solo_out / "eval").glob("*.json"))
+    assert files and files == sorted(p.name for p in (fused_out / "eval").glob("*.json"))
+    for name in files:
+        assert json.loads((fused_out / "eval" / name).read_text()) == json.loads((solo_out / "eval" / name).read_text())
     pa, pb = (torch.load(o / "prompts.pt", weights_only=True) for o in (fused_out, solo_out))
     assert pa["trainable"].keys() == pb["trainable"].keys() and pa["method"] == pb["method"]
     for k in pa["trainable"]:
@@ -196,9 +207,8 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch_per_member(demo_root
         d = tiny_trial_dict(demo_root, tmp_path / f"two{k}", seed=k + 1, train={"batch_size": 2, "lr": 0.02 * (k + 1)})
         paths.append(tmp_path / f"two{k}.yaml")
         paths[-1].write_text(yaml.safe_dump(d))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "hisf.train", *map(str, paths)]
-    proc = subprocess.run(cmd, env=subprocess_env(), cwd=WORKTREE, capture_output=True, text=True, timeout=600)
+    cmd = torchrun(2, "-m", "hisf.train", *paths)
+    proc = subprocess.run(cmd, env=child_env(), cwd=WORKTREE, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "member 2 of a group of 2" in proc.stderr and "2 rank(s) x batch 2, 3 steps/epoch" in proc.stderr
     torch.set_num_threads(1)
@@ -210,4 +220,7 @@ def test_two_gloo_ranks_equal_one_rank_with_twice_the_batch_per_member(demo_root
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=2e-7), key
         for key in ("val_acc", "base_acc", "novel_acc", "hm"):
             assert two[key] == pytest.approx(one[key], abs=1e-9), key
+        for split in ("val", "base", "novel"):  # counts summed over the ranks once: each image counted once
+            a, b = (json.loads((tmp_path / f"{o}{k}" / "eval" / f"{split}.json").read_text()) for o in ("two", "one"))
+            assert a["confusion"] == b["confusion"] and a["total"] == b["total"] > 0, split
         assert math.isfinite(two["train/loss"])
