@@ -14,7 +14,6 @@ a run stopped by its time limit keeps what it measured; `--budget` skips the row
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import append_jsonl, timed  # noqa: E402
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
 from hisf.engine import Precision, compile_losses, release_compiled, train_step  # noqa: E402
 from hisf.engine.checkpoint import TrialState  # noqa: E402
@@ -54,25 +54,6 @@ def build(method: MethodConfig, backbone, classes: int, seeds: list[int], device
     return model, states
 
 
-def timed_steps(step, warmup: int, steps: int, device) -> tuple[float, float, float]:
-    """(ms per call after warm-up, the first call's seconds, peak GPU MiB)."""
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else float("nan")
-    return (time.perf_counter() - t0) * 1000 / steps, first, peak
-
-
 def row(args, backbone, method_name: str, batch: int, classes: int, k: int, device, precision: Precision) -> dict:
     env = DistEnv(0, 1, 0, device, owns_group=False)
     method = method_config(method_name, min(backbone.text_layers, backbone.vision_layers))
@@ -88,8 +69,8 @@ def row(args, backbone, method_name: str, batch: int, classes: int, k: int, devi
         torch._dynamo.reset()
         compile_losses(fused, args.compile)
     first_fused = [r.losses["loss"] for r in train_step(fused, images, labels, states, precision, env)]
-    fused_ms, fused_first_s, fused_peak = timed_steps(
-        lambda: train_step(fused, images, labels, states, precision, env), args.warmup, args.steps, device)
+    fused_run = timed(lambda: train_step(fused, images, labels, states, precision, env), args.warmup, args.steps, device)
+    fused_ms, fused_first_s, fused_peak = fused_run["ms_per_step"], fused_run["first_step_s"], fused_run["peak_mib"]
     if args.compile:
         release_compiled(fused)
     del fused, states
@@ -106,7 +87,7 @@ def row(args, backbone, method_name: str, batch: int, classes: int, k: int, devi
         for i, (m, s) in enumerate(alone):
             train_step(m, images[i * batch:(i + 1) * batch], labels[i:i + 1], [s], precision, env)
 
-    seq_ms, _, seq_peak = timed_steps(sequential, max(1, args.warmup // 2), max(1, args.steps // 2), device)
+    seq_ms = timed(sequential, max(1, args.warmup // 2), max(1, args.steps // 2), device)["ms_per_step"]
     del alone
     if device.type != "cuda":
         from orchestrator.groups import estimate_peak_bytes
@@ -151,7 +132,7 @@ def main(argv=None) -> int:
     name = {"fp16": "fp16", "bf16": "bf16", "fp32": "fp32"}[args.precision]
     precision = Precision(name, device.type, DTYPES[args.precision], grad_scaling=args.precision == "fp16")
     started, spent = time.perf_counter(), {}
-    _write(args.jsonl, {"record": "run", "backbone": args.backbone, "device": str(device), "torch": torch.__version__,
+    append_jsonl(args.jsonl, {"record": "run", "backbone": args.backbone, "device": str(device), "torch": torch.__version__,
                         "compile": args.compile or "eager", "precision": name, "threads": torch.get_num_threads()})
     print(f"{'method':8s} {'shape':>7s} {'K':>3s} {'fused ms':>9s} {'seq ms':>9s} {'fused m-steps/s':>15s} "
           f"{'seq m-steps/s':>13s} {'speedup':>7s} {'peak MiB':>9s} {'loss diff':>9s}", flush=True)
@@ -161,27 +142,18 @@ def main(argv=None) -> int:
             for k in args.ks:
                 guess = spent.get((method, shape), 0.0) * k
                 if args.budget and time.perf_counter() - started + guess > args.budget:
-                    _write(args.jsonl, {"record": "skipped", "method": method, "shape": shape, "k": k})
+                    append_jsonl(args.jsonl, {"record": "skipped", "method": method, "shape": shape, "k": k})
                     continue
                 t0 = time.perf_counter()
                 r = row(args, backbone, method, batch, classes, k, device, precision)
                 spent[(method, shape)] = (time.perf_counter() - t0) / k
-                _write(args.jsonl, r)
+                append_jsonl(args.jsonl, r)
                 print(f"{method:8s} {shape:>7s} {k:3d} {r['fused_ms']:9.1f} {r['sequential_ms']:9.1f} "
                       f"{r['fused_member_steps_per_s']:15.1f} {r['sequential_member_steps_per_s']:13.1f} "
                       f"{r['speedup']:7.2f} {r['peak_mib']:9.0f} {r['loss_diff']:9.2e}", flush=True)
-    _write(args.jsonl, {"record": "end", "seconds": time.perf_counter() - started})
+    append_jsonl(args.jsonl, {"record": "end", "seconds": time.perf_counter() - started})
     return 0
 
-
-def _write(path: str | None, rec: dict) -> None:
-    if not path:
-        return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(rec) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 if __name__ == "__main__":

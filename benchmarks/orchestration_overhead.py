@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -45,7 +44,7 @@ def main() -> None:
     from orchestrator.runner import Options, prepare_data, run_sweep
     from orchestrator.spec import load_spec
     from orchestrator.tracking import Tracker
-    from orchestrator.trials import expand_sweep
+    from orchestrator.trials import expand_sweep, trials_root
 
     spec = load_spec(spec_path)
     prepare_data(spec, io.StringIO())
@@ -60,12 +59,13 @@ def main() -> None:
 
     # The same trial configs with the engine alone, in one process, one after another.
     from hisf.config import replace_path
+    from hisf.deletion import remove_tree
     from hisf.engine import run_trial
 
     trials = expand_sweep(spec, wd / "direct")
     direct = []
     for t in trials:
-        shutil.rmtree(t.config.output_dir, ignore_errors=True)
+        remove_tree(t.config.output_dir, trials_root(wd / "direct", spec), "trial folder")
         s = time.perf_counter()
         run_trial(replace_path(t.config, "output_dir", t.config.output_dir))
         direct.append(time.perf_counter() - s)

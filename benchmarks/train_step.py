@@ -33,7 +33,6 @@ STARTED = time.monotonic()  # the budget counts this process's imports too
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_summary import TARGETS  # noqa: E402
 from benchmarks.maple_reference import ReferenceMaPLe, to_maple_fp16  # noqa: E402
+from benchmarks.timing import append_jsonl, timed  # noqa: E402
 from hisf.config import BackboneConfig, MethodConfig, TrainConfig  # noqa: E402
 from hisf.engine import Precision, compile_losses, release_compiled, seed_everything, train_step  # noqa: E402
 from hisf.engine.distributed import DistEnv  # noqa: E402
@@ -180,27 +180,6 @@ def step_precision(name: str, device: torch.device) -> Precision:
     return Precision(name, device.type, _DTYPES[name], grad_scaling=name == "fp16")
 
 
-def timed(fn, warmup: int, steps: int, device: torch.device) -> dict:
-    """ms per step over `steps` steps after `warmup`, peak GPU MiB (0 on CPU), the first step's loss and
-    its wall seconds (a compiled row's compile time)."""
-    t0 = time.perf_counter()
-    first = fn()
-    first_s = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    ms = (time.perf_counter() - t0) * 1000 / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    return {"ms_per_step": ms, "peak_mib": peak, "first_loss": first, "first_step_s": first_s}
-
-
 class Output:
     """The report (`--json`, rewritten after every record) and its records (`--jsonl`, one appended line each)."""
 
@@ -217,14 +196,7 @@ class Output:
             self.report["loss_check"] = self.report["loss_checks"][0]  # the first shape's, under its historical key
         elif rec["record"] in ("skipped", "end"):
             self.report.update({k: v for k, v in rec.items() if k not in ("record", "run")})
-        if self.jsonl_path:
-            # One write() per record on an O_APPEND descriptor: a kill leaves whole lines (at worst a torn last
-            # one, which readers skip), never a second file.
-            fd = os.open(self.jsonl_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(fd, (json.dumps(rec) + "\n").encode())
-            finally:
-                os.close(fd)
+        append_jsonl(self.jsonl_path, rec)
         if self.json_path:
             tmp = Path(self.json_path).with_suffix(".tmp")
             tmp.write_text(json.dumps(self.report, indent=2))

@@ -11,7 +11,6 @@ checked here, before any worker group starts: a bad one fails in seconds, not af
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from orchestrator.context import RunContext
 from orchestrator.groups import TrialGroup

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from orchestrator.paths import DeletionRefused, remove_tree
+
 PG_USER = "hisf"  # the database role every client connects as (superuser of this cluster only)
 DATABASES = ("mlflow", "optuna")
 AUTH_DATABASE = "mlflow_auth"  # MLflow's basic-auth users, when credentials are on
@@ -264,7 +266,9 @@ class Postgres:
         """Stop the server and remove its socket folder."""
         self.stop()
         if self.socket_dir is not None:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            # Made by tempfile.mkdtemp in the temp folder; what cannot be removed stays (as ignore_errors did).
+            with contextlib.suppress(OSError, DeletionRefused):
+                remove_tree(self.socket_dir, tempfile.gettempdir(), "PostgreSQL socket folder")
             self.socket_dir = None
 
 

@@ -8,7 +8,6 @@ restores it whole or refuses it with the reason; nothing else reads or writes th
 from __future__ import annotations
 
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from hisf.config import ConfigError, TrialConfig
+from hisf.deletion import remove_tree
 from hisf.engine.atomic import atomic_save
 from hisf.safe_load import safe_load
 
@@ -200,7 +200,7 @@ def clear_checkpoint(output_dir: str | Path) -> Path | None:
     if folder.is_symlink() or not folder.is_dir() or folder.resolve().parent != Path(output_dir).resolve():
         raise ResumeError(f"{folder}: not a checkpoint folder of this trial (a link, a file, or outside "
                           f"{output_dir}); not deleted", folder)
-    shutil.rmtree(folder)
+    remove_tree(folder, output_dir, "checkpoint folder")
     return folder
 
 

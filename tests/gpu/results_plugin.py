@@ -4,27 +4,20 @@
 
 JUnit XML is written when the session ends, so a run stopped by its time limit would say nothing; these lines
 (one `session` record with the number of selected tests, one `test` record per test, an `end` record with the
-exit status) survive the kill. Nothing here imports torch.
+exit status) survive the kill (benchmarks/timing.append_jsonl). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
+
+from benchmarks.timing import append_jsonl
 
 RESULTS_ENV = "HISF_GPU_TESTS_JSONL"
 
 
 def _record(rec: dict) -> None:
-    path = os.environ.get(RESULTS_ENV)
-    if not path:
-        return
-    # One write() per line on an O_APPEND descriptor: a killed run leaves whole lines, never a second file.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(rec) + "\n").encode())
-    finally:
-        os.close(fd)
+    append_jsonl(os.environ.get(RESULTS_ENV), rec)
 
 
 def pytest_collection_finish(session) -> None:

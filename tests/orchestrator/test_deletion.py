@@ -116,3 +116,16 @@ def test_tune_copies_outside_the_ray_storage_folder_are_refused(tmp_path):
     with pytest.raises(DeletionRefused, match="ray_results"):
         cb.on_trial_complete(0, [], trial)
     assert (stray / "checkpoint_000000").is_dir()
+
+
+def test_only_the_deletion_helper_removes_trees():
+    """Every tree is deleted by hisf/deletion.py's remove_tree (its owner check); no other module calls rmtree."""
+    import ast
+
+    callers = []
+    for package in ("hisf", "orchestrator", "data_shards", "benchmarks"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute) and node.attr == "rmtree":
+                    callers.append(str(path.relative_to(ROOT)))
+    assert callers == ["hisf/deletion.py"]
