@@ -18,6 +18,7 @@ from orchestrator.resume import DropFinishedCheckpoints, clear_trial_folder, dro
 from orchestrator.spec import SpecError, load_spec, parse_spec
 from orchestrator.trials import expand_sweep, trials_root
 from tests.orchestrator.helpers import demo_raw, write_spec
+from tests.support import ROOT
 
 
 def _demo(params: dict) -> dict:
