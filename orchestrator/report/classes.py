@@ -20,8 +20,6 @@ from .runs import TrialRun
 WORST_SHOWN = 5
 # Result keys that are a split of their own (hm and the target average are derived from others).
 SPLIT_METRICS = ("base_acc", "novel_acc", "acc")
-# What the section reads of a record (not its confusion matrix: C x C counts, megabytes for ImageNet).
-CACHED_KEYS = CLASS_FIELDS
 # Runs whose artifacts are final (hisf.status): a finished run is never reopened (resume reuses it), while a
 # failed one may be continued by Tune's retry in the same MLflow run and write its records then.
 ENDED = ("finished",)
@@ -119,7 +117,7 @@ def _download(client, run_id: str, split: str, dest: Path) -> dict | None:
         record = json.loads(Path(path).read_text())
     except Exception:  # noqa: BLE001 - no such artifact (MLflow raises its own, OSError or a 404): not recorded
         return None
-    return {key: record[key] for key in CACHED_KEYS}
+    return {key: record[key] for key in CLASS_FIELDS}
 
 
 def _cache_file(cache: Path, run_id: str, split: str) -> Path:
@@ -131,7 +129,7 @@ def _cached(cache: Path, run_id: str, split: str) -> dict | None:
         record = json.loads(_cache_file(cache, run_id, split).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and all(k in record for k in CACHED_KEYS) else None
+    return record if isinstance(record, dict) and all(k in record for k in CLASS_FIELDS) else None
 
 
 def _store(cache: Path, run_id: str, split: str, record: dict) -> None:
